@@ -1,0 +1,311 @@
+//! Backend seams: the task store, the queue, the blob store and the component registry.
+//!
+//! The controller and the client reach storage only through these traits, so a second
+//! backend (Azure Storage) plugs in without touching them. Operations take and return
+//! batches where a backend can group them: leasing many messages and finishing many tasks
+//! fit one SQLite transaction.
+
+pub mod sqlite;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::record::{QueueMessage, Status, TaskRecord};
+use crate::Result;
+
+/// A message leased from the queue: invisible to other consumers until its lease expires.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lease {
+    /// Queue-assigned message id.
+    pub message_id: String,
+    /// Receipt of this lease. Every extension returns a new one, and only the newest
+    /// receipt can delete, extend or release the message.
+    pub pop_receipt: String,
+    /// Number of times the message has been leased, this lease included.
+    pub dequeue_count: u32,
+    /// Raw message text.
+    pub body: String,
+    /// When the message was first enqueued.
+    pub inserted_at: DateTime<Utc>,
+    /// When this lease expires unless it is extended.
+    pub visible_at: DateTime<Utc>,
+}
+
+/// A message to enqueue.
+#[derive(Clone, Debug)]
+pub struct OutgoingMessage {
+    pub body: String,
+    /// Delay before the message first becomes visible.
+    pub delay: Duration,
+}
+
+impl OutgoingMessage {
+    /// Creates a message from a queue message body, visible at once.
+    pub fn new(message: &QueueMessage) -> Self {
+        OutgoingMessage {
+            body: message.to_python_json(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A message moved aside because it could not be processed.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeadLetter {
+    /// Id of the dead letter.
+    pub id: String,
+    pub body: String,
+    pub reason: String,
+    pub dequeue_count: u32,
+    pub dead_lettered_at: DateTime<Utc>,
+    /// Task id the message names, when it could be read.
+    pub row_key: Option<String>,
+    pub resource_id: Option<String>,
+}
+
+/// Filter for listing tasks.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<Status>,
+    pub task_type: Option<String>,
+    pub resource_id: Option<String>,
+    /// Maximum number of records; `None` means all.
+    pub limit: Option<usize>,
+}
+
+/// The start of an attempt, written when a worker begins to run a leased task.
+#[derive(Clone, Debug)]
+pub struct AttemptStart {
+    pub resource_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub component_digest: String,
+    pub component_version: u32,
+    pub host_id: String,
+    pub start_time: DateTime<Utc>,
+}
+
+/// Progress of a running task, written periodically while it runs.
+#[derive(Clone, Debug)]
+pub struct ProgressUpdate {
+    pub resource_id: String,
+    pub task_id: String,
+    pub percent: u8,
+    pub message: String,
+}
+
+/// A terminal outcome to record, together with the lease it was computed under.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    pub lease: Lease,
+    /// The full record with its terminal status.
+    pub record: TaskRecord,
+}
+
+/// Result of a write that is fenced by a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// The write was stored.
+    Written,
+    /// The lease expired and another consumer took the message over, so nothing was written.
+    LeaseLost,
+}
+
+/// Task records, in an active and a finished table.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
+    /// Inserts a new record into the active table. Fails when the task id already exists.
+    async fn insert_task(&self, record: &TaskRecord) -> Result<()>;
+
+    /// Deletes a record from the active table, undoing `insert_task` when a later step
+    /// of a submit fails.
+    async fn delete_task(&self, resource_id: &str, task_id: &str) -> Result<()>;
+
+    /// Reads a record from the active table, then from the finished one. Without a
+    /// resource id the lookup is by task id alone.
+    async fn get_task(&self, resource_id: Option<&str>, task_id: &str)
+        -> Result<Option<TaskRecord>>;
+
+    /// Lists records of both tables, newest first.
+    async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
+
+    /// Writes the latest progress of running tasks.
+    async fn update_progress(&self, updates: &[ProgressUpdate]) -> Result<()>;
+}
+
+/// A queue with the semantics of Azure Storage Queues.
+#[async_trait]
+pub trait TaskQueue: Send + Sync {
+    /// Enqueues messages.
+    async fn enqueue(&self, messages: &[OutgoingMessage]) -> Result<()>;
+
+    /// Leases up to `max` visible messages, oldest first, hiding each for `visibility`.
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Lease>>;
+
+    /// Extends a lease by `visibility` from now, returning the lease with its new receipt.
+    /// Returns `None` when the lease was lost.
+    async fn extend(&self, lease: &Lease, visibility: Duration) -> Result<Option<Lease>>;
+
+    /// Makes a leased message visible again after `delay`, keeping its dequeue count.
+    async fn release(&self, lease: &Lease, delay: Duration) -> Result<Fenced>;
+
+    /// Deletes leased messages. Each entry says whether that lease was still held.
+    async fn delete(&self, leases: &[Lease]) -> Result<Vec<Fenced>>;
+
+    /// Moves a leased message to the dead-letter table with a reason.
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<Fenced>;
+
+    /// Lists dead letters, newest first.
+    async fn list_dead_letters(&self) -> Result<Vec<DeadLetter>>;
+
+    /// Sends a dead letter back to the queue. Returns false when no dead letter has that id.
+    async fn requeue_dead_letter(&self, id: &str) -> Result<bool>;
+
+    /// Number of messages in the queue, visible or not.
+    async fn queue_length(&self) -> Result<u64>;
+
+    /// Waits until the queue may have changed or `timeout` passes. A backend without a
+    /// cheap change signal just sleeps.
+    async fn wait_for_change(&self, timeout: Duration);
+}
+
+/// Operations that span the store and the queue.
+///
+/// A backend whose store and queue share a database does each in one transaction. The
+/// `saga` module gives the compensating versions for backends that cannot.
+#[async_trait]
+pub trait Backend: TaskStore + TaskQueue {
+    /// Name of this backend as in `STORE_MODE`: `sqlite` or `azure`.
+    fn store_mode(&self) -> &str;
+
+    /// Names of the active and finished tables.
+    fn table_names(&self) -> (&str, &str);
+
+    /// Stores the record and enqueues its message, both or neither.
+    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<()>;
+
+    /// Marks a leased task RUNNING for a new attempt, unless the lease was lost.
+    async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced>;
+
+    /// Stores each terminal record in the finished table, removes it from the active one and
+    /// deletes its message, each entry only if its lease is still held.
+    async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>>;
+
+    /// Stores a terminal record for a task whose message is already gone or was never
+    /// leased, such as a cancelled task.
+    async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()>;
+
+    /// The blob store of this backend.
+    fn blobs(&self) -> &dyn BlobStore;
+
+    /// The component registry of this backend.
+    fn registry(&self) -> &dyn ComponentRegistry;
+}
+
+/// Where a blob lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRef {
+    pub container: String,
+    pub name: String,
+}
+
+/// A blob being written. Nothing is visible under the blob's name until `commit`.
+pub trait BlobWriter: Write + Send {
+    /// Makes the written bytes visible under the blob's name.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Blobs in containers. Names are validated so that no name escapes its container.
+pub trait BlobStore: Send + Sync {
+    /// Stores a whole blob, replacing one of the same name.
+    fn put(&self, blob: &BlobRef, data: &mut dyn Read) -> Result<u64>;
+
+    /// Opens a blob for reading, with its size.
+    fn open(&self, blob: &BlobRef) -> Result<(Box<dyn ReadAt>, u64)>;
+
+    /// Starts writing a blob.
+    fn create(&self, blob: &BlobRef) -> Result<Box<dyn BlobWriter>>;
+
+    /// Deletes a blob; deleting a missing blob is not an error.
+    fn delete(&self, blob: &BlobRef) -> Result<()>;
+
+    /// Local path of a blob, when the store keeps blobs on this machine.
+    fn local_path(&self, blob: &BlobRef) -> Option<PathBuf>;
+}
+
+/// Random-access reading, so that a guest can read its input blob from any offset.
+pub trait ReadAt: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns 0 at the end.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+/// Per-activity-type limits stored with each registered component version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Fuel budget of one attempt (roughly one unit per wasm instruction).
+    pub fuel: u64,
+    /// Maximum linear memory of one instance, in MiB.
+    pub memory_mib: u64,
+    /// Wall-clock deadline of one attempt, in seconds.
+    pub timeout_secs: u64,
+    /// Maximum size of the output blob, in bytes.
+    pub max_output_bytes: u64,
+}
+
+/// One registered version of a component for an activity type.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ComponentVersion {
+    pub activity_type: String,
+    /// Version number, counting from 1 per activity type.
+    pub version: u32,
+    /// SHA-256 of the `.wasm` file, in lower-case hex.
+    pub digest: String,
+    pub limits: Limits,
+    pub registered_at: DateTime<Utc>,
+    /// True for the version new tasks run on.
+    pub current: bool,
+}
+
+/// Component versions per activity type, with their `.wasm` files and compiled artifacts.
+#[async_trait]
+pub trait ComponentRegistry: Send + Sync {
+    /// Adds a new version and makes it current. The wasm bytes are stored by digest, and
+    /// `artifact` is the compiled form for the engine with hash `engine_hash`.
+    async fn register(
+        &self,
+        activity_type: &str,
+        digest: &str,
+        wasm: &[u8],
+        engine_hash: &str,
+        artifact: &[u8],
+        limits: Limits,
+    ) -> Result<ComponentVersion>;
+
+    /// The current version of an activity type.
+    async fn current(&self, activity_type: &str) -> Result<Option<ComponentVersion>>;
+
+    /// All versions of all types (or of one type), oldest first.
+    async fn versions(&self, activity_type: Option<&str>) -> Result<Vec<ComponentVersion>>;
+
+    /// Makes the version before the current one current again. Returns the new current version.
+    async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion>;
+
+    /// A counter that changes whenever any registration or rollback happens.
+    async fn generation(&self) -> Result<u64>;
+
+    /// Reads the `.wasm` bytes of a digest.
+    async fn load_wasm(&self, digest: &str) -> Result<Vec<u8>>;
+
+    /// Path of the compiled artifact for a digest and engine hash, if one is stored locally.
+    async fn artifact_path(&self, digest: &str, engine_hash: &str) -> Result<Option<PathBuf>>;
+
+    /// Stores a compiled artifact (for example one compiled by a host whose engine differs).
+    async fn store_artifact(&self, digest: &str, engine_hash: &str, artifact: &[u8])
+        -> Result<PathBuf>;
+}

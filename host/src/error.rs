@@ -1,0 +1,42 @@
+//! The library's error type.
+
+/// Errors of the `bgw` library. Messages start lower-case, quote the offending value and
+/// name the limit they break.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Input that breaks a documented rule: a key, a payload, a size or a name.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something looked up by key does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A component that is not valid for the activity world.
+    #[error("{0}")]
+    Component(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Any other failure, with its context.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

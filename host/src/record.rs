@@ -1,0 +1,331 @@
+//! Task records, statuses and queue messages in the wire format of `background-workflows` 0.3.0.
+//!
+//! Field names follow the Python library exactly so that its clients and `bgw` can share one
+//! deployment: the record keys are PascalCase (`PartitionKey`, `RowKey`, ...) and the queue
+//! message keys are snake_case (`resource_id`, `row_key`, ...). Fields that only `bgw` writes
+//! use the same PascalCase style and are ignored by the Python library.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Default name of the table of tasks that have not finished, as in `background-workflows`.
+pub const DEFAULT_ACTIVE_TABLE: &str = "ActiveTasks";
+/// Default name of the table of finished tasks, as in `background-workflows`.
+pub const DEFAULT_FINISHED_TABLE: &str = "FinishedTasks";
+/// Default SQLite database path of `background-workflows`, sent in every queue message.
+pub const DEFAULT_DATABASE_NAME: &str = "local_tasks.db";
+
+/// Lifecycle status of a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Created,
+    Running,
+    Completed,
+    Error,
+    Cancelled,
+}
+
+impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 5] = [
+        Status::Created,
+        Status::Running,
+        Status::Completed,
+        Status::Error,
+        Status::Cancelled,
+    ];
+
+    /// Returns the status as stored: `CREATED`, `RUNNING`, `COMPLETED`, `ERROR` or `CANCELLED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "CREATED",
+            Status::Running => "RUNNING",
+            Status::Completed => "COMPLETED",
+            Status::Error => "ERROR",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Returns true for the statuses after which a task never runs again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Error | Status::Cancelled)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str().eq_ignore_ascii_case(text))
+            .ok_or_else(|| {
+                format!(
+                    "invalid status {text:?}: expected one of CREATED, RUNNING, COMPLETED, ERROR, CANCELLED"
+                )
+            })
+    }
+}
+
+/// One task as stored in the active or finished table.
+///
+/// The first twelve fields are those of `background-workflows`; the rest are `bgw`'s own.
+/// Serialized with the stored field names, so `--json` output matches the table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TaskRecord {
+    /// Resource id the task belongs to.
+    pub partition_key: String,
+    /// Task id, a UUID.
+    pub row_key: String,
+    /// Activity type.
+    pub task_type: String,
+    pub status: Status,
+    /// The payload as a JSON string.
+    pub input_payload: String,
+    /// The result as a JSON string, empty until the task completes.
+    pub output_payload: String,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+    #[serde(rename = "BatchID")]
+    pub batch_id: String,
+    pub error_message: Option<String>,
+    /// Container of the input blob, when the task has one.
+    pub container_name: Option<String>,
+    /// Name of the input blob inside `container_name`.
+    pub blob_name: Option<String>,
+    /// Number of the attempt that ran or runs the task, 0 before the first one.
+    pub attempt: u32,
+    /// SHA-256 digest of the component that ran the last attempt.
+    pub component_digest: Option<String>,
+    /// Registry version of that component.
+    pub component_version: Option<u32>,
+    /// Fuel the last attempt consumed.
+    pub fuel_used: Option<u64>,
+    /// Last progress the guest reported, in percent.
+    pub progress: Option<u8>,
+    pub progress_message: Option<String>,
+    /// Container of the output blob, when the guest wrote one.
+    pub output_container_name: Option<String>,
+    /// Name of the output blob inside `output_container_name`.
+    pub output_blob_name: Option<String>,
+    /// Guest log lines, stdout and stderr of the last attempt, bounded.
+    pub task_log: Option<String>,
+    /// Host that ran the last attempt.
+    pub host_id: Option<String>,
+    /// Time the record was created.
+    pub created_time: Option<DateTime<Utc>>,
+}
+
+impl TaskRecord {
+    /// Creates a CREATED record for a new task.
+    pub fn new(task_id: &str, resource_id: &str, activity_type: &str, payload_json: &str) -> Self {
+        TaskRecord {
+            partition_key: resource_id.to_owned(),
+            row_key: task_id.to_owned(),
+            task_type: activity_type.to_owned(),
+            status: Status::Created,
+            input_payload: payload_json.to_owned(),
+            output_payload: String::new(),
+            start_time: None,
+            end_time: None,
+            batch_id: String::new(),
+            error_message: None,
+            container_name: None,
+            blob_name: None,
+            attempt: 0,
+            component_digest: None,
+            component_version: None,
+            fuel_used: None,
+            progress: None,
+            progress_message: None,
+            output_container_name: None,
+            output_blob_name: None,
+            task_log: None,
+            host_id: None,
+            created_time: Some(Utc::now()),
+        }
+    }
+}
+
+/// Queue message body, with the eight keys `background-workflows` always writes.
+///
+/// Unknown keys are ignored on read, so messages from newer producers keep working.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueMessage {
+    pub resource_id: String,
+    pub row_key: String,
+    pub task_type: String,
+    pub payload: serde_json::Value,
+    pub store_mode: String,
+    pub active_table_name: String,
+    pub finished_table_name: String,
+    pub database_name: String,
+}
+
+impl QueueMessage {
+    /// Parses a message body, naming the first problem found.
+    pub fn parse(body: &str) -> Result<Self, String> {
+        serde_json::from_str(body).map_err(|error| format!("invalid queue message: {error}"))
+    }
+
+    /// Serializes the message as Python's `json.dumps` does with its defaults: `", "` and `": "`
+    /// separators and every non-ASCII character escaped as `\uXXXX`.
+    pub fn to_python_json(&self) -> String {
+        to_python_json(self)
+    }
+}
+
+/// Serializes a value as Python's `json.dumps` does with its default arguments.
+pub fn to_python_json<T: Serialize>(value: &T) -> String {
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
+    value
+        .serialize(&mut serializer)
+        .expect("serializing to memory cannot fail");
+    String::from_utf8(out).expect("the formatter writes only ASCII")
+}
+
+/// A `serde_json` formatter that writes the layout of Python's `json.dumps`.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        for ch in fragment.chars() {
+            if ch.is_ascii() {
+                writer.write_all(&[ch as u8])?;
+            } else {
+                let mut units = [0u16; 2];
+                for unit in ch.encode_utf16(&mut units) {
+                    write!(writer, "\\u{unit:04x}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Formats a time as the records store it: UTC, microseconds and a `Z` suffix.
+pub fn format_time(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Parses a stored time.
+///
+/// Accepts RFC 3339 with any fraction up to nanoseconds and any offset, and the naive ISO
+/// form without an offset that the Python library writes to SQLite, which is read as UTC.
+pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    let text = text.trim();
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(naive) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(naive.and_utc());
+        }
+    }
+    Err(format!(
+        "invalid time {text:?}: expected RFC 3339 such as 2026-12-04T15:17:23.154769Z"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_json_layout_matches_json_dumps() {
+        let message = QueueMessage {
+            resource_id: "res-1".into(),
+            row_key: "k".into(),
+            task_type: "demo".into(),
+            payload: serde_json::json!({"x": 1, "note": "caf\u{e9} \u{2713} \u{1f600}", "l": [1, 2]}),
+            store_mode: "sqlite".into(),
+            active_table_name: DEFAULT_ACTIVE_TABLE.into(),
+            finished_table_name: DEFAULT_FINISHED_TABLE.into(),
+            database_name: DEFAULT_DATABASE_NAME.into(),
+        };
+        let text = message.to_python_json();
+        assert!(text.starts_with(r#"{"resource_id": "res-1", "row_key": "k", "task_type": "demo", "payload": {"#));
+        assert!(text.contains(r#""note": "caf\u00e9 \u2713 \ud83d\ude00""#), "{text}");
+        assert!(text.contains(r#""l": [1, 2]"#), "{text}");
+        assert_eq!(QueueMessage::parse(&text).unwrap(), message);
+    }
+
+    #[test]
+    fn queue_message_ignores_unknown_keys() {
+        let body = r#"{"resource_id": "r", "row_key": "k", "task_type": "t", "payload": {}, "store_mode": "sqlite", "active_table_name": "A", "finished_table_name": "F", "database_name": "d", "added_later": 1}"#;
+        let message = QueueMessage::parse(body).unwrap();
+        assert_eq!(message.task_type, "t");
+    }
+
+    #[test]
+    fn queue_message_missing_key_is_named() {
+        let error = QueueMessage::parse(r#"{"task_type": "multiply", "resource_id": "r"}"#)
+            .unwrap_err();
+        assert!(error.contains("row_key"), "{error}");
+    }
+
+    #[test]
+    fn naive_time_is_read_as_utc() {
+        let time = parse_time("2014-09-02T21:09:14.884854").unwrap();
+        assert_eq!(format_time(&time), "2014-09-02T21:09:14.884854Z");
+    }
+
+    #[test]
+    fn seven_digit_fraction_keeps_100ns() {
+        let time = parse_time("2014-09-02T21:09:14.8848547Z").unwrap();
+        assert_eq!(time.timestamp_subsec_nanos(), 884_854_700);
+    }
+
+    #[test]
+    fn status_parses_case_insensitively() {
+        assert_eq!("completed".parse::<Status>().unwrap(), Status::Completed);
+        assert!("DONE".parse::<Status>().unwrap_err().contains("DONE"));
+    }
+}
