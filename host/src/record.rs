@@ -58,7 +58,7 @@ impl Status {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -95,7 +95,9 @@ pub struct TaskRecord {
     pub input_payload: String,
     /// The result as a JSON string, empty until the task completes.
     pub output_payload: String,
+    #[serde(with = "optional_time")]
     pub start_time: Option<DateTime<Utc>>,
+    #[serde(with = "optional_time")]
     pub end_time: Option<DateTime<Utc>>,
     #[serde(rename = "BatchID")]
     pub batch_id: String,
@@ -124,6 +126,7 @@ pub struct TaskRecord {
     /// Host that ran the last attempt.
     pub host_id: Option<String>,
     /// Time the record was created.
+    #[serde(with = "optional_time")]
     pub created_time: Option<DateTime<Utc>>,
 }
 
@@ -274,6 +277,46 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
+/// Serde format of optional record times: [`format_time`] out, [`parse_time`] in.
+pub mod optional_time {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes a time as [`super::format_time`] does, or null.
+    pub fn serialize<S: Serializer>(
+        time: &Option<DateTime<Utc>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => serializer.serialize_str(&super::format_time(time)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    /// Reads a time in any form [`super::parse_time`] accepts, or null.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        let text: Option<String> = Option::deserialize(deserializer)?;
+        text.map(|text| super::parse_time(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Serde format of required times, for types other than the task record.
+pub mod required_time {
+    use chrono::{DateTime, Utc};
+    use serde::Serializer;
+
+    /// Writes a time as [`super::format_time`] does.
+    pub fn serialize<S: Serializer>(
+        time: &DateTime<Utc>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::format_time(time))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,8 +334,13 @@ mod tests {
             database_name: DEFAULT_DATABASE_NAME.into(),
         };
         let text = message.to_python_json();
-        assert!(text.starts_with(r#"{"resource_id": "res-1", "row_key": "k", "task_type": "demo", "payload": {"#));
-        assert!(text.contains(r#""note": "caf\u00e9 \u2713 \ud83d\ude00""#), "{text}");
+        assert!(text.starts_with(
+            r#"{"resource_id": "res-1", "row_key": "k", "task_type": "demo", "payload": {"#
+        ));
+        assert!(
+            text.contains(r#""note": "caf\u00e9 \u2713 \ud83d\ude00""#),
+            "{text}"
+        );
         assert!(text.contains(r#""l": [1, 2]"#), "{text}");
         assert_eq!(QueueMessage::parse(&text).unwrap(), message);
     }
@@ -306,8 +354,8 @@ mod tests {
 
     #[test]
     fn queue_message_missing_key_is_named() {
-        let error = QueueMessage::parse(r#"{"task_type": "multiply", "resource_id": "r"}"#)
-            .unwrap_err();
+        let error =
+            QueueMessage::parse(r#"{"task_type": "multiply", "resource_id": "r"}"#).unwrap_err();
         assert!(error.contains("row_key"), "{error}");
     }
 

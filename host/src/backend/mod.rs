@@ -63,6 +63,7 @@ pub struct DeadLetter {
     pub body: String,
     pub reason: String,
     pub dequeue_count: u32,
+    #[serde(with = "crate::record::required_time")]
     pub dead_lettered_at: DateTime<Utc>,
     /// Task id the message names, when it could be read.
     pub row_key: Option<String>,
@@ -129,8 +130,11 @@ pub trait TaskStore: Send + Sync {
 
     /// Reads a record from the active table, then from the finished one. Without a
     /// resource id the lookup is by task id alone.
-    async fn get_task(&self, resource_id: Option<&str>, task_id: &str)
-        -> Result<Option<TaskRecord>>;
+    async fn get_task(
+        &self,
+        resource_id: Option<&str>,
+        task_id: &str,
+    ) -> Result<Option<TaskRecord>>;
 
     /// Lists records of both tables, newest first.
     async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
@@ -267,6 +271,7 @@ pub struct ComponentVersion {
     /// SHA-256 of the `.wasm` file, in lower-case hex.
     pub digest: String,
     pub limits: Limits,
+    #[serde(with = "crate::record::required_time")]
     pub registered_at: DateTime<Utc>,
     /// True for the version new tasks run on.
     pub current: bool,
@@ -306,6 +311,10 @@ pub trait ComponentRegistry: Send + Sync {
     async fn artifact_path(&self, digest: &str, engine_hash: &str) -> Result<Option<PathBuf>>;
 
     /// Stores a compiled artifact (for example one compiled by a host whose engine differs).
-    async fn store_artifact(&self, digest: &str, engine_hash: &str, artifact: &[u8])
-        -> Result<PathBuf>;
+    async fn store_artifact(
+        &self,
+        digest: &str,
+        engine_hash: &str,
+        artifact: &[u8],
+    ) -> Result<PathBuf>;
 }

@@ -1,0 +1,450 @@
+//! The commands behind the CLI.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bgw::backend::{BlobRef, Limits, ListFilter};
+use bgw::client::{InputBlob, StartOptions, WorkflowClient};
+use bgw::config::{Overrides, Settings};
+use bgw::daemon::DaemonOptions;
+use bgw::record::{Status, TaskRecord};
+use bgw::sandbox::{EngineSettings, Sandbox};
+
+use super::output;
+use super::{
+    ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, RegisterArgs,
+    RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs,
+};
+
+/// An error in how the command was called, reported with exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Installs the `tracing` subscriber; `RUST_LOG` overrides the default level.
+pub fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(stderr_is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> Result<Finished> {
+    let settings = resolve_settings(&cli.global)?;
+    let json = cli.global.json;
+    match cli.command {
+        Command::Daemon(args) => daemon(&settings, args).await,
+        Command::Register(args) => register(&settings, args, json).await,
+        Command::Activities(args) => activities(&settings, args, json).await,
+        Command::Rollback(args) => rollback(&settings, args, json).await,
+        Command::Submit(args) => submit(&settings, args, json).await,
+        Command::Status(args) => status(&settings, args, json).await,
+        Command::Result(args) => result(&settings, args, json).await,
+        Command::List(args) => list(&settings, args, json).await,
+        Command::DeadLetters => dead_letters(&settings, json).await,
+        Command::Requeue(args) => requeue(&settings, args).await,
+    }
+}
+
+fn resolve_settings(global: &GlobalArgs) -> Result<Settings> {
+    let overrides = Overrides {
+        data_dir: global.data_dir.clone(),
+        config_file: global.config.clone(),
+        ..Overrides::default()
+    };
+    let settings = Settings::resolve(&overrides)?;
+    settings.check_supported()?;
+    Ok(settings)
+}
+
+fn client(settings: &Settings) -> Result<WorkflowClient> {
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    Ok(WorkflowClient::new(
+        backend,
+        settings.db_path().display().to_string(),
+    ))
+}
+
+fn sandbox() -> Result<Arc<Sandbox>> {
+    Sandbox::new(EngineSettings::default())
+}
+
+async fn daemon(settings: &Settings, args: DaemonArgs) -> Result<Finished> {
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let sandbox = sandbox()?;
+    let mut options = DaemonOptions {
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        ..DaemonOptions::default()
+    };
+    if let Some(concurrency) = args.concurrency.or(Some(settings.concurrency)) {
+        if concurrency == 0 {
+            return Err(UsageError("invalid --concurrency 0: it must be at least 1".into()).into());
+        }
+        options.concurrency = concurrency;
+    }
+    let visibility = args
+        .visibility_timeout
+        .unwrap_or(settings.visibility_timeout.as_secs());
+    if visibility == 0 {
+        return Err(UsageError("invalid visibility timeout 0 s: it must be at least 1 s".into()).into());
+    }
+    options.visibility_timeout = Duration::from_secs(visibility);
+
+    bgw::daemon::run(backend, sandbox, options, shutdown_signal()).await?;
+    Ok(Finished::Done)
+}
+
+/// Resolves on the first SIGTERM or SIGINT. A second one ends the process at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("failed to install the SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("failed to install the SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::warn!("second signal: stopping at once, running tasks return to the queue when their leases expire");
+        std::process::exit(130);
+    });
+}
+
+async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result<Finished> {
+    let wasm = std::fs::read(&args.file)
+        .with_context(|| format!("failed to read {}", args.file.display()))?;
+    let defaults = settings.limits;
+    let limits = Limits {
+        fuel: args.fuel.unwrap_or(defaults.fuel),
+        memory_mib: args.memory.unwrap_or(defaults.memory_mib),
+        timeout_secs: args.timeout.unwrap_or(defaults.timeout_secs),
+        max_output_bytes: args.max_output.unwrap_or(defaults.max_output_bytes),
+    };
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let sandbox = sandbox()?;
+    let version = bgw::registry::register(
+        backend.registry(),
+        &sandbox,
+        &args.activity_type,
+        &wasm,
+        limits,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "failed to register {} for activity type {:?}",
+            args.file.display(),
+            args.activity_type
+        )
+    })?;
+    if json {
+        output::print_json(&version)?;
+    } else {
+        println!(
+            "registered {} version {} digest {}",
+            version.activity_type, version.version, version.digest
+        );
+    }
+    Ok(Finished::Done)
+}
+
+async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Result<Finished> {
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let mut versions = backend
+        .registry()
+        .versions(args.activity_type.as_deref())
+        .await?;
+    if args.activity_type.is_none() && !json {
+        versions.retain(|version| version.current);
+    }
+    if json {
+        output::print_json(&versions)?;
+    } else {
+        output::print_versions(&versions);
+    }
+    Ok(Finished::Done)
+}
+
+async fn rollback(settings: &Settings, args: RollbackArgs, json: bool) -> Result<Finished> {
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let version = backend
+        .registry()
+        .rollback(&args.activity_type)
+        .await
+        .with_context(|| format!("failed to roll back activity type {:?}", args.activity_type))?;
+    if json {
+        output::print_json(&version)?;
+    } else {
+        println!(
+            "{} now runs version {} digest {}",
+            version.activity_type, version.version, version.digest
+        );
+    }
+    Ok(Finished::Done)
+}
+
+async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Finished> {
+    let client = client(settings)?;
+    let payloads = read_payloads(&args)?;
+    let options = StartOptions {
+        delay: match args.delay {
+            Some(secs) if !(0.0..=7.0 * 86400.0).contains(&secs) => {
+                return Err(UsageError(format!(
+                    "invalid --delay {secs}: it must be between 0 and 604800 seconds"
+                ))
+                .into())
+            }
+            Some(secs) => Duration::from_secs_f64(secs),
+            None => Duration::ZERO,
+        },
+    };
+
+    let bulk = payloads.len() > 1;
+    let bar = output::progress_bar(bulk, payloads.len() as u64, "submitting");
+    let mut task_ids = Vec::with_capacity(payloads.len());
+    for payload in &payloads {
+        let mut file;
+        let blob = match &args.blob {
+            Some(path) => {
+                file = std::fs::File::open(path)
+                    .with_context(|| format!("failed to open blob file {}", path.display()))?;
+                Some(InputBlob {
+                    container: None,
+                    name: None,
+                    data: &mut file,
+                })
+            }
+            None => None,
+        };
+        let task_id = client
+            .start_activity_with(&args.activity_type, &args.resource, payload, blob, &options)
+            .await
+            .with_context(|| format!("failed to submit a task of type {:?}", args.activity_type))?;
+        bar.inc(1);
+        task_ids.push(task_id);
+    }
+    bar.finish_and_clear();
+
+    if !args.wait {
+        if json {
+            let mut records = Vec::new();
+            for task_id in &task_ids {
+                if let Some(record) = client.get_task(task_id, Some(&args.resource)).await? {
+                    records.push(record);
+                }
+            }
+            if bulk {
+                output::print_json(&records)?;
+            } else if let Some(record) = records.first() {
+                output::print_json(record)?;
+            }
+        } else {
+            for task_id in &task_ids {
+                println!("{task_id}");
+            }
+        }
+        return Ok(Finished::Done);
+    }
+
+    let timeout = args.wait_timeout.map(Duration::from_secs_f64);
+    let bar = output::progress_bar(true, task_ids.len() as u64, "waiting");
+    let mut records = Vec::with_capacity(task_ids.len());
+    for task_id in &task_ids {
+        let record = client
+            .wait(task_id, Some(&args.resource), timeout)
+            .await
+            .with_context(|| format!("failed to wait for task {task_id}"))?;
+        bar.inc(1);
+        records.push(record);
+    }
+    bar.finish_and_clear();
+    let failed = records.iter().any(|record| record.status != Status::Completed);
+    if json {
+        if bulk {
+            output::print_json(&records)?;
+        } else {
+            output::print_json(&records[0])?;
+        }
+    } else if bulk {
+        output::print_summary(&records);
+    } else {
+        output::print_record(&records[0]);
+    }
+    Ok(if failed { Finished::TaskFailed } else { Finished::Done })
+}
+
+fn read_payloads(args: &SubmitArgs) -> Result<Vec<Vec<u8>>> {
+    if let Some(path) = &args.payloads {
+        let text = std::fs::read(path)
+            .with_context(|| format!("failed to read payload file {}", path.display()))?;
+        let lines: Vec<Vec<u8>> = text
+            .split(|&byte| byte == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(<[u8]>::to_vec)
+            .collect();
+        if lines.is_empty() {
+            bail!("payload file {} has no payloads", path.display());
+        }
+        return Ok(lines);
+    }
+    if args.count == 0 {
+        return Err(UsageError("invalid --count 0: it must be at least 1".into()).into());
+    }
+    let payload = match args.payload.strip_prefix('@') {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("failed to read payload file {path}"))?,
+        None => args.payload.clone().into_bytes(),
+    };
+    Ok(vec![payload; args.count as usize])
+}
+
+async fn find_task(client: &WorkflowClient, args: &TaskArgs) -> Result<TaskRecord> {
+    bgw::validate::task_id(&args.task_id)?;
+    client
+        .get_task(&args.task_id, args.resource.as_deref())
+        .await?
+        .with_context(|| format!("task {} not found", args.task_id))
+}
+
+async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finished> {
+    let client = client(settings)?;
+    let record = find_task(&client, &args).await?;
+    if json {
+        output::print_json(&record)?;
+    } else {
+        output::print_record(&record);
+    }
+    Ok(Finished::Done)
+}
+
+async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Finished> {
+    let client = client(settings)?;
+    let record = find_task(&client, &args.task).await?;
+    if let Some(target) = &args.output_blob {
+        save_output_blob(&client, &record, target)?;
+    }
+    match record.status {
+        Status::Completed => {
+            if json {
+                let value: serde_json::Value = serde_json::from_str(&record.output_payload)
+                    .with_context(|| format!("task {} has an invalid OutputPayload", record.row_key))?;
+                output::print_json(&value)?;
+            } else {
+                println!("{}", record.output_payload);
+            }
+            Ok(Finished::Done)
+        }
+        Status::Error | Status::Cancelled => {
+            eprintln!(
+                "task {} ended {}: {}",
+                record.row_key,
+                record.status,
+                record.error_message.as_deref().unwrap_or("no error message")
+            );
+            Ok(Finished::TaskFailed)
+        }
+        Status::Created | Status::Running => {
+            bail!("task {} has no result yet: its status is {}", record.row_key, record.status)
+        }
+    }
+}
+
+fn save_output_blob(client: &WorkflowClient, record: &TaskRecord, target: &Path) -> Result<()> {
+    let (Some(container), Some(name)) = (&record.output_container_name, &record.output_blob_name)
+    else {
+        bail!("task {} has no output blob", record.row_key);
+    };
+    let blob = BlobRef {
+        container: container.clone(),
+        name: name.clone(),
+    };
+    let (reader, size) = client.backend().blobs().open(&blob)?;
+    let mut data = vec![0; size as usize];
+    let mut filled = 0;
+    while filled < data.len() {
+        let read = reader
+            .read_at(filled as u64, &mut data[filled..])
+            .with_context(|| format!("failed to read output blob {container}/{name}"))?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    data.truncate(filled);
+    std::fs::write(target, &data)
+        .with_context(|| format!("failed to write {}", target.display()))?;
+    eprintln!("saved output blob ({} bytes) to {}", data.len(), target.display());
+    Ok(())
+}
+
+async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finished> {
+    let status = match &args.status {
+        Some(text) => Some(text.parse::<Status>().map_err(UsageError)?),
+        None => None,
+    };
+    let filter = ListFilter {
+        status,
+        task_type: args.activity_type.clone(),
+        resource_id: args.resource.clone(),
+        limit: Some(args.limit),
+    };
+    let records = client(settings)?.list(&filter).await?;
+    if json {
+        output::print_json(&records)?;
+    } else {
+        output::print_table(&records);
+    }
+    Ok(Finished::Done)
+}
+
+async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let letters = backend.list_dead_letters().await?;
+    if json {
+        output::print_json(&letters)?;
+    } else {
+        for letter in &letters {
+            println!(
+                "{}  {}  dequeued {}x  task {}  {}",
+                letter.id,
+                bgw::record::format_time(&letter.dead_lettered_at),
+                letter.dequeue_count,
+                letter.row_key.as_deref().unwrap_or("-"),
+                letter.reason
+            );
+        }
+    }
+    Ok(Finished::Done)
+}
+
+async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    if !backend.requeue_dead_letter(&args.id).await? {
+        bail!("dead letter {:?} not found: `bgw dead-letters` lists them", args.id);
+    }
+    println!("requeued {}", args.id);
+    Ok(Finished::Done)
+}
+
+/// Returns true when stderr is a terminal, where progress bars are drawn.
+pub fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}

@@ -1,0 +1,212 @@
+//! Command-line parsing and dispatch. Exit codes: 0 done, 1 the command failed, 2 bad
+//! usage, 3 a waited-for task ended ERROR or CANCELLED.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code of a command that failed.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of bad usage, as clap uses for parse errors.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when a task the command waited for ended ERROR or CANCELLED.
+const EXIT_TASK_FAILED: u8 = 3;
+
+/// Background tasks as WebAssembly components, each run in its own sandbox.
+#[derive(Parser, Debug)]
+#[command(name = "bgw", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct GlobalArgs {
+    /// Data directory holding the SQLite file, blobs and components [env: BGW_DATA_DIR]
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file [env: BGW_CONFIG; default: DATA_DIR/bgw.toml if present]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print records and lists as JSON with the stored field names
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the host daemon: lease tasks, run their components, record the outcomes
+    Daemon(DaemonArgs),
+    /// Register a component for an activity type (it takes effect in running daemons)
+    Register(RegisterArgs),
+    /// List registered activity types and their component versions
+    Activities(ActivitiesArgs),
+    /// Make the previous component version of an activity type current again
+    Rollback(RollbackArgs),
+    /// Start one or many tasks
+    Submit(SubmitArgs),
+    /// Show a task's status
+    Status(TaskArgs),
+    /// Show a task's result, and save its output blob
+    Result(ResultArgs),
+    /// List tasks, newest first
+    List(ListArgs),
+    /// List messages moved aside because they could not be processed
+    DeadLetters,
+    /// Send a dead-lettered message back to the queue
+    Requeue(RequeueArgs),
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    /// Tasks run at once [default: number of cores, or the configuration's daemon.concurrency]
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+    /// Seconds a leased message stays hidden before another worker may take it over
+    #[arg(long, value_name = "SECS")]
+    visibility_timeout: Option<u64>,
+    /// Seconds running tasks get to finish after SIGTERM or SIGINT
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+#[derive(Args, Debug)]
+struct RegisterArgs {
+    /// Activity type the component serves
+    activity_type: String,
+    /// Component file built for wasm32-wasip2 with the bgw guest SDK
+    file: PathBuf,
+    /// Fuel budget of one attempt, roughly one unit per wasm instruction
+    #[arg(long, value_name = "N")]
+    fuel: Option<u64>,
+    /// Maximum linear memory of one attempt, in MiB
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// Wall-clock deadline of one attempt, in seconds
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Maximum size of the output blob, in bytes
+    #[arg(long, value_name = "BYTES")]
+    max_output: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct ActivitiesArgs {
+    /// Show only this activity type, with its whole version history
+    activity_type: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RollbackArgs {
+    /// Activity type to roll back
+    activity_type: String,
+}
+
+#[derive(Args, Debug)]
+struct SubmitArgs {
+    /// Activity type to start
+    activity_type: String,
+    /// Resource id (PartitionKey) the task belongs to
+    #[arg(long, value_name = "ID")]
+    resource: String,
+    /// Payload: a JSON object, or @FILE to read it from a file
+    #[arg(long, value_name = "JSON|@FILE", default_value = "{}")]
+    payload: String,
+    /// File of payloads, one JSON object per line: starts one task per line
+    #[arg(long, value_name = "FILE", conflicts_with = "count")]
+    payloads: Option<PathBuf>,
+    /// Start N tasks with the same payload
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    count: u64,
+    /// Input blob for the task
+    #[arg(long, value_name = "FILE")]
+    blob: Option<PathBuf>,
+    /// Delay before the task may start, in seconds
+    #[arg(long, value_name = "SECS")]
+    delay: Option<f64>,
+    /// Wait until every started task has finished, and print the final records
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    wait_timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+struct TaskArgs {
+    /// Task id (RowKey)
+    task_id: String,
+    /// Resource id of the task, which makes the lookup cheaper
+    #[arg(long, value_name = "ID")]
+    resource: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ResultArgs {
+    #[command(flatten)]
+    task: TaskArgs,
+    /// Copy the task's output blob to this file
+    #[arg(long, value_name = "FILE")]
+    output_blob: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    /// Only tasks with this status (CREATED, RUNNING, COMPLETED, ERROR, CANCELLED)
+    #[arg(long, value_name = "STATUS")]
+    status: Option<String>,
+    /// Only tasks of this activity type
+    #[arg(long = "type", value_name = "TYPE")]
+    activity_type: Option<String>,
+    /// Only tasks of this resource id
+    #[arg(long, value_name = "ID")]
+    resource: Option<String>,
+    /// Show at most N tasks
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Args, Debug)]
+struct RequeueArgs {
+    /// Id of the dead letter, as `bgw dead-letters` shows it
+    id: String,
+}
+
+/// What a command reports besides its output.
+enum Finished {
+    Done,
+    TaskFailed,
+}
+
+/// Parses the command line, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_tracing(matches!(cli.command, Command::Daemon(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(Finished::Done) => ExitCode::SUCCESS,
+        Ok(Finished::TaskFailed) => ExitCode::from(EXIT_TASK_FAILED),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            let usage = error
+                .downcast_ref::<commands::UsageError>()
+                .is_some();
+            ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE })
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The client: starts activities and reads their records back.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, BlobRef, ListFilter, OutgoingMessage};
+use crate::record::{QueueMessage, Status, TaskRecord};
+use crate::{validate, Error, Result};
+
+/// Container that `start_activity` stores input blobs in when the caller names none.
+pub const INPUT_CONTAINER: &str = "bgw-input";
+
+/// An input blob to store with a new task.
+pub struct InputBlob<'a> {
+    /// Container to store it in; [`INPUT_CONTAINER`] when `None`.
+    pub container: Option<String>,
+    /// Blob name; `<task id>/input` when `None`.
+    pub name: Option<String>,
+    pub data: &'a mut dyn Read,
+}
+
+/// Options of `start_activity` beyond the payload.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Delay before the task may start.
+    pub delay: Duration,
+}
+
+/// Starts activities and reads their records, on any [`Backend`].
+#[derive(Clone)]
+pub struct WorkflowClient {
+    backend: Arc<dyn Backend>,
+    database_name: String,
+}
+
+impl WorkflowClient {
+    /// Creates a client. `database_name` is sent in every queue message, as the Python
+    /// library does; on SQLite it is the database path.
+    pub fn new(backend: Arc<dyn Backend>, database_name: impl Into<String>) -> Self {
+        WorkflowClient {
+            backend,
+            database_name: database_name.into(),
+        }
+    }
+
+    /// The backend this client writes to.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Starts a task and returns its id.
+    ///
+    /// Stores the blob, writes the CREATED record and enqueues the message as one saga: when
+    /// a later step fails, the earlier ones are undone and the error is returned.
+    pub async fn start_activity(
+        &self,
+        activity_type: &str,
+        resource_id: &str,
+        payload_json: &[u8],
+        blob: Option<InputBlob<'_>>,
+    ) -> Result<String> {
+        self.start_activity_with(
+            activity_type,
+            resource_id,
+            payload_json,
+            blob,
+            &StartOptions::default(),
+        )
+        .await
+    }
+
+    /// Starts a task with options; see [`WorkflowClient::start_activity`].
+    pub async fn start_activity_with(
+        &self,
+        activity_type: &str,
+        resource_id: &str,
+        payload_json: &[u8],
+        blob: Option<InputBlob<'_>>,
+        options: &StartOptions,
+    ) -> Result<String> {
+        validate::activity_type(activity_type)?;
+        validate::resource_id(resource_id)?;
+        let payload = validate::payload(payload_json)?;
+        let payload_text = serde_json::to_string(&payload)
+            .map_err(|error| Error::Invalid(format!("failed to serialize the payload: {error}")))?;
+
+        let task_id = uuid::Uuid::now_v7().to_string();
+        let mut record = TaskRecord::new(&task_id, resource_id, activity_type, &payload_text);
+        let stored_blob = match blob {
+            Some(blob) => {
+                let blob_ref = BlobRef {
+                    container: blob.container.unwrap_or_else(|| INPUT_CONTAINER.to_owned()),
+                    name: blob.name.unwrap_or_else(|| format!("{task_id}/input")),
+                };
+                self.backend.blobs().put(&blob_ref, blob.data)?;
+                record.container_name = Some(blob_ref.container.clone());
+                record.blob_name = Some(blob_ref.name.clone());
+                Some(blob_ref)
+            }
+            None => None,
+        };
+
+        let (active_table, finished_table) = self.backend.table_names();
+        let message = QueueMessage {
+            resource_id: resource_id.to_owned(),
+            row_key: task_id.clone(),
+            task_type: activity_type.to_owned(),
+            payload,
+            store_mode: self.backend.store_mode().to_owned(),
+            active_table_name: active_table.to_owned(),
+            finished_table_name: finished_table.to_owned(),
+            database_name: self.database_name.clone(),
+        };
+        let mut outgoing = OutgoingMessage::new(&message);
+        outgoing.delay = options.delay;
+
+        if let Err(error) = self.backend.submit(&record, &outgoing).await {
+            if let Some(blob_ref) = stored_blob {
+                if let Err(cleanup) = self.backend.blobs().delete(&blob_ref) {
+                    tracing::warn!(
+                        task_id = %task_id,
+                        container = %blob_ref.container,
+                        blob = %blob_ref.name,
+                        error = %cleanup,
+                        "failed to delete the input blob of a task whose submit failed"
+                    );
+                }
+            }
+            return Err(error);
+        }
+        tracing::debug!(task_id = %task_id, activity_type, resource_id, "started activity");
+        Ok(task_id)
+    }
+
+    /// Reads a task's record. Without a resource id the lookup is by task id alone.
+    pub async fn get_task(
+        &self,
+        task_id: &str,
+        resource_id: Option<&str>,
+    ) -> Result<Option<TaskRecord>> {
+        self.backend.get_task(resource_id, task_id).await
+    }
+
+    /// Returns a task's status, or `None` when no task has this id.
+    pub async fn get_status(
+        &self,
+        task_id: &str,
+        resource_id: Option<&str>,
+    ) -> Result<Option<Status>> {
+        Ok(self
+            .get_task(task_id, resource_id)
+            .await?
+            .map(|record| record.status))
+    }
+
+    /// Returns a completed task's result, or `None` while it has none, as the Python
+    /// library's `get_result` does.
+    pub async fn get_result(
+        &self,
+        task_id: &str,
+        resource_id: Option<&str>,
+    ) -> Result<Option<serde_json::Value>> {
+        let Some(record) = self.get_task(task_id, resource_id).await? else {
+            return Ok(None);
+        };
+        if record.status != Status::Completed || record.output_payload.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&record.output_payload)
+            .map(Some)
+            .map_err(|error| {
+                Error::Invalid(format!(
+                    "task {task_id} has an OutputPayload that is not valid JSON: {error}"
+                ))
+            })
+    }
+
+    /// Waits until a task reaches a terminal status and returns its record.
+    /// `timeout` of `None` waits without end.
+    pub async fn wait(
+        &self,
+        task_id: &str,
+        resource_id: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<TaskRecord> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.get_task(task_id, resource_id).await? {
+                Some(record) if record.status.is_terminal() => return Ok(record),
+                Some(_) => {}
+                None => return Err(Error::NotFound(format!("task {task_id} not found"))),
+            }
+            if let Some(limit) = timeout {
+                if started.elapsed() >= limit {
+                    return Err(Error::Invalid(format!(
+                        "timed out after {} s waiting for task {task_id}",
+                        limit.as_secs_f64()
+                    )));
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Lists task records of both tables, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
+        self.backend.list_tasks(filter).await
+    }
+}

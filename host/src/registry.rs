@@ -1,0 +1,200 @@
+//! Registering components and keeping the current version of each activity type loaded.
+//!
+//! Registration checks and compiles a component once; the compiled artifact is stored
+//! beside the `.wasm` by digest and engine hash, so a daemon loads it in microseconds. The
+//! [`ComponentCache`] follows the registry's generation counter and swaps in new versions
+//! while tasks run: a task holds the `Arc` of the version it started with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::backend::{Backend, ComponentRegistry, ComponentVersion, Limits};
+use crate::sandbox::{PreparedComponent, Sandbox};
+use crate::{validate, Error, Result};
+
+/// Returns the SHA-256 of `bytes` in lower-case hex: the digest components are stored under.
+pub fn digest_of(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Checks, compiles and stores a new version of `activity_type`, and makes it current.
+///
+/// On any error the registry is unchanged, so the previous version keeps serving.
+pub async fn register(
+    registry: &dyn ComponentRegistry,
+    sandbox: &Sandbox,
+    activity_type: &str,
+    wasm: &[u8],
+    limits: Limits,
+) -> Result<ComponentVersion> {
+    validate::activity_type(activity_type)?;
+    check_limits(&limits)?;
+    let digest = digest_of(wasm);
+    let (_, artifact) = sandbox.compile(wasm).map_err(Error::Component)?;
+    registry
+        .register(
+            activity_type,
+            &digest,
+            wasm,
+            sandbox.engine_hash(),
+            &artifact,
+            limits,
+        )
+        .await
+}
+
+/// Rejects limits that could never let a task run.
+pub fn check_limits(limits: &Limits) -> Result<()> {
+    if limits.fuel == 0 {
+        return Err(Error::Invalid(
+            "invalid fuel limit 0: it must be at least 1".into(),
+        ));
+    }
+    if limits.memory_mib == 0 || limits.memory_mib > 4096 {
+        return Err(Error::Invalid(format!(
+            "invalid memory limit {} MiB: it must be between 1 and 4096 MiB (a wasm32 memory holds at most 4 GiB)",
+            limits.memory_mib
+        )));
+    }
+    if limits.timeout_secs == 0 || limits.timeout_secs > 7 * 24 * 3600 {
+        return Err(Error::Invalid(format!(
+            "invalid timeout {} s: it must be between 1 s and 604800 s (7 days)",
+            limits.timeout_secs
+        )));
+    }
+    Ok(())
+}
+
+/// A component version ready to run.
+pub struct LoadedComponent {
+    pub version: ComponentVersion,
+    pub prepared: PreparedComponent,
+}
+
+/// The current version of every activity type, loaded and prepared.
+pub struct ComponentCache {
+    sandbox: Arc<Sandbox>,
+    backend: Arc<dyn Backend>,
+    current: RwLock<Snapshot>,
+    /// Serializes refreshes so that two tasks missing at once load a version only once.
+    refresh_lock: AsyncMutex<()>,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    generation: Option<u64>,
+    by_type: HashMap<String, Arc<LoadedComponent>>,
+}
+
+impl ComponentCache {
+    /// Creates an empty cache; call [`ComponentCache::refresh`] to load the registry.
+    pub fn new(sandbox: Arc<Sandbox>, backend: Arc<dyn Backend>) -> Self {
+        ComponentCache {
+            sandbox,
+            backend,
+            current: RwLock::new(Snapshot::default()),
+            refresh_lock: AsyncMutex::new(()),
+        }
+    }
+
+    /// Returns the current version of an activity type, as of the last refresh.
+    pub fn get(&self, activity_type: &str) -> Option<Arc<LoadedComponent>> {
+        let snapshot = self.current.read().unwrap_or_else(|e| e.into_inner());
+        snapshot.by_type.get(activity_type).cloned()
+    }
+
+    /// Reloads the current versions when the registry's generation has changed.
+    /// Returns true when something changed.
+    pub async fn refresh(&self) -> Result<bool> {
+        let _guard = self.refresh_lock.lock().await;
+        let generation = self.backend.registry().generation().await?;
+        let known = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation;
+        if known == Some(generation) {
+            return Ok(false);
+        }
+
+        let previous: HashMap<String, Arc<LoadedComponent>> = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_type
+            .clone();
+        let mut by_type = HashMap::new();
+        for version in self.backend.registry().versions(None).await? {
+            if !version.current {
+                continue;
+            }
+            let reused = previous
+                .get(&version.activity_type)
+                .filter(|loaded| loaded.version == version)
+                .cloned();
+            let loaded = match reused {
+                Some(loaded) => loaded,
+                None => match self.load(&version).await {
+                    Ok(loaded) => Arc::new(loaded),
+                    Err(error) => {
+                        tracing::error!(
+                            activity_type = %version.activity_type,
+                            digest = %version.digest,
+                            %error,
+                            "failed to load component version"
+                        );
+                        continue;
+                    }
+                },
+            };
+            by_type.insert(version.activity_type.clone(), loaded);
+        }
+
+        let mut snapshot = self.current.write().unwrap_or_else(|e| e.into_inner());
+        snapshot.generation = Some(generation);
+        snapshot.by_type = by_type;
+        Ok(true)
+    }
+
+    async fn load(&self, version: &ComponentVersion) -> Result<LoadedComponent> {
+        let engine_hash = self.sandbox.engine_hash().to_owned();
+        let artifact_path = self
+            .backend
+            .registry()
+            .artifact_path(&version.digest, &engine_hash)
+            .await?;
+        let prepared = match artifact_path {
+            Some(path) => {
+                let artifact = std::fs::read(&path).map_err(|error| {
+                    Error::io(format!("failed to read artifact {}", path.display()), error)
+                })?;
+                self.sandbox
+                    .load_artifact(&artifact)
+                    .map_err(Error::Component)?
+            }
+            None => {
+                // Compiled by a host whose engine differs: compile here once and keep it.
+                let wasm = self.backend.registry().load_wasm(&version.digest).await?;
+                let (prepared, artifact) = self.sandbox.compile(&wasm).map_err(Error::Component)?;
+                self.backend
+                    .registry()
+                    .store_artifact(&version.digest, &engine_hash, &artifact)
+                    .await?;
+                prepared
+            }
+        };
+        tracing::info!(
+            activity_type = %version.activity_type,
+            version = version.version,
+            digest = %version.digest,
+            "loaded component version"
+        );
+        Ok(LoadedComponent {
+            version: version.clone(),
+            prepared,
+        })
+    }
+}

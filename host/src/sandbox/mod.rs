@@ -1,0 +1,509 @@
+//! The sandbox: one wasmtime engine, and a fresh store and instance for every attempt.
+//!
+//! Limits enforced per attempt:
+//! - fuel: a budget of wasm instructions, charged for work done before a trap too;
+//! - memory: a cap on linear memory growth, reported by the store's limiter;
+//! - stack: the engine's maximum wasm stack;
+//! - wall clock: an epoch deadline stops busy loops, and a tokio timeout around the whole
+//!   call stops a guest blocked inside a host call (an epoch check runs only in wasm code).
+//!
+//! A guest has WASI for the Rust standard library but no preopened directory, no
+//! environment, no arguments, no sockets and no stdin. Its stdout and stderr are captured,
+//! bounded, into the task log.
+
+mod host_api;
+mod output;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::backend::{BlobWriter, Limits, ReadAt};
+pub use host_api::bindings::bgw::activity::types::{LogLevel, TaskError};
+use host_api::bindings::{Activity, ActivityPre};
+pub use output::BoundedText;
+
+/// Interval of the engine's epoch ticker: the resolution of wall-clock deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Bytes of stdout, stderr and log lines kept per attempt; the rest is counted and dropped.
+pub const MAX_LOG_BYTES: usize = 64 * 1024;
+
+/// Maximum result size a guest may return, in bytes.
+pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
+
+/// Engine-wide settings, fixed when the host starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// Maximum wasm stack of one call, in bytes.
+    pub max_wasm_stack: usize,
+    /// Stack of the fiber each async call runs on, in bytes. Must exceed `max_wasm_stack`
+    /// so that host functions called near the wasm stack limit still have room.
+    pub async_stack_size: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_wasm_stack: 1024 * 1024,
+            async_stack_size: 2 * 1024 * 1024 + 512 * 1024,
+        }
+    }
+}
+
+/// The engine, its linker and the epoch ticker. One per process.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<TaskState>,
+    settings: EngineSettings,
+    engine_hash: String,
+}
+
+impl Sandbox {
+    /// Builds the engine and starts the epoch ticker thread.
+    pub fn new(settings: EngineSettings) -> anyhow::Result<Arc<Self>> {
+        if settings.max_wasm_stack + 256 * 1024 > settings.async_stack_size {
+            anyhow::bail!(
+                "invalid stack settings: the wasm stack limit of {} bytes needs an async stack of at least {} bytes, but it is {} bytes",
+                settings.max_wasm_stack,
+                settings.max_wasm_stack + 256 * 1024,
+                settings.async_stack_size
+            );
+        }
+
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(settings.max_wasm_stack)
+            .async_stack_size(settings.async_stack_size)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("failed to create the wasmtime engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("failed to add WASI to the linker")?;
+        Activity::add_to_linker::<_, wasmtime::component::HasSelf<TaskState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(anyhow::Error::from)
+        .context("failed to add the bgw host interface to the linker")?;
+
+        let engine_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            format!("{:016x}", hasher.finish())
+        };
+
+        start_epoch_ticker(&engine);
+        Ok(Arc::new(Sandbox {
+            engine,
+            linker,
+            settings,
+            engine_hash,
+        }))
+    }
+
+    /// Hash of the engine configuration; compiled artifacts are only valid for the same hash.
+    pub fn engine_hash(&self) -> &str {
+        &self.engine_hash
+    }
+
+    /// Engine-wide settings.
+    pub fn settings(&self) -> EngineSettings {
+        self.settings
+    }
+
+    /// Checks that `wasm` is a component of the activity world and compiles it.
+    /// Returns the prepared component and its compiled artifact.
+    pub fn compile(&self, wasm: &[u8]) -> Result<(PreparedComponent, Vec<u8>), String> {
+        check_component_header(wasm)?;
+        let artifact = self
+            .engine
+            .precompile_component(wasm)
+            .map_err(|error| format!("invalid component: {error:#}"))?;
+        let prepared = self.load_artifact(&artifact)?;
+        Ok((prepared, artifact))
+    }
+
+    /// Loads a compiled artifact made by `compile` with an engine of the same hash.
+    pub fn load_artifact(&self, artifact: &[u8]) -> Result<PreparedComponent, String> {
+        // SAFETY: artifacts are produced by `precompile_component` of an engine with the same
+        // configuration and are read only from the registry's own directory.
+        let component = unsafe { Component::deserialize(&self.engine, artifact) }
+            .map_err(|error| format!("invalid compiled artifact: {error:#}"))?;
+        self.prepare(component)
+    }
+
+    fn prepare(&self, component: Component) -> Result<PreparedComponent, String> {
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|error| {
+            format!(
+                "component does not fit world bgw:activity/activity@0.1.0: {error:#} (a guest may import only bgw:activity/host and WASI 0.2 interfaces)"
+            )
+        })?;
+        let pre = ActivityPre::new(instance_pre).map_err(|error| {
+            format!(
+                "component does not fit world bgw:activity/activity@0.1.0: {error:#} (it must export `run: func(task: task-info, payload: string) -> result<string, task-error>`)"
+            )
+        })?;
+        Ok(PreparedComponent { pre })
+    }
+
+    /// Runs one attempt in a fresh store. Never panics on anything the guest does.
+    pub async fn run(
+        &self,
+        component: &PreparedComponent,
+        task: TaskContext,
+        limits: Limits,
+    ) -> AttemptReport {
+        let started = Instant::now();
+        let deadline = Duration::from_secs(limits.timeout_secs.max(1));
+        let stdout = BoundedText::new(MAX_LOG_BYTES);
+        let stderr = BoundedText::new(MAX_LOG_BYTES);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+
+        let cancelled = task.cancelled.clone();
+        let output_written = task.output_written.clone();
+        let state = TaskState::new(task, wasi, limits, self.settings.max_wasm_stack);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        let fuel_budget = limits.fuel;
+        let _ = store.set_fuel(fuel_budget);
+
+        let deadline_at = started + deadline;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline_at {
+                Err(wasmtime::Error::new(DeadlineExceeded))
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let info = store.data().info.clone();
+        let payload = std::mem::take(&mut store.data_mut().payload);
+        let call = async {
+            let instance = component.pre.instantiate_async(&mut store).await?;
+            instance.call_run(&mut store, &info, &payload).await
+        };
+        let outcome = match tokio::time::timeout(deadline + EPOCH_TICK * 2, call).await {
+            Ok(Ok(Ok(result))) => Outcome::Completed(result),
+            Ok(Ok(Err(error))) => Outcome::GuestError(error),
+            Ok(Err(error)) => Outcome::Trapped(classify_trap(&error, &store, &stderr, limits)),
+            Err(_elapsed) => Outcome::Trapped(FaultKind::Deadline {
+                seconds: limits.timeout_secs,
+            }),
+        };
+
+        let remaining = store.get_fuel().unwrap_or(0);
+        let state = store.into_data();
+        let task_log = state.log_text(&stdout, &stderr);
+        let output = state.output;
+        AttemptReport {
+            outcome,
+            fuel_used: fuel_budget.saturating_sub(remaining),
+            duration: started.elapsed(),
+            task_log,
+            output,
+            output_bytes: output_written.load(Ordering::Relaxed),
+            was_cancelled: cancelled.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A component compiled and linked, ready to instantiate for each attempt.
+#[derive(Clone)]
+pub struct PreparedComponent {
+    pre: ActivityPre<TaskState>,
+}
+
+/// What one attempt of a task may reach.
+pub struct TaskContext {
+    pub task_id: String,
+    pub resource_id: String,
+    pub activity_type: String,
+    pub attempt: u32,
+    pub payload: String,
+    /// The input blob and its size, when the task has one.
+    pub input: Option<(Box<dyn ReadAt>, u64)>,
+    /// Opens the output blob on the first write.
+    pub open_output: Box<dyn FnMut() -> anyhow::Result<Box<dyn BlobWriter>> + Send>,
+    /// Set by the controller when the task is cancelled.
+    pub cancelled: Arc<AtomicBool>,
+    /// Latest progress reported by the guest.
+    pub progress: Arc<Mutex<Option<(u8, String)>>>,
+    /// Bytes written to the output blob so far.
+    pub output_written: Arc<AtomicU64>,
+}
+
+/// Per-store state: the task's own data and the WASI context with nothing granted.
+pub struct TaskState {
+    info: host_api::bindings::bgw::activity::types::TaskInfo,
+    payload: String,
+    input: Option<(Box<dyn ReadAt>, u64)>,
+    open_output: Box<dyn FnMut() -> anyhow::Result<Box<dyn BlobWriter>> + Send>,
+    output: Option<Box<dyn BlobWriter>>,
+    output_written: Arc<AtomicU64>,
+    max_output_bytes: u64,
+    output_limit_hit: bool,
+    cancelled: Arc<AtomicBool>,
+    progress: Arc<Mutex<Option<(u8, String)>>>,
+    log: BoundedText,
+    limits: StoreLimits,
+    memory_cap: u64,
+    stack_limit: usize,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl TaskState {
+    fn new(task: TaskContext, wasi: WasiCtx, limits: Limits, stack_limit: usize) -> Self {
+        let memory_cap = limits.memory_mib.saturating_mul(1024 * 1024);
+        TaskState {
+            info: host_api::bindings::bgw::activity::types::TaskInfo {
+                task_id: task.task_id,
+                resource_id: task.resource_id,
+                activity_type: task.activity_type,
+                attempt: task.attempt,
+            },
+            payload: task.payload,
+            input: task.input,
+            open_output: task.open_output,
+            output: None,
+            output_written: task.output_written,
+            max_output_bytes: limits.max_output_bytes,
+            output_limit_hit: false,
+            cancelled: task.cancelled,
+            progress: task.progress,
+            log: BoundedText::new(MAX_LOG_BYTES),
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(usize::try_from(memory_cap).unwrap_or(usize::MAX))
+                .table_elements(1_000_000)
+                .instances(64)
+                .trap_on_grow_failure(true)
+                .build(),
+            memory_cap,
+            stack_limit,
+            wasi,
+            table: ResourceTable::new(),
+        }
+    }
+
+    fn log_text(&self, stdout: &BoundedText, stderr: &BoundedText) -> String {
+        let mut text = self.log.text();
+        for (name, stream) in [("stdout", stdout), ("stderr", stderr)] {
+            let captured = stream.text();
+            if !captured.is_empty() {
+                text.push_str(&format!("--- {name} ---\n{captured}"));
+                if !captured.ends_with('\n') {
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest returned a result (a JSON string, not yet validated).
+    Completed(String),
+    /// The guest returned its own error value.
+    GuestError(TaskError),
+    /// The attempt was stopped by a limit or a trap.
+    Trapped(FaultKind),
+}
+
+/// Why an attempt was stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultKind {
+    OutOfFuel { fuel: u64 },
+    Deadline { seconds: u64 },
+    Memory { limit_mib: u64 },
+    StackOverflow { limit_bytes: usize },
+    Panic { message: String },
+    Trap { message: String },
+    Host { message: String },
+}
+
+impl FaultKind {
+    /// Returns the task error message, naming the limit and its value where one was hit.
+    pub fn message(&self) -> String {
+        match self {
+            FaultKind::OutOfFuel { fuel } => format!(
+                "fuel limit exceeded: the guest used all {fuel} units of fuel (limit `fuel`, set with `bgw register --fuel`)"
+            ),
+            FaultKind::Deadline { seconds } => format!(
+                "deadline exceeded: the attempt ran longer than {seconds} s (limit `timeout`, set with `bgw register --timeout`)"
+            ),
+            FaultKind::Memory { limit_mib } => format!(
+                "memory limit exceeded: the guest tried to grow its memory past {limit_mib} MiB (limit `memory`, set with `bgw register --memory`)"
+            ),
+            FaultKind::StackOverflow { limit_bytes } => format!(
+                "stack overflow: the guest exceeded the wasm stack limit of {limit_bytes} bytes"
+            ),
+            FaultKind::Panic { message } => format!("guest panicked: {message}"),
+            FaultKind::Trap { message } => format!("guest trapped: {message}"),
+            FaultKind::Host { message } => format!("host error while running the guest: {message}"),
+        }
+    }
+
+    /// Returns true when another attempt might succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, FaultKind::Host { .. })
+    }
+}
+
+/// Everything the controller needs to record about one attempt.
+pub struct AttemptReport {
+    pub outcome: Outcome,
+    pub fuel_used: u64,
+    pub duration: Duration,
+    pub task_log: String,
+    /// The output blob, not yet committed, when the guest wrote one.
+    pub output: Option<Box<dyn BlobWriter>>,
+    pub output_bytes: u64,
+    pub was_cancelled: bool,
+}
+
+/// Marker error of the epoch deadline callback.
+#[derive(Debug)]
+struct DeadlineExceeded;
+
+impl std::fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("wall-clock deadline exceeded")
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+fn classify_trap(
+    error: &wasmtime::Error,
+    store: &Store<TaskState>,
+    stderr: &BoundedText,
+    limits: Limits,
+) -> FaultKind {
+    if error.downcast_ref::<DeadlineExceeded>().is_some() {
+        return FaultKind::Deadline {
+            seconds: limits.timeout_secs,
+        };
+    }
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        match trap {
+            Trap::OutOfFuel => return FaultKind::OutOfFuel { fuel: limits.fuel },
+            Trap::StackOverflow => {
+                return FaultKind::StackOverflow {
+                    limit_bytes: store.data().stack_limit,
+                }
+            }
+            Trap::Interrupt => {
+                return FaultKind::Deadline {
+                    seconds: limits.timeout_secs,
+                }
+            }
+            Trap::UnreachableCodeReached => {
+                if let Some(message) = panic_message(&stderr.text(), &store.data().log.text()) {
+                    return FaultKind::Panic { message };
+                }
+            }
+            _ => {}
+        }
+        return FaultKind::Trap {
+            message: format!("{trap}"),
+        };
+    }
+
+    let text = format!("{error:#}");
+    if text.contains("forcing trap when growing memory") {
+        return FaultKind::Memory {
+            limit_mib: store.data().memory_cap / (1024 * 1024),
+        };
+    }
+    if let Some(message) = panic_message(&stderr.text(), &store.data().log.text()) {
+        return FaultKind::Panic { message };
+    }
+    FaultKind::Trap { message: text }
+}
+
+/// Extracts a Rust panic message from the guest's stderr ("panicked at FILE:LINE:COL:\nMESSAGE").
+fn panic_message(stderr: &str, log: &str) -> Option<String> {
+    for text in [stderr, log] {
+        if let Some(at) = text.find("panicked at ") {
+            let rest = &text[at..];
+            let mut lines = rest.lines();
+            let location = lines.next().unwrap_or_default().trim_end_matches(':');
+            let message: Vec<&str> = lines
+                .take_while(|line| !line.starts_with("note:") && !line.starts_with("---"))
+                .collect();
+            let message = message.join("\n").trim().to_owned();
+            return Some(if message.is_empty() {
+                location.to_owned()
+            } else {
+                format!("{message} ({location})")
+            });
+        }
+    }
+    None
+}
+
+fn check_component_header(wasm: &[u8]) -> Result<(), String> {
+    const MAGIC: &[u8; 4] = b"\0asm";
+    if wasm.len() < 8 || &wasm[..4] != MAGIC {
+        let shown: Vec<String> = wasm.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        return Err(format!(
+            "not a WebAssembly file: it starts with bytes [{}] instead of 00 61 73 6d",
+            shown.join(" ")
+        ));
+    }
+    match wasm[4..8] {
+        [0x0d, 0x00, 0x01, 0x00] => Ok(()),
+        [0x01, 0x00, 0x00, 0x00] => Err(
+            "a core WebAssembly module, not a component: build the guest with `--target wasm32-wasip2` and the bgw guest SDK".to_owned(),
+        ),
+        _ => Err(format!(
+            "unsupported WebAssembly version or layer: bytes 4..8 are {:02x?}",
+            &wasm[4..8]
+        )),
+    }
+}
+
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("bgw-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => break,
+            }
+        })
+        .expect("failed to spawn the epoch ticker thread");
+}
