@@ -1,0 +1,259 @@
+//! The connections to one SQLite file: a write connection, a pool of read connections and
+//! a watcher that notices commits of other connections.
+//!
+//! Every call retries while the database is busy or locked, with backoff, for up to a
+//! bounded time. Several processes sharing the file then wait for each other, and a caller
+//! sees an error only when that time runs out. The error names the SQLite code.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+
+use super::Synchronous;
+use crate::{Error, Result};
+
+/// Time SQLite's own busy handler waits inside one call before the retry loop takes over.
+const BUSY_HANDLER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Maximum pause between two retries of a busy call.
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Read connections kept open for reuse. More are opened when needed, and those above
+/// this number are closed after use.
+const READ_POOL_SIZE: usize = 4;
+
+/// Prepared statements cached per connection.
+const STATEMENT_CACHE_SIZE: usize = 64;
+
+/// Interval between two reads of `PRAGMA data_version` while waiting for a change.
+const CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+pub(super) struct Database {
+    path: PathBuf,
+    synchronous: Synchronous,
+    busy_limit: Duration,
+    /// The only connection of this process that writes. Every write transaction starts with
+    /// `BEGIN IMMEDIATE`, so it takes the write lock before it reads anything and cannot
+    /// fail with SQLITE_BUSY halfway through a read-then-write.
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    /// Connection used only for `PRAGMA data_version`. That value changes only for
+    /// commits of other connections, so this connection must never write.
+    watcher: Mutex<Connection>,
+    /// `data_version` when a waiter last saw it change.
+    seen_version: AtomicI64,
+}
+
+impl Database {
+    /// Opens the file, creating it and its folder if needed, and switches it to WAL mode.
+    pub(super) fn open(
+        path: &Path,
+        synchronous: Synchronous,
+        busy_limit: Duration,
+    ) -> Result<Self> {
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                Error::io(format!("failed to create {}", parent.display()), error)
+            })?;
+        }
+
+        let writer = open_connection(path, synchronous)?;
+        let mode: String = retry_busy(path, busy_limit, || {
+            let mode =
+                writer.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
+            Ok(mode)
+        })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Invalid(format!(
+                "cannot switch {} to WAL mode: SQLite reports journal mode {mode:?}",
+                path.display()
+            )));
+        }
+
+        let watcher = open_connection(path, synchronous)?;
+        let database = Database {
+            path: path.to_owned(),
+            synchronous,
+            busy_limit,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            watcher: Mutex::new(watcher),
+            seen_version: AtomicI64::new(0),
+        };
+        let version = database.data_version()?;
+        database.seen_version.store(version, Ordering::Relaxed);
+        Ok(database)
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `op` in a `BEGIN IMMEDIATE` transaction on the write connection and commits.
+    ///
+    /// A busy or locked error anywhere rolls the transaction back and runs `op` again,
+    /// which is why `op` may be called more than once. Any other error rolls back and is
+    /// returned.
+    pub(super) fn write<T>(&self, mut op: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
+        let mut connection = lock(&self.writer);
+        retry_busy(&self.path, self.busy_limit, || {
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = op(&transaction)?;
+            transaction.commit()?;
+            Ok(value)
+        })
+    }
+
+    /// Runs `op` in a read transaction on a pooled read connection, so that all its
+    /// statements see one snapshot of the database.
+    pub(super) fn read<T>(&self, mut op: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
+        let pooled = lock(&self.readers).pop();
+        let connection = match pooled {
+            Some(connection) => connection,
+            None => open_connection(&self.path, self.synchronous)?,
+        };
+
+        let result = retry_busy(&self.path, self.busy_limit, || {
+            let transaction = connection.unchecked_transaction()?;
+            let value = op(&transaction)?;
+            transaction.finish()?;
+            Ok(value)
+        });
+
+        let mut readers = lock(&self.readers);
+        if readers.len() < READ_POOL_SIZE {
+            readers.push(connection);
+        }
+        result
+    }
+
+    /// Blocks until another connection, in this process or another, commits a change to
+    /// the file, or until `timeout` passes.
+    ///
+    /// A change committed since the last wake-up of any waiter ends the wait at once, so a
+    /// commit that lands between two waits is not missed.
+    pub(super) fn wait_for_change(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let seen = self.seen_version.load(Ordering::Relaxed);
+        loop {
+            match self.data_version() {
+                Ok(version) if version != seen => {
+                    self.seen_version.store(version, Ordering::Relaxed);
+                    return;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, path = %self.path.display(), "failed to read data_version");
+                    thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                    return;
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return;
+            }
+            thread::sleep(CHANGE_POLL_INTERVAL.min(remaining));
+        }
+    }
+
+    fn data_version(&self) -> Result<i64> {
+        let watcher = lock(&self.watcher);
+        retry_busy(&self.path, self.busy_limit, || {
+            let mut statement = watcher.prepare_cached("PRAGMA data_version")?;
+            Ok(statement.query_row([], |row| row.get(0))?)
+        })
+    }
+}
+
+fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection> {
+    let connection = Connection::open(path).map_err(|error| {
+        Error::Other(anyhow::anyhow!(
+            "failed to open SQLite database {}: {error}",
+            path.display()
+        ))
+    })?;
+    connection.busy_timeout(BUSY_HANDLER_TIMEOUT)?;
+    connection.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_SIZE);
+    Ok(connection)
+}
+
+/// Locks a mutex, recovering it after a panic of another holder. A panic inside a
+/// transaction drops the transaction, which rolls it back, so the connection is usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `op` until it succeeds, fails with an error other than busy or locked, or `limit`
+/// has passed since the first try.
+///
+/// NOTE: waiting is not fair. Both SQLite's busy handler and this loop sleep between
+/// tries, so a connection that commits in a tight loop can keep another waiting for most
+/// of `limit`. Tests saw one of two processes lease nothing while the other leased 400
+/// messages in a loop.
+fn retry_busy<T>(path: &Path, limit: Duration, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(1);
+    let mut retries = 0u32;
+    loop {
+        let error = match op() {
+            Err(Error::Sqlite(error)) if is_busy(&error) => error,
+            other => return other,
+        };
+
+        let waited = started.elapsed();
+        if waited >= limit {
+            return Err(busy_error(path, &error, waited, retries));
+        }
+        tracing::debug!(%error, retries, path = %path.display(), "database busy, retrying");
+
+        let jitter = rand::random_range(0..=backoff.as_micros() as u64 / 2);
+        let pause = backoff + Duration::from_micros(jitter);
+        thread::sleep(pause.min(limit - waited));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        retries += 1;
+    }
+}
+
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+fn busy_error(path: &Path, error: &rusqlite::Error, waited: Duration, retries: u32) -> Error {
+    let code = error.sqlite_error().map_or(0, |error| error.extended_code);
+    Error::Other(anyhow::anyhow!(
+        "database {} stayed busy for {:.1} s across {retries} retries ({}, extended code \
+         {code}): {error}; another process holds the write lock for too long",
+        path.display(),
+        waited.as_secs_f64(),
+        busy_code_name(code)
+    ))
+}
+
+/// Names the busy and locked result codes, with the values `sqlite3.h` gives them.
+fn busy_code_name(extended_code: i32) -> &'static str {
+    match extended_code {
+        5 => "SQLITE_BUSY",
+        261 => "SQLITE_BUSY_RECOVERY",
+        517 => "SQLITE_BUSY_SNAPSHOT",
+        773 => "SQLITE_BUSY_TIMEOUT",
+        6 => "SQLITE_LOCKED",
+        262 => "SQLITE_LOCKED_SHAREDCACHE",
+        518 => "SQLITE_LOCKED_VTAB",
+        code if code & 0xff == 5 => "SQLITE_BUSY",
+        _ => "SQLITE_LOCKED",
+    }
+}

@@ -1,0 +1,140 @@
+//! Operations that span the task tables and the queue, each in one transaction.
+
+use async_trait::async_trait;
+use rusqlite::Connection;
+
+use super::queue::{delete_message, fenced, insert_message, lease_holds};
+use super::store::{delete_from, insert_new_task, write_task};
+use super::{Shared, SqliteBackend};
+use crate::backend::{
+    AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
+};
+use crate::record::{format_time, Status, TaskRecord};
+use crate::{Error, Result};
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn store_mode(&self) -> &str {
+        "sqlite"
+    }
+
+    fn table_names(&self) -> (&str, &str) {
+        (&self.shared.active, &self.shared.finished)
+    }
+
+    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<()> {
+        let record = record.clone();
+        let message = message.clone();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                insert_new_task(connection, shared, &record)?;
+                insert_message(connection, &shared.queue, &message.body, message.delay)
+            })
+        })
+        .await
+    }
+
+    async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced> {
+        let lease = lease.clone();
+        let start = start.clone();
+        self.run(move |shared| {
+            shared
+                .db
+                .write(|connection| begin_attempt(connection, shared, &lease, &start))
+        })
+        .await
+    }
+
+    async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
+        let finishes = finishes.to_vec();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                finishes
+                    .iter()
+                    .map(|finish| finish_one(connection, shared, finish))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()> {
+        let record = record.clone();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                write_task(connection, &shared.finished, &record, true)?;
+                delete_from(
+                    connection,
+                    &shared.active,
+                    &record.partition_key,
+                    &record.row_key,
+                )?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn blobs(&self) -> &dyn BlobStore {
+        &self.blobs
+    }
+
+    fn registry(&self) -> &dyn ComponentRegistry {
+        self
+    }
+}
+
+/// Marks the task RUNNING for a new attempt if the lease still holds.
+///
+/// Fails with [`Error::NotFound`] when the active table has no record for the task, for
+/// example when the record already moved to the finished table.
+fn begin_attempt(
+    connection: &Connection,
+    shared: &Shared,
+    lease: &Lease,
+    start: &AttemptStart,
+) -> Result<Fenced> {
+    if !lease_holds(connection, &shared.queue, lease)? {
+        return Ok(Fenced::LeaseLost);
+    }
+    let sql = format!(
+        "UPDATE {} SET status = ?1, start_time = ?2, attempt = ?3, component_digest = ?4,
+             component_version = ?5, host_id = ?6, end_time = NULL, error_message = NULL
+         WHERE resource_id = ?7 AND row_key = ?8",
+        shared.active
+    );
+    let updated = connection.prepare_cached(&sql)?.execute(rusqlite::params![
+        Status::Running.as_str(),
+        format_time(&start.start_time),
+        start.attempt,
+        start.component_digest,
+        start.component_version,
+        start.host_id,
+        start.resource_id,
+        start.task_id,
+    ])?;
+    if updated == 0 {
+        return Err(Error::NotFound(format!(
+            "task {:?} of resource {:?} is not in table {}",
+            start.task_id, start.resource_id, shared.active
+        )));
+    }
+    Ok(Fenced::Written)
+}
+
+/// Deletes the message, and only if that lease still held, stores the record in the
+/// finished table and removes it from the active one.
+fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Result<Fenced> {
+    if !delete_message(connection, &shared.queue, &finish.lease)? {
+        return Ok(Fenced::LeaseLost);
+    }
+    let record = &finish.record;
+    write_task(connection, &shared.finished, record, true)?;
+    delete_from(
+        connection,
+        &shared.active,
+        &record.partition_key,
+        &record.row_key,
+    )?;
+    Ok(fenced(true))
+}

@@ -1,0 +1,427 @@
+//! The queue table, with the semantics of Azure Storage Queues: a lease hides a message
+//! until its visibility time, and only the newest pop receipt can change the message.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension};
+
+use super::schema::{task_column_names, TASK_COLUMNS};
+use super::{Shared, SqliteBackend};
+use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
+use crate::record::Status;
+use crate::Result;
+
+/// A fresh pop receipt for each row an UPDATE touches: 128 random bits in hex.
+const NEW_RECEIPT: &str = "lower(hex(randomblob(16)))";
+
+#[async_trait]
+impl TaskQueue for SqliteBackend {
+    async fn enqueue(&self, messages: &[OutgoingMessage]) -> Result<()> {
+        let messages = messages.to_vec();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                for message in &messages {
+                    insert_message(connection, &shared.queue, &message.body, message.delay)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Lease>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(move |shared| {
+            shared
+                .db
+                .write(|connection| lease(connection, shared, max, visibility))
+        })
+        .await
+    }
+
+    async fn extend(&self, lease: &Lease, visibility: Duration) -> Result<Option<Lease>> {
+        let lease = lease.clone();
+        self.run(move |shared| {
+            let sql = format!(
+                "UPDATE bgw_queue SET pop_receipt = {NEW_RECEIPT}, visible_at_ms = ?1
+                 WHERE id = ?2 AND pop_receipt = ?3 AND queue_name = ?4
+                 RETURNING pop_receipt, visible_at_ms"
+            );
+            let Some(id) = message_id(&lease) else {
+                return Ok(None);
+            };
+            shared.db.write(|connection| {
+                let visible_at = now_ms().saturating_add(duration_ms(visibility));
+                let renewed = connection
+                    .prepare_cached(&sql)?
+                    .query_row(
+                        rusqlite::params![visible_at, id, lease.pop_receipt, shared.queue],
+                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+                    )
+                    .optional()?;
+                Ok(renewed.map(|(pop_receipt, visible_at_ms)| Lease {
+                    pop_receipt,
+                    visible_at: time_from_ms(visible_at_ms),
+                    ..lease.clone()
+                }))
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease, delay: Duration) -> Result<Fenced> {
+        let lease = lease.clone();
+        self.run(move |shared| {
+            let Some(id) = message_id(&lease) else {
+                return Ok(Fenced::LeaseLost);
+            };
+            shared.db.write(|connection| {
+                let visible_at = now_ms().saturating_add(duration_ms(delay));
+                let changed = connection
+                    .prepare_cached(
+                        "UPDATE bgw_queue SET pop_receipt = NULL, visible_at_ms = ?1
+                         WHERE id = ?2 AND pop_receipt = ?3 AND queue_name = ?4",
+                    )?
+                    .execute(rusqlite::params![
+                        visible_at,
+                        id,
+                        lease.pop_receipt,
+                        shared.queue
+                    ])?;
+                Ok(fenced(changed > 0))
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, leases: &[Lease]) -> Result<Vec<Fenced>> {
+        let leases = leases.to_vec();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                leases
+                    .iter()
+                    .map(|lease| Ok(fenced(delete_message(connection, &shared.queue, lease)?)))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<Fenced> {
+        let lease = lease.clone();
+        let reason = reason.to_owned();
+        self.run(move |shared| {
+            shared
+                .db
+                .write(|connection| dead_letter(connection, &shared.queue, &lease, &reason))
+        })
+        .await
+    }
+
+    async fn list_dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.run(move |shared| {
+            shared.db.read(|connection| {
+                let mut statement = connection.prepare_cached(
+                    "SELECT id, body, reason, dequeue_count, dead_lettered_at_ms, row_key,
+                            resource_id
+                     FROM bgw_dead_letters WHERE queue_name = ?1 ORDER BY id DESC",
+                )?;
+                let letters = statement
+                    .query_map([&shared.queue], |row| {
+                        Ok(DeadLetter {
+                            id: row.get::<_, i64>(0)?.to_string(),
+                            body: row.get(1)?,
+                            reason: row.get(2)?,
+                            dequeue_count: row.get(3)?,
+                            dead_lettered_at: time_from_ms(row.get(4)?),
+                            row_key: row.get(5)?,
+                            resource_id: row.get(6)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(letters)
+            })
+        })
+        .await
+    }
+
+    async fn requeue_dead_letter(&self, id: &str) -> Result<bool> {
+        let Ok(id) = id.parse::<i64>() else {
+            return Ok(false);
+        };
+        self.run(move |shared| {
+            shared
+                .db
+                .write(|connection| requeue_dead_letter(connection, shared, id))
+        })
+        .await
+    }
+
+    async fn queue_length(&self) -> Result<u64> {
+        self.run(move |shared| {
+            shared.db.read(|connection| {
+                let count: i64 = connection
+                    .prepare_cached("SELECT count(*) FROM bgw_queue WHERE queue_name = ?1")?
+                    .query_row([&shared.queue], |row| row.get(0))?;
+                Ok(count as u64)
+            })
+        })
+        .await
+    }
+
+    async fn wait_for_change(&self, timeout: Duration) {
+        let result = self
+            .run(move |shared| {
+                shared.db.wait_for_change(timeout);
+                Ok(())
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "waiting for a queue change failed");
+        }
+    }
+}
+
+/// Adds a message that becomes visible after `delay`.
+pub(super) fn insert_message(
+    connection: &Connection,
+    queue: &str,
+    body: &str,
+    delay: Duration,
+) -> Result<()> {
+    let now = now_ms();
+    connection
+        .prepare_cached(
+            "INSERT INTO bgw_queue (queue_name, body, visible_at_ms, dequeue_count, inserted_at_ms)
+             VALUES (?1, ?2, ?3, 0, ?4)",
+        )?
+        .execute(rusqlite::params![
+            queue,
+            body,
+            now.saturating_add(duration_ms(delay)),
+            now
+        ])?;
+    Ok(())
+}
+
+/// Deletes a leased message if its lease still holds, returning whether it did.
+pub(super) fn delete_message(connection: &Connection, queue: &str, lease: &Lease) -> Result<bool> {
+    let Some(id) = message_id(lease) else {
+        return Ok(false);
+    };
+    let deleted = connection
+        .prepare_cached(
+            "DELETE FROM bgw_queue WHERE id = ?1 AND pop_receipt = ?2 AND queue_name = ?3",
+        )?
+        .execute(rusqlite::params![id, lease.pop_receipt, queue])?;
+    Ok(deleted > 0)
+}
+
+/// Returns whether the message of a lease still carries that lease's pop receipt.
+pub(super) fn lease_holds(connection: &Connection, queue: &str, lease: &Lease) -> Result<bool> {
+    let Some(id) = message_id(lease) else {
+        return Ok(false);
+    };
+    let holds = connection
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM bgw_queue WHERE id = ?1 AND pop_receipt = ?2 AND queue_name = ?3)",
+        )?
+        .query_row(rusqlite::params![id, lease.pop_receipt, queue], |row| row.get(0))?;
+    Ok(holds)
+}
+
+pub(super) fn fenced(written: bool) -> Fenced {
+    match written {
+        true => Fenced::Written,
+        false => Fenced::LeaseLost,
+    }
+}
+
+/// Leases the oldest visible messages in one statement, so that two connections can never
+/// lease the same message: the write lock of `BEGIN IMMEDIATE` orders them.
+fn lease(
+    connection: &Connection,
+    shared: &Shared,
+    max: usize,
+    visibility: Duration,
+) -> Result<Vec<Lease>> {
+    let sql = format!(
+        "UPDATE bgw_queue
+         SET pop_receipt = {NEW_RECEIPT}, visible_at_ms = ?1, dequeue_count = dequeue_count + 1
+         WHERE id IN (
+             SELECT id FROM bgw_queue
+             WHERE queue_name = ?2 AND visible_at_ms <= ?3
+             ORDER BY visible_at_ms, id
+             LIMIT ?4)
+         RETURNING id, pop_receipt, dequeue_count, body, inserted_at_ms, visible_at_ms"
+    );
+    let now = now_ms();
+    let visible_at = now.saturating_add(duration_ms(visibility));
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+
+    let mut statement = connection.prepare_cached(&sql)?;
+    let mut leases = statement
+        .query_map(
+            rusqlite::params![visible_at, shared.queue, now, limit],
+            |row| {
+                Ok(Lease {
+                    message_id: row.get::<_, i64>(0)?.to_string(),
+                    pop_receipt: row.get(1)?,
+                    dequeue_count: row.get(2)?,
+                    body: row.get(3)?,
+                    inserted_at: time_from_ms(row.get(4)?),
+                    visible_at: time_from_ms(row.get(5)?),
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    // RETURNING yields rows in no defined order, and ids grow with insertion.
+    leases.sort_by_key(|lease| lease.message_id.parse::<i64>().unwrap_or(i64::MAX));
+    Ok(leases)
+}
+
+fn dead_letter(
+    connection: &Connection,
+    queue: &str,
+    lease: &Lease,
+    reason: &str,
+) -> Result<Fenced> {
+    let Some(id) = message_id(lease) else {
+        return Ok(Fenced::LeaseLost);
+    };
+    let removed: Option<(String, u32)> = connection
+        .prepare_cached(
+            "DELETE FROM bgw_queue WHERE id = ?1 AND pop_receipt = ?2 AND queue_name = ?3
+             RETURNING body, dequeue_count",
+        )?
+        .query_row(rusqlite::params![id, lease.pop_receipt, queue], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    let Some((body, dequeue_count)) = removed else {
+        return Ok(Fenced::LeaseLost);
+    };
+
+    let (row_key, resource_id) = task_key_of(&body);
+    connection
+        .prepare_cached(
+            "INSERT INTO bgw_dead_letters
+                 (queue_name, body, reason, dequeue_count, dead_lettered_at_ms, row_key, resource_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(rusqlite::params![
+            queue,
+            body,
+            reason,
+            dequeue_count,
+            now_ms(),
+            row_key,
+            resource_id
+        ])?;
+    Ok(Fenced::Written)
+}
+
+/// Puts a dead letter back on the queue with a dequeue count of 0. A task record in the
+/// finished table with status ERROR goes back to the active table as CREATED, so that the
+/// task runs again.
+fn requeue_dead_letter(connection: &Connection, shared: &Shared, id: i64) -> Result<bool> {
+    let removed: Option<(String, Option<String>, Option<String>)> = connection
+        .prepare_cached(
+            "DELETE FROM bgw_dead_letters WHERE id = ?1 AND queue_name = ?2
+             RETURNING body, row_key, resource_id",
+        )?
+        .query_row(rusqlite::params![id, shared.queue], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    let Some((body, row_key, resource_id)) = removed else {
+        return Ok(false);
+    };
+    insert_message(connection, &shared.queue, &body, Duration::ZERO)?;
+
+    if let Some(row_key) = row_key {
+        reopen_failed_task(connection, shared, resource_id.as_deref(), &row_key)?;
+    }
+    Ok(true)
+}
+
+fn reopen_failed_task(
+    connection: &Connection,
+    shared: &Shared,
+    resource_id: Option<&str>,
+    task_id: &str,
+) -> Result<()> {
+    let (active, finished) = (&shared.active, &shared.finished);
+    let matches_task = "(?1 IS NULL OR resource_id = ?1) AND row_key = ?2 AND status = ?3";
+    // Every column is copied except status, end_time and error_message, which start over.
+    let copied: Vec<&str> = task_column_names()
+        .map(|column| match column {
+            "status" => "?4",
+            "end_time" | "error_message" => "NULL",
+            other => other,
+        })
+        .collect();
+    let copied = copied.join(", ");
+    let insert = format!(
+        "INSERT OR REPLACE INTO {active} ({TASK_COLUMNS})
+         SELECT {copied} FROM {finished} WHERE {matches_task}"
+    );
+    let delete = format!("DELETE FROM {finished} WHERE {matches_task}");
+
+    let params = rusqlite::params![
+        resource_id,
+        task_id,
+        Status::Error.as_str(),
+        Status::Created.as_str()
+    ];
+    let moved = connection.prepare_cached(&insert)?.execute(params)?;
+    if moved > 0 {
+        connection
+            .prepare_cached(&delete)?
+            .execute(rusqlite::params![
+                resource_id,
+                task_id,
+                Status::Error.as_str()
+            ])?;
+        tracing::info!(
+            task_id,
+            "moved failed task back to the active table for its requeued message"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the task id and resource id a message body names, when the body is JSON.
+fn task_key_of(body: &str) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|field| field.as_str())
+            .map(str::to_owned)
+    };
+    (field("row_key"), field("resource_id"))
+}
+
+/// Parses a lease's message id. An id this backend never issued matches no row.
+fn message_id(lease: &Lease) -> Option<i64> {
+    lease.message_id.parse().ok()
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn time_from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::UNIX_EPOCH)
+}
