@@ -1,0 +1,750 @@
+//! Settings of `bgw`, resolved from command-line values, environment variables, a TOML
+//! file and defaults, in that order of precedence.
+//!
+//! Environment variables: `BGW_DATA_DIR`, `BGW_CONFIG`, `STORE_MODE`, `SQLITE_DB_PATH`,
+//! `ACTIVE_TABLE_NAME`, `FINISHED_TABLE_NAME` and `BGW_QUEUE`. The last four but one have
+//! the names `background-workflows` reads, so both can share one deployment. A variable
+//! set to the empty string counts as unset.
+//!
+//! The TOML file is `--config FILE` or `BGW_CONFIG` when given, and `<data dir>/bgw.toml`
+//! otherwise if that file exists. Every key is optional and an unknown key is an error:
+//!
+//! ```toml
+//! store_mode = "sqlite"
+//! sqlite_db_path = "/var/lib/bgw/bgw.db"
+//! active_table_name = "ActiveTasks"
+//! finished_table_name = "FinishedTasks"
+//! queue = "bgw-tasks"
+//!
+//! [sqlite]
+//! synchronous = "full"          # or "normal"
+//!
+//! [daemon]
+//! concurrency = 8               # default: number of CPU cores
+//! visibility_timeout_secs = 30
+//!
+//! [limits]                      # defaults for new registrations
+//! fuel = 10_000_000_000
+//! memory_mib = 512
+//! timeout_secs = 60
+//! max_output_bytes = 268_435_456
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
+use crate::backend::Limits;
+use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
+use crate::{validate, Error, Result};
+
+/// Default limits of a new registration.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    fuel: 10_000_000_000,
+    memory_mib: 512,
+    timeout_secs: 60,
+    max_output_bytes: 256 * 1024 * 1024,
+};
+
+/// Default time a leased message stays hidden before another daemon may take it over.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Name of the TOML file looked for in the data folder.
+pub const CONFIG_FILE_NAME: &str = "bgw.toml";
+
+/// Kind of backend for the task store and the queue, as set by `STORE_MODE`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreMode {
+    /// One SQLite file and a local blob folder.
+    #[default]
+    Sqlite,
+    /// Azure Storage tables, queues and blobs.
+    Azure,
+}
+
+impl StoreMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreMode::Sqlite => "sqlite",
+            StoreMode::Azure => "azure",
+        }
+    }
+}
+
+impl FromStr for StoreMode {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(StoreMode::Sqlite),
+            "azure" => Ok(StoreMode::Azure),
+            _ => Err(Error::Invalid(format!(
+                "invalid store mode {text:?}: expected \"sqlite\" or \"azure\""
+            ))),
+        }
+    }
+}
+
+/// Values given on the command line. Each one that is set wins over every other source.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    /// TOML file to read. It must exist.
+    pub config_file: Option<PathBuf>,
+    pub store_mode: Option<StoreMode>,
+    pub sqlite_db_path: Option<PathBuf>,
+    pub active_table_name: Option<String>,
+    pub finished_table_name: Option<String>,
+    pub queue: Option<String>,
+    pub synchronous: Option<Synchronous>,
+    pub concurrency: Option<usize>,
+    pub visibility_timeout_secs: Option<u64>,
+}
+
+/// Resolved settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Folder of the database, the blobs, the components and the default TOML file.
+    pub data_dir: PathBuf,
+    /// The TOML file that was read, if any.
+    pub config_file: Option<PathBuf>,
+    pub store_mode: StoreMode,
+    /// The SQLite database file, absolute.
+    pub sqlite_db_path: PathBuf,
+    pub active_table_name: String,
+    pub finished_table_name: String,
+    /// Name of the task queue.
+    pub queue: String,
+    pub synchronous: Synchronous,
+    /// Maximum number of tasks a daemon runs at once.
+    pub concurrency: usize,
+    /// Time a leased message stays hidden before another daemon may take it over.
+    pub visibility_timeout: Duration,
+    /// Limits given to a new registration that sets none of its own.
+    pub limits: Limits,
+}
+
+impl Settings {
+    /// Resolves the settings from `overrides`, the process environment, the TOML file and
+    /// the defaults.
+    pub fn resolve(overrides: &Overrides) -> Result<Settings> {
+        Settings::resolve_with(overrides, &|name| std::env::var(name).ok())
+    }
+
+    /// Resolves the settings with `env` in place of the process environment.
+    pub fn resolve_with(
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings> {
+        let env = |name: &str| env(name).filter(|value| !value.is_empty());
+        let current_dir = std::env::current_dir()
+            .map_err(|error| Error::io("failed to read the current directory", error))?;
+
+        let data_dir = match overrides.data_dir.clone() {
+            Some(dir) => dir,
+            None => match env("BGW_DATA_DIR") {
+                Some(dir) => PathBuf::from(dir),
+                None => default_data_dir(&env)?,
+            },
+        };
+        let data_dir = current_dir.join(data_dir);
+        let (file, config_file) = read_config_file(overrides, &env, &data_dir)?;
+
+        let store_mode = match (overrides.store_mode, env("STORE_MODE")) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|error| Error::Invalid(format!("invalid STORE_MODE: {error}")))?,
+            (None, None) => file.store_mode.unwrap_or_default(),
+        };
+        let sqlite_db_path = overrides
+            .sqlite_db_path
+            .clone()
+            .or_else(|| env("SQLITE_DB_PATH").map(PathBuf::from))
+            .or(file.sqlite_db_path)
+            .unwrap_or_else(|| data_dir.join("bgw.db"));
+        let text_setting =
+            |given: &Option<String>, name: &str, from_file: Option<String>, default: &str| {
+                given
+                    .clone()
+                    .or_else(|| env(name))
+                    .or(from_file)
+                    .unwrap_or_else(|| default.to_owned())
+            };
+        let active_table_name = text_setting(
+            &overrides.active_table_name,
+            "ACTIVE_TABLE_NAME",
+            file.active_table_name,
+            DEFAULT_ACTIVE_TABLE,
+        );
+        let finished_table_name = text_setting(
+            &overrides.finished_table_name,
+            "FINISHED_TABLE_NAME",
+            file.finished_table_name,
+            DEFAULT_FINISHED_TABLE,
+        );
+        let queue = text_setting(&overrides.queue, "BGW_QUEUE", file.queue, DEFAULT_QUEUE);
+
+        let daemon = file.daemon;
+        let concurrency = overrides
+            .concurrency
+            .or(daemon.concurrency)
+            .unwrap_or_else(default_concurrency);
+        let visibility_secs = overrides
+            .visibility_timeout_secs
+            .or(daemon.visibility_timeout_secs)
+            .unwrap_or(DEFAULT_VISIBILITY_TIMEOUT.as_secs());
+        let limits = file.limits;
+
+        let settings = Settings {
+            sqlite_db_path: current_dir.join(sqlite_db_path),
+            config_file,
+            store_mode,
+            active_table_name,
+            finished_table_name,
+            queue,
+            synchronous: overrides
+                .synchronous
+                .or(file.sqlite.synchronous)
+                .unwrap_or_default(),
+            concurrency,
+            visibility_timeout: Duration::from_secs(visibility_secs),
+            limits: Limits {
+                fuel: limits.fuel.unwrap_or(DEFAULT_LIMITS.fuel),
+                memory_mib: limits.memory_mib.unwrap_or(DEFAULT_LIMITS.memory_mib),
+                timeout_secs: limits.timeout_secs.unwrap_or(DEFAULT_LIMITS.timeout_secs),
+                max_output_bytes: limits
+                    .max_output_bytes
+                    .unwrap_or(DEFAULT_LIMITS.max_output_bytes),
+            },
+            data_dir,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Fails unless this build has a backend for the store mode.
+    pub fn check_supported(&self) -> Result<()> {
+        match self.store_mode {
+            StoreMode::Sqlite => Ok(()),
+            StoreMode::Azure => Err(Error::Invalid(
+                "STORE_MODE=azure is not supported by this build yet".to_owned(),
+            )),
+        }
+    }
+
+    /// Returns the path of the SQLite database file.
+    pub fn db_path(&self) -> &Path {
+        &self.sqlite_db_path
+    }
+
+    /// Root folder of the local blob containers: `<data dir>/blobs`.
+    pub fn blob_dir(&self) -> PathBuf {
+        self.data_dir.join("blobs")
+    }
+
+    /// Folder of the registered components: `<data dir>/components`.
+    pub fn component_dir(&self) -> PathBuf {
+        self.data_dir.join("components")
+    }
+
+    /// Options to open the SQLite backend with these settings.
+    pub fn sqlite_options(&self) -> SqliteOptions {
+        SqliteOptions {
+            active_table: self.active_table_name.clone(),
+            finished_table: self.finished_table_name.clone(),
+            queue_name: self.queue.clone(),
+            synchronous: self.synchronous,
+            ..SqliteOptions::new(self.db_path(), self.blob_dir(), self.component_dir())
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        validate::table_name(&self.active_table_name)?;
+        validate::table_name(&self.finished_table_name)?;
+        validate::azure_name("queue name", &self.queue)?;
+        let at_least_one = [
+            ("daemon.concurrency", self.concurrency as u64),
+            (
+                "daemon.visibility_timeout_secs",
+                self.visibility_timeout.as_secs(),
+            ),
+            ("limits.fuel", self.limits.fuel),
+            ("limits.memory_mib", self.limits.memory_mib),
+            ("limits.timeout_secs", self.limits.timeout_secs),
+        ];
+        for (name, value) in at_least_one {
+            if value == 0 {
+                return Err(Error::Invalid(format!(
+                    "{name} must be at least 1, but it is 0"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Contents of the TOML file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    store_mode: Option<StoreMode>,
+    sqlite_db_path: Option<PathBuf>,
+    active_table_name: Option<String>,
+    finished_table_name: Option<String>,
+    queue: Option<String>,
+    #[serde(default)]
+    sqlite: SqliteSection,
+    #[serde(default)]
+    daemon: DaemonSection,
+    #[serde(default)]
+    limits: LimitsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqliteSection {
+    synchronous: Option<Synchronous>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonSection {
+    concurrency: Option<usize>,
+    visibility_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    fuel: Option<u64>,
+    memory_mib: Option<u64>,
+    timeout_secs: Option<u64>,
+    max_output_bytes: Option<u64>,
+}
+
+/// Returns `$XDG_DATA_HOME/bgw`, or else `~/.local/share/bgw`. A relative `XDG_DATA_HOME`
+/// is ignored, as the XDG base directory specification requires.
+fn default_data_dir(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf> {
+    if let Some(dir) = env("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
+    {
+        return Ok(dir.join("bgw"));
+    }
+    match env("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".local/share/bgw")),
+        None => Err(Error::Invalid(
+            "cannot choose a data folder because HOME is not set; set BGW_DATA_DIR or \
+             pass --data-dir"
+                .to_owned(),
+        )),
+    }
+}
+
+/// Reads the TOML file given by `--config` or `BGW_CONFIG`, which must exist, or else
+/// `<data dir>/bgw.toml` if it exists. Returns the contents and the file read.
+fn read_config_file(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+    data_dir: &Path,
+) -> Result<(FileSettings, Option<PathBuf>)> {
+    let (path, required) = match (&overrides.config_file, env("BGW_CONFIG")) {
+        (Some(path), _) => (path.clone(), Some("--config")),
+        (None, Some(path)) => (PathBuf::from(path), Some("BGW_CONFIG")),
+        (None, None) => (data_dir.join(CONFIG_FILE_NAME), None),
+    };
+
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return match required {
+                Some(source) => Err(Error::NotFound(format!(
+                    "config file {} (set by {source}) not found",
+                    path.display()
+                ))),
+                None => Ok((FileSettings::default(), None)),
+            };
+        }
+        Err(error) => {
+            return Err(Error::io(
+                format!("failed to read config file {}", path.display()),
+                error,
+            ));
+        }
+    };
+
+    let settings = toml::from_str(&text).map_err(|error| {
+        let position = error.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |index| index + 1) + 1;
+            format!(" at line {line}, column {column}")
+        });
+        Error::Invalid(format!(
+            "invalid config file {}{}: {}",
+            path.display(),
+            position.unwrap_or_default(),
+            error.message()
+        ))
+    })?;
+    Ok((settings, Some(path)))
+}
+
+fn default_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Returns an environment with the given variables and nothing else.
+    fn environment(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn with_data_dir(dir: &Path) -> Overrides {
+        Overrides {
+            data_dir: Some(dir.to_owned()),
+            ..Overrides::default()
+        }
+    }
+
+    fn invalid_message(result: Result<Settings>) -> String {
+        match result {
+            Err(Error::Invalid(message)) => message,
+            other => panic!("expected Error::Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_without_any_source() {
+        let home = tempfile::tempdir().unwrap();
+        let env = environment(&[("HOME", home.path().to_str().unwrap())]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+
+        let data_dir = home.path().join(".local/share/bgw");
+        assert_eq!(settings.data_dir, data_dir);
+        assert_eq!(settings.config_file, None);
+        assert_eq!(settings.store_mode, StoreMode::Sqlite);
+        assert_eq!(settings.db_path(), data_dir.join("bgw.db"));
+        assert_eq!(settings.blob_dir(), data_dir.join("blobs"));
+        assert_eq!(settings.component_dir(), data_dir.join("components"));
+        assert_eq!(settings.active_table_name, "ActiveTasks");
+        assert_eq!(settings.finished_table_name, "FinishedTasks");
+        assert_eq!(settings.queue, "bgw-tasks");
+        assert_eq!(settings.synchronous, Synchronous::Full);
+        assert_eq!(settings.concurrency, default_concurrency());
+        assert_eq!(settings.visibility_timeout, Duration::from_secs(30));
+        assert_eq!(settings.limits, DEFAULT_LIMITS);
+        assert_eq!(settings.limits.max_output_bytes, 268_435_456);
+    }
+
+    #[test]
+    fn xdg_data_home_wins_over_home() {
+        let env = environment(&[("HOME", "/home/user"), ("XDG_DATA_HOME", "/data")]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        assert_eq!(settings.data_dir, PathBuf::from("/data/bgw"));
+
+        let env = environment(&[("HOME", "/home/user"), ("XDG_DATA_HOME", "relative")]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        assert_eq!(
+            settings.data_dir,
+            PathBuf::from("/home/user/.local/share/bgw")
+        );
+    }
+
+    #[test]
+    fn missing_home_needs_data_dir() {
+        let error = invalid_message(Settings::resolve_with(
+            &Overrides::default(),
+            &environment(&[]),
+        ));
+        assert!(error.contains("BGW_DATA_DIR"), "{error}");
+    }
+
+    #[test]
+    fn command_line_beats_environment_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "active_table_name = \"FileActive\"\n\
+             finished_table_name = \"FileFinished\"\n\
+             queue = \"file-queue\"\n\
+             sqlite_db_path = \"/file/tasks.db\"\n",
+        )
+        .unwrap();
+        let env = environment(&[
+            ("BGW_DATA_DIR", dir.path().to_str().unwrap()),
+            ("ACTIVE_TABLE_NAME", "EnvActive"),
+            ("FINISHED_TABLE_NAME", "EnvFinished"),
+            ("SQLITE_DB_PATH", "/env/tasks.db"),
+        ]);
+        let overrides = Overrides {
+            active_table_name: Some("CliActive".into()),
+            ..Overrides::default()
+        };
+        let settings = Settings::resolve_with(&overrides, &env).unwrap();
+
+        assert_eq!(
+            settings.config_file,
+            Some(dir.path().join(CONFIG_FILE_NAME))
+        );
+        assert_eq!(settings.active_table_name, "CliActive");
+        assert_eq!(settings.finished_table_name, "EnvFinished");
+        assert_eq!(settings.queue, "file-queue");
+        assert_eq!(settings.db_path(), Path::new("/env/tasks.db"));
+    }
+
+    #[test]
+    fn file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "store_mode = \"azure\"\n\
+             [sqlite]\nsynchronous = \"normal\"\n\
+             [daemon]\nconcurrency = 3\nvisibility_timeout_secs = 90\n\
+             [limits]\nfuel = 5\nmemory_mib = 64\ntimeout_secs = 7\nmax_output_bytes = 1024\n",
+        )
+        .unwrap();
+        let settings =
+            Settings::resolve_with(&with_data_dir(dir.path()), &environment(&[])).unwrap();
+
+        assert_eq!(settings.store_mode, StoreMode::Azure);
+        assert_eq!(settings.synchronous, Synchronous::Normal);
+        assert_eq!(settings.concurrency, 3);
+        assert_eq!(settings.visibility_timeout, Duration::from_secs(90));
+        let expected = Limits {
+            fuel: 5,
+            memory_mib: 64,
+            timeout_secs: 7,
+            max_output_bytes: 1024,
+        };
+        assert_eq!(settings.limits, expected);
+    }
+
+    #[test]
+    fn command_line_beats_file_for_daemon_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "[sqlite]\nsynchronous = \"normal\"\n[daemon]\nconcurrency = 3\nvisibility_timeout_secs = 90\n",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            synchronous: Some(Synchronous::Full),
+            concurrency: Some(12),
+            visibility_timeout_secs: Some(5),
+            store_mode: Some(StoreMode::Sqlite),
+            ..with_data_dir(dir.path())
+        };
+        let env = environment(&[("STORE_MODE", "azure")]);
+        let settings = Settings::resolve_with(&overrides, &env).unwrap();
+
+        assert_eq!(settings.synchronous, Synchronous::Full);
+        assert_eq!(settings.concurrency, 12);
+        assert_eq!(settings.visibility_timeout, Duration::from_secs(5));
+        assert_eq!(settings.store_mode, StoreMode::Sqlite);
+    }
+
+    #[test]
+    fn environment_beats_file_for_store_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "store_mode = \"sqlite\"\n",
+        )
+        .unwrap();
+        let env = environment(&[("STORE_MODE", "azure")]);
+        let settings = Settings::resolve_with(&with_data_dir(dir.path()), &env).unwrap();
+        assert_eq!(settings.store_mode, StoreMode::Azure);
+    }
+
+    #[test]
+    fn command_line_data_dir_beats_environment() {
+        let env = environment(&[("BGW_DATA_DIR", "/env/data")]);
+        let settings =
+            Settings::resolve_with(&with_data_dir(Path::new("/cli/data")), &env).unwrap();
+        assert_eq!(settings.data_dir, PathBuf::from("/cli/data"));
+        assert_eq!(settings.db_path(), Path::new("/cli/data/bgw.db"));
+    }
+
+    #[test]
+    fn empty_variable_counts_as_unset() {
+        let env = environment(&[
+            ("BGW_DATA_DIR", "/data"),
+            ("STORE_MODE", ""),
+            ("BGW_QUEUE", ""),
+        ]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        assert_eq!(settings.store_mode, StoreMode::Sqlite);
+        assert_eq!(settings.queue, "bgw-tasks");
+    }
+
+    #[test]
+    fn relative_db_path_is_relative_to_current_dir() {
+        let env = environment(&[
+            ("BGW_DATA_DIR", "/data"),
+            ("SQLITE_DB_PATH", "local_tasks.db"),
+        ]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        let expected = std::env::current_dir().unwrap().join("local_tasks.db");
+        assert_eq!(settings.db_path(), expected);
+    }
+
+    #[test]
+    fn explicit_config_file_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let overrides = Overrides {
+            config_file: Some(missing.clone()),
+            ..with_data_dir(dir.path())
+        };
+        match Settings::resolve_with(&overrides, &environment(&[])) {
+            Err(Error::NotFound(message)) => {
+                assert!(
+                    message.contains(&missing.display().to_string()),
+                    "{message}"
+                );
+                assert!(message.contains("--config"), "{message}");
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+
+        let env = environment(&[("BGW_CONFIG", missing.to_str().unwrap())]);
+        match Settings::resolve_with(&with_data_dir(dir.path()), &env) {
+            Err(Error::NotFound(message)) => assert!(message.contains("BGW_CONFIG"), "{message}"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn command_line_config_beats_bgw_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli_file = dir.path().join("cli.toml");
+        let env_file = dir.path().join("env.toml");
+        std::fs::write(&cli_file, "queue = \"cli-queue\"\n").unwrap();
+        std::fs::write(&env_file, "queue = \"env-queue\"\n").unwrap();
+        let overrides = Overrides {
+            config_file: Some(cli_file.clone()),
+            ..with_data_dir(dir.path())
+        };
+        let env = environment(&[("BGW_CONFIG", env_file.to_str().unwrap())]);
+        let settings = Settings::resolve_with(&overrides, &env).unwrap();
+        assert_eq!(settings.queue, "cli-queue");
+        assert_eq!(settings.config_file, Some(cli_file));
+
+        let settings = Settings::resolve_with(&with_data_dir(dir.path()), &env).unwrap();
+        assert_eq!(settings.queue, "env-queue");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE_NAME);
+        let cases = [
+            ("queu = \"x\"\n", "queu", 1),
+            ("[daemon]\nconcurrency = 2\nworkers = 4\n", "workers", 3),
+            ("[limits]\nfuel_budget = 1\n", "fuel_budget", 2),
+            ("[sqlite]\njournal = \"wal\"\n", "journal", 2),
+            ("[azure]\naccount = \"a\"\n", "azure", 1),
+        ];
+        for (text, key, line) in cases {
+            std::fs::write(&path, text).unwrap();
+            let error = invalid_message(Settings::resolve_with(
+                &with_data_dir(dir.path()),
+                &environment(&[]),
+            ));
+            assert!(error.contains(&format!("`{key}`")), "{error}");
+            assert!(error.contains(&path.display().to_string()), "{error}");
+            assert!(error.contains(&format!("line {line},")), "{error}");
+        }
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE_NAME);
+        std::fs::write(&path, "[sqlite]\nsynchronous = \"off\"\n").unwrap();
+        let error = invalid_message(Settings::resolve_with(
+            &with_data_dir(dir.path()),
+            &environment(&[]),
+        ));
+        assert!(error.contains("`off`"), "{error}");
+
+        std::fs::write(&path, "[daemon]\nconcurrency = 0\n").unwrap();
+        let error = invalid_message(Settings::resolve_with(
+            &with_data_dir(dir.path()),
+            &environment(&[]),
+        ));
+        assert!(
+            error.contains("daemon.concurrency must be at least 1"),
+            "{error}"
+        );
+
+        let env = environment(&[("STORE_MODE", "redis")]);
+        let error = invalid_message(Settings::resolve_with(&with_data_dir(dir.path()), &env));
+        assert!(error.contains("STORE_MODE"), "{error}");
+        assert!(error.contains("\"redis\""), "{error}");
+    }
+
+    #[test]
+    fn table_and_queue_names_are_checked() {
+        let env = environment(&[
+            ("BGW_DATA_DIR", "/data"),
+            ("ACTIVE_TABLE_NAME", "Active; DROP TABLE x"),
+        ]);
+        let error = invalid_message(Settings::resolve_with(&Overrides::default(), &env));
+        assert!(
+            error.contains("invalid table name \"Active; DROP TABLE x\""),
+            "{error}"
+        );
+
+        let env = environment(&[("BGW_DATA_DIR", "/data"), ("BGW_QUEUE", "Tasks")]);
+        let error = invalid_message(Settings::resolve_with(&Overrides::default(), &env));
+        assert!(error.contains("invalid queue name \"Tasks\""), "{error}");
+    }
+
+    #[test]
+    fn azure_mode_parses_but_is_not_supported() {
+        let env = environment(&[("BGW_DATA_DIR", "/data"), ("STORE_MODE", "azure")]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        assert_eq!(settings.store_mode, StoreMode::Azure);
+        let error = settings.check_supported().unwrap_err().to_string();
+        assert_eq!(error, "STORE_MODE=azure is not supported by this build yet");
+
+        let env = environment(&[("BGW_DATA_DIR", "/data")]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        assert!(settings.check_supported().is_ok());
+    }
+
+    #[test]
+    fn sqlite_options_follow_settings() {
+        let env = environment(&[
+            ("BGW_DATA_DIR", "/data"),
+            ("ACTIVE_TABLE_NAME", "A1"),
+            ("FINISHED_TABLE_NAME", "F1"),
+            ("BGW_QUEUE", "q-one"),
+        ]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        let options = settings.sqlite_options();
+        assert_eq!(options.db_path, PathBuf::from("/data/bgw.db"));
+        assert_eq!(options.blob_dir, PathBuf::from("/data/blobs"));
+        assert_eq!(options.component_dir, PathBuf::from("/data/components"));
+        assert_eq!(options.active_table, "A1");
+        assert_eq!(options.finished_table, "F1");
+        assert_eq!(options.queue_name, "q-one");
+        assert_eq!(options.synchronous, Synchronous::Full);
+    }
+}
