@@ -413,14 +413,6 @@ async fn unknown_message_id_is_lease_lost() {
 async fn begin_attempt_marks_task_running() {
     let dir = tempfile::tempdir().unwrap();
     let backend = open(dir.path());
-    let mut record = submit_new(&backend, "res-0001").await;
-    record.end_time = Some(Utc::now());
-    record.error_message = Some("earlier failure".into());
-    backend.finish_without_lease(&record).await.unwrap();
-    backend
-        .delete_task("res-0001", &record.row_key)
-        .await
-        .unwrap();
     let record = submit_new(&backend, "res-0001").await;
     let lease = lease_one(&backend).await;
 
