@@ -102,6 +102,7 @@ async fn run_with(
             Ok(Box::new(MemoryWriter(sink.clone(), Vec::new())) as Box<dyn BlobWriter>)
         }),
         cancelled: Arc::new(AtomicBool::new(false)),
+        interrupt: tokio_util::sync::CancellationToken::new(),
         progress: Arc::new(Mutex::new(None)),
         output_written: Arc::new(AtomicU64::new(0)),
     };

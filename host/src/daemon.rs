@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::{AttemptStart, Backend, BlobRef, Fenced, Finish, Lease, ProgressUpdate};
@@ -23,6 +24,9 @@ use crate::{validate, Result};
 
 /// Container that guests' output blobs are stored in.
 pub const OUTPUT_CONTAINER: &str = "bgw-output";
+
+/// Default number of deliveries after which a message is dead-lettered.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
 /// Largest number of terminal records committed in one batch.
 const MAX_FINISH_BATCH: usize = 256;
@@ -43,6 +47,9 @@ pub struct DaemonOptions {
     pub shutdown_grace: Duration,
     /// Name of this host, stored in each record it runs.
     pub host_id: String,
+    /// Deliveries after which a message is dead-lettered instead of run again, so a
+    /// message that crashes its worker every time cannot loop forever.
+    pub max_deliveries: u32,
 }
 
 impl Default for DaemonOptions {
@@ -54,6 +61,7 @@ impl Default for DaemonOptions {
             registry_poll: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(30),
             host_id: default_host_id(),
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
         }
     }
 }
@@ -72,12 +80,15 @@ struct Controller {
     sandbox: Arc<Sandbox>,
     components: Arc<ComponentCache>,
     options: DaemonOptions,
+    /// Cancelled when the grace period after a shutdown signal is over: running attempts
+    /// stop and their messages are released for other workers.
+    interrupt: CancellationToken,
     finisher: mpsc::Sender<(Finish, oneshot::Sender<Result<Fenced>>)>,
 }
 
 /// Runs the daemon until `shutdown` resolves, then lets running tasks finish within the
-/// grace period. Tasks still running after it keep their messages, which become visible
-/// again when their leases expire.
+/// grace period. Tasks still running after it are stopped and their messages released at
+/// once, so another worker can run them.
 pub async fn run(
     backend: Arc<dyn Backend>,
     sandbox: Arc<Sandbox>,
@@ -96,6 +107,7 @@ pub async fn run(
         sandbox,
         components,
         options: options.clone(),
+        interrupt: CancellationToken::new(),
         finisher: finish_tx,
     });
     tracing::info!(
@@ -163,10 +175,11 @@ pub async fn run(
     .await;
     if drained.is_err() {
         tracing::warn!(
-            abandoned = workers.len(),
-            "grace period over: stopping running tasks, their messages return to the queue when their leases expire"
+            stopping = workers.len(),
+            "grace period over: stopping running tasks and releasing their messages"
         );
-        workers.shutdown().await;
+        controller.interrupt.cancel();
+        while workers.join_next().await.is_some() {}
     }
     watcher.abort();
     drop(controller);
@@ -220,6 +233,25 @@ impl Controller {
             // A second delivery of a finished task: its outcome is already stored.
             tracing::info!(status = %record.status, "acknowledging duplicate delivery of a finished task");
             self.backend.delete(std::slice::from_ref(&lease)).await?;
+            return Ok(());
+        }
+        if lease.dequeue_count > self.options.max_deliveries {
+            let reason = format!(
+                "message delivered {} times, over the limit of {} deliveries: a worker stopped during each attempt{}",
+                lease.dequeue_count,
+                self.options.max_deliveries,
+                record
+                    .error_message
+                    .as_deref()
+                    .map(|last| format!("; last error: {last}"))
+                    .unwrap_or_default()
+            );
+            tracing::warn!(%reason, "dead-lettering message");
+            record.status = Status::Error;
+            record.error_message = Some(reason.clone());
+            record.end_time = Some(Utc::now());
+            self.backend.finish_without_lease(&record).await?;
+            self.dead_letter(&lease, &reason).await;
             return Ok(());
         }
 
@@ -318,6 +350,7 @@ impl Controller {
                     .map_err(anyhow::Error::from)
             }),
             cancelled: cancelled.clone(),
+            interrupt: self.interrupt.child_token(),
             progress: progress.clone(),
             output_written: Arc::new(AtomicU64::new(0)),
         };
@@ -352,6 +385,13 @@ impl Controller {
         }
 
         let mut output = report.output;
+        if matches!(report.outcome, Outcome::Interrupted) {
+            tracing::info!("attempt interrupted by shutdown: releasing the message for another worker");
+            if self.backend.release(&lease, Duration::ZERO).await? == Fenced::LeaseLost {
+                tracing::warn!("lease already lost when releasing the message");
+            }
+            return Ok(());
+        }
         match report.outcome {
             Outcome::Completed(result) => match validate::result(&result) {
                 Ok(()) => {
@@ -375,6 +415,7 @@ impl Controller {
                 record.error_message = Some(fault.message());
                 output = None;
             }
+            Outcome::Interrupted => unreachable!("handled above"),
         }
 
         if let Some(writer) = output {

@@ -8,9 +8,23 @@
 
 pub mod backend;
 pub mod blob;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod record;
+pub mod registry;
+pub mod sandbox;
 pub mod validate;
 
 pub use error::{Error, Result};
+
+use std::sync::Arc;
+
+/// Opens the backend the settings select (today the embedded SQLite one).
+pub fn open_backend(settings: &config::Settings) -> Result<Arc<dyn backend::Backend>> {
+    settings.check_supported()?;
+    let sqlite = backend::sqlite::SqliteBackend::open(settings.sqlite_options())?;
+    Ok(Arc::new(sqlite))
+}
+

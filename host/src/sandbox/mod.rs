@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, Trap, UpdateDeadline};
+use tokio_util::sync::CancellationToken;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::backend::{BlobWriter, Limits, ReadAt};
@@ -179,6 +180,7 @@ impl Sandbox {
             .build();
 
         let cancelled = task.cancelled.clone();
+        let interrupt = task.interrupt.clone();
         let output_written = task.output_written.clone();
         let state = TaskState::new(task, wasi, limits, self.settings.max_wasm_stack);
         let mut store = Store::new(&self.engine, state);
@@ -202,13 +204,21 @@ impl Sandbox {
             let instance = component.pre.instantiate_async(&mut store).await?;
             instance.call_run(&mut store, &info, &payload).await
         };
-        let outcome = match tokio::time::timeout(deadline + EPOCH_TICK * 2, call).await {
-            Ok(Ok(Ok(result))) => Outcome::Completed(result),
-            Ok(Ok(Err(error))) => Outcome::GuestError(error),
-            Ok(Err(error)) => Outcome::Trapped(classify_trap(&error, &store, &stderr, limits)),
-            Err(_elapsed) => Outcome::Trapped(FaultKind::Deadline {
+        let timed = tokio::time::timeout(deadline + EPOCH_TICK * 2, call);
+        let finished = tokio::select! {
+            finished = timed => Some(finished),
+            _ = interrupt.cancelled() => None,
+        };
+        let outcome = match finished {
+            Some(Ok(Ok(Ok(result)))) => Outcome::Completed(result),
+            Some(Ok(Ok(Err(error)))) => Outcome::GuestError(error),
+            Some(Ok(Err(error))) => {
+                Outcome::Trapped(classify_trap(&error, &store, &stderr, limits))
+            }
+            Some(Err(_elapsed)) => Outcome::Trapped(FaultKind::Deadline {
                 seconds: limits.timeout_secs,
             }),
+            None => Outcome::Interrupted,
         };
 
         let remaining = store.get_fuel().unwrap_or(0);
@@ -244,8 +254,12 @@ pub struct TaskContext {
     pub input: Option<(Box<dyn ReadAt>, u64)>,
     /// Opens the output blob on the first write.
     pub open_output: Box<dyn FnMut() -> anyhow::Result<Box<dyn BlobWriter>> + Send>,
-    /// Set by the controller when the task is cancelled.
+    /// Set by the controller when the task is cancelled; the guest sees it through
+    /// `is-cancelled`.
     pub cancelled: Arc<AtomicBool>,
+    /// Cancelled by the controller to stop the attempt at once: after a cancellation's
+    /// grace period, or when the daemon stops.
+    pub interrupt: CancellationToken,
     /// Latest progress reported by the guest.
     pub progress: Arc<Mutex<Option<(u8, String)>>>,
     /// Bytes written to the output blob so far.
@@ -338,6 +352,8 @@ pub enum Outcome {
     GuestError(TaskError),
     /// The attempt was stopped by a limit or a trap.
     Trapped(FaultKind),
+    /// The controller stopped the attempt through `TaskContext::interrupt`.
+    Interrupted,
 }
 
 /// Why an attempt was stopped.
