@@ -16,7 +16,7 @@ use bgw::sandbox::{EngineSettings, Sandbox};
 use super::output;
 use super::{
     ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, RegisterArgs,
-    RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs,
+    RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, WaitArgs,
 };
 
 /// An error in how the command was called, reported with exit code 2.
@@ -54,6 +54,7 @@ pub async fn run(cli: Cli) -> Result<Finished> {
         Command::Rollback(args) => rollback(&settings, args, json).await,
         Command::Submit(args) => submit(&settings, args, json).await,
         Command::Status(args) => status(&settings, args, json).await,
+        Command::Wait(args) => wait(&settings, args, json).await,
         Command::Result(args) => result(&settings, args, json).await,
         Command::List(args) => list(&settings, args, json).await,
         Command::DeadLetters => dead_letters(&settings, json).await,
@@ -333,6 +334,25 @@ async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finis
         output::print_record(&record);
     }
     Ok(Finished::Done)
+}
+
+async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finished> {
+    let client = client(settings)?;
+    bgw::validate::task_id(&args.task.task_id)?;
+    let timeout = args.timeout.map(Duration::from_secs_f64);
+    let record = client
+        .wait(&args.task.task_id, args.task.resource.as_deref(), timeout)
+        .await?;
+    if json {
+        output::print_json(&record)?;
+    } else {
+        output::print_record(&record);
+    }
+    Ok(if record.status == Status::Completed {
+        Finished::Done
+    } else {
+        Finished::TaskFailed
+    })
 }
 
 async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Finished> {

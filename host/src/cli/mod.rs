@@ -53,6 +53,8 @@ enum Command {
     Submit(SubmitArgs),
     /// Show a task's status
     Status(TaskArgs),
+    /// Wait until a task finishes and show its final record
+    Wait(WaitArgs),
     /// Show a task's result, and save its output blob
     Result(ResultArgs),
     /// List tasks, newest first
@@ -145,6 +147,15 @@ struct TaskArgs {
     /// Resource id of the task, which makes the lookup cheaper
     #[arg(long, value_name = "ID")]
     resource: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct WaitArgs {
+    #[command(flatten)]
+    task: TaskArgs,
+    /// Give up after this many seconds
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
 }
 
 #[derive(Args, Debug)]
