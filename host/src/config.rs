@@ -17,7 +17,7 @@
 //! queue = "bgw-tasks"
 //!
 //! [sqlite]
-//! synchronous = "full"          # or "normal"
+//! synchronous = "full"          # default "normal"
 //!
 //! [daemon]
 //! concurrency = 8               # default: number of CPU cores
@@ -444,7 +444,7 @@ mod tests {
         assert_eq!(settings.active_table_name, "ActiveTasks");
         assert_eq!(settings.finished_table_name, "FinishedTasks");
         assert_eq!(settings.queue, "bgw-tasks");
-        assert_eq!(settings.synchronous, Synchronous::Full);
+        assert_eq!(settings.synchronous, Synchronous::Normal);
         assert_eq!(settings.concurrency, default_concurrency());
         assert_eq!(settings.visibility_timeout, Duration::from_secs(30));
         assert_eq!(settings.limits, DEFAULT_LIMITS);
@@ -745,6 +745,6 @@ mod tests {
         assert_eq!(options.active_table, "A1");
         assert_eq!(options.finished_table, "F1");
         assert_eq!(options.queue_name, "q-one");
-        assert_eq!(options.synchronous, Synchronous::Full);
+        assert_eq!(options.synchronous, Synchronous::Normal);
     }
 }

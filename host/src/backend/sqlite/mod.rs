@@ -42,11 +42,12 @@ pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
     /// Syncs only at WAL checkpoints. Survives a crash of the process, but a power loss
-    /// or OS crash can lose the last commits.
+    /// or OS crash can lose the last commits. The default: it is the usual choice for WAL
+    /// mode, and unbatched commits are several times faster than with `Full`.
+    #[default]
     Normal,
     /// Syncs the WAL at every commit, so a commit survives a power loss. SQLite's own
     /// default.
-    #[default]
     Full,
 }
 
