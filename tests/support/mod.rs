@@ -32,3 +32,453 @@ pub fn guest(name: &str) -> PathBuf {
 pub fn guest_bytes(name: &str) -> Vec<u8> {
     std::fs::read(guest(name)).expect("failed to read the guest component")
 }
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::marker::PhantomData;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Resource id that `TestEnv::submit` uses unless the extra arguments name one.
+pub const DEFAULT_RESOURCE: &str = "res-e2e";
+
+/// Environment variables that select a data directory, store or configuration. They are
+/// removed from every `bgw` process, so the developer's shell cannot change a test.
+const ISOLATED_VARIABLES: [&str; 8] = [
+    "BGW_DATA_DIR",
+    "BGW_CONFIG",
+    "STORE_MODE",
+    "SQLITE_DB_PATH",
+    "ACTIVE_TABLE_NAME",
+    "FINISHED_TABLE_NAME",
+    "BGW_QUEUE",
+    "RUST_LOG",
+];
+
+/// Time a daemon gets to stop after SIGTERM before it is killed.
+const DAEMON_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Time a daemon gets to log that it started.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Number of log lines a failure message quotes from each daemon.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Interval between polls of the task list while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A temporary data directory and the `bgw` commands that run on it. The directory is
+/// deleted on drop. The daemons it started borrow it, so they are stopped before that.
+pub struct TestEnv {
+    dir: tempfile::TempDir,
+    daemon_logs: Mutex<Vec<PathBuf>>,
+}
+
+/// What one `bgw` command returned.
+#[derive(Debug)]
+pub struct CommandResult {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandResult {
+    /// Returns the exit code, panicking if a signal ended the process.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("bgw was ended by a signal: {self:?}"))
+    }
+}
+
+impl From<Output> for CommandResult {
+    fn from(output: Output) -> Self {
+        CommandResult {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl TestEnv {
+    /// Creates an environment with an empty data directory.
+    pub fn new() -> TestEnv {
+        let dir = tempfile::Builder::new()
+            .prefix("bgw-e2e-")
+            .tempdir()
+            .expect("failed to create a temporary data directory");
+        TestEnv {
+            dir,
+            daemon_logs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Returns the data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Builds a `bgw` command on this data directory, with the isolated variables removed.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bgw"));
+        command.arg("--data-dir").arg(self.data_dir());
+        command.args(args);
+        for name in ISOLATED_VARIABLES {
+            command.env_remove(name);
+        }
+        command.stdin(Stdio::null());
+        command
+    }
+
+    /// Runs a `bgw` command to its end and returns its exit status and output.
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> CommandResult {
+        let output = self
+            .command(args)
+            .output()
+            .expect("failed to start the bgw binary");
+        output.into()
+    }
+
+    /// Runs a `bgw` command that must exit 0, and returns its stdout.
+    pub fn run_ok<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> String {
+        let result = self.run(args);
+        if result.code() != 0 {
+            panic!(
+                "`bgw {}` exited with {}\nstdout:\n{}\nstderr:\n{}{}",
+                describe_args(args),
+                result.code(),
+                result.stdout,
+                result.stderr,
+                self.daemon_log_tails()
+            );
+        }
+        result.stdout
+    }
+
+    /// Runs a `bgw --json` command that must exit 0, and parses its stdout.
+    pub fn run_json<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Value {
+        let mut all: Vec<&std::ffi::OsStr> = vec!["--json".as_ref()];
+        all.extend(args.iter().map(AsRef::as_ref));
+        let stdout = self.run_ok(&all);
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|error| panic!("`bgw --json` printed invalid JSON: {error}\n{stdout}"))
+    }
+
+    /// Registers a component for an activity type and returns the version record.
+    pub fn register(&self, activity_type: &str, component: &Path, extra_args: &[&str]) -> Value {
+        let mut args = vec!["register", activity_type, path_str(component)];
+        args.extend_from_slice(extra_args);
+        self.run_json(&args)
+    }
+
+    /// Submits one task and returns its id. The resource is [`DEFAULT_RESOURCE`] unless
+    /// `extra_args` contains `--resource`.
+    pub fn submit(&self, activity_type: &str, payload: &str, extra_args: &[&str]) -> String {
+        let ids = self.submit_many(activity_type, payload, extra_args);
+        assert_eq!(ids.len(), 1, "expected one task id, got {ids:?}");
+        ids.into_iter().next().expect("checked above")
+    }
+
+    /// Submits tasks (use `--count N` in `extra_args` for several) and returns their ids.
+    pub fn submit_many(
+        &self,
+        activity_type: &str,
+        payload: &str,
+        extra_args: &[&str],
+    ) -> Vec<String> {
+        let mut args = vec!["submit", activity_type, "--payload", payload];
+        if !extra_args.contains(&"--resource") {
+            args.extend_from_slice(&["--resource", DEFAULT_RESOURCE]);
+        }
+        args.extend_from_slice(extra_args);
+        let stdout = self.run_ok(&args);
+        let ids: Vec<String> = stdout.lines().map(str::to_owned).collect();
+        assert!(!ids.is_empty(), "`bgw submit` printed no task id");
+        ids
+    }
+
+    /// Returns a task's record as `bgw status ID --json` prints it.
+    pub fn status_json(&self, task_id: &str) -> Value {
+        self.run_json(&["status", task_id])
+    }
+
+    /// Returns every task record, newest first.
+    pub fn list_json(&self) -> Vec<Value> {
+        match self.run_json(&["list", "--limit", "1000000"]) {
+            Value::Array(records) => records,
+            other => panic!("`bgw list --json` printed no array: {other}"),
+        }
+    }
+
+    /// Waits until every task has a terminal status and returns the records by task id.
+    /// Panics after `timeout` with the statuses still open and the daemon log tails.
+    pub fn wait_all(&self, task_ids: &[String], timeout: Duration) -> HashMap<String, Value> {
+        let requested: HashSet<&str> = task_ids.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        loop {
+            let records: HashMap<String, Value> = self
+                .list_json()
+                .into_iter()
+                .filter(|record| requested.contains(record["RowKey"].as_str().unwrap_or("")))
+                .map(|record| (record["RowKey"].as_str().unwrap_or("").to_owned(), record))
+                .collect();
+            let open: Vec<String> = task_ids
+                .iter()
+                .filter(|id| !records.get(*id).is_some_and(is_terminal))
+                .map(|id| match records.get(id) {
+                    Some(record) => format!("{id} {}", record["Status"]),
+                    None => format!("{id} missing"),
+                })
+                .collect();
+            if open.is_empty() {
+                return records;
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "{} of {} tasks did not finish within {timeout:?}, for example:\n{}{}",
+                    open.len(),
+                    task_ids.len(),
+                    open.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
+                    self.daemon_log_tails()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits for one task and returns its record.
+    pub fn wait_one(&self, task_id: &str, timeout: Duration) -> Value {
+        let mut records = self.wait_all(&[task_id.to_owned()], timeout);
+        records
+            .remove(task_id)
+            .expect("wait_all returns every task")
+    }
+
+    /// Starts `bgw daemon` with extra arguments and waits until it logs that it started.
+    /// Its stderr goes to `daemon-N.log` in the data directory, and its shutdown grace is
+    /// 2 s unless `args` sets `--shutdown-grace`.
+    pub fn start_daemon(&self, args: &[&str]) -> Daemon<'_> {
+        let log_path = {
+            let mut logs = self.daemon_logs.lock().unwrap_or_else(|e| e.into_inner());
+            let path = self
+                .data_dir()
+                .join(format!("daemon-{}.log", logs.len() + 1));
+            logs.push(path.clone());
+            path
+        };
+        let log = std::fs::File::create(&log_path).expect("failed to create the daemon log");
+        let mut all = vec!["daemon"];
+        if !args.contains(&"--shutdown-grace") {
+            // A test that fails while a task runs should not wait out the 30 s default.
+            all.extend_from_slice(&["--shutdown-grace", "2"]);
+        }
+        all.extend_from_slice(args);
+        let mut command = self.command(&all);
+        command
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        kill_with_parent(&mut command);
+        let child = command.spawn().expect("failed to start `bgw daemon`");
+        let mut daemon = Daemon {
+            child,
+            log_path,
+            env: PhantomData,
+        };
+
+        let started = Instant::now();
+        while !daemon.log().contains("daemon started") {
+            if let Some(status) = daemon.exit_status() {
+                panic!(
+                    "`bgw daemon` exited with {status} at start-up{}",
+                    daemon.log_tail()
+                );
+            }
+            if started.elapsed() > DAEMON_START_TIMEOUT {
+                panic!(
+                    "`bgw daemon` did not log \"daemon started\" within {DAEMON_START_TIMEOUT:?}{}",
+                    daemon.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// Returns the last lines of every daemon log of this environment, for failure messages.
+    pub fn daemon_log_tails(&self) -> String {
+        let logs = self.daemon_logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.iter().map(|path| tail_of(path)).collect()
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        TestEnv::new()
+    }
+}
+
+/// A running `bgw daemon`. Dropping it sends SIGTERM and waits, and sends SIGKILL when the
+/// daemon has not stopped after 10 s, also while a test unwinds from a panic.
+pub struct Daemon<'env> {
+    child: Child,
+    log_path: PathBuf,
+    env: PhantomData<&'env TestEnv>,
+}
+
+impl Daemon<'_> {
+    /// Returns the process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Returns the exit status if the process has ended.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .try_wait()
+            .expect("failed to check whether the daemon runs")
+    }
+
+    /// Returns true while the process runs.
+    pub fn is_alive(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// Returns the whole log, stderr of the daemon.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Returns the last lines of the log, formatted for a failure message.
+    pub fn log_tail(&self) -> String {
+        tail_of(&self.log_path)
+    }
+
+    /// Sends SIGTERM and waits for the exit, with SIGKILL after the grace period.
+    pub fn stop(&mut self) -> ExitStatus {
+        // SAFETY: kill only sends a signal to the child this guard started and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let started = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if started.elapsed() < DAEMON_STOP_GRACE => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    return self
+                        .child
+                        .wait()
+                        .expect("failed to wait for the killed daemon");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// Makes the kernel send SIGKILL to the daemon when the thread that started it ends, so a
+/// test process killed from outside leaves no daemon behind.
+fn kill_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
+    // which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Returns true when a record's status is COMPLETED, ERROR or CANCELLED.
+pub fn is_terminal(record: &Value) -> bool {
+    matches!(
+        record["Status"].as_str(),
+        Some("COMPLETED" | "ERROR" | "CANCELLED")
+    )
+}
+
+/// Parses a record's OutputPayload, panicking with the record when it is not JSON.
+pub fn output_of(record: &Value) -> Value {
+    let text = record["OutputPayload"].as_str().unwrap_or("");
+    serde_json::from_str(text)
+        .unwrap_or_else(|error| panic!("OutputPayload is not JSON ({error}) in record {record:#}"))
+}
+
+/// Returns a path as `&str`, panicking on a non-UTF-8 path, which tests never create.
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+fn describe_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let words: Vec<String> = args
+        .iter()
+        .map(|arg| {
+            let text = arg.as_ref().to_string_lossy();
+            if text.chars().count() > 80 {
+                format!("{}...", text.chars().take(80).collect::<String>())
+            } else {
+                text.into_owned()
+            }
+        })
+        .collect();
+    words.join(" ")
+}
+
+/// Reads the last lines of a log file, without terminal colour codes.
+fn tail_of(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(length.saturating_sub(64 * 1024)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let plain = strip_ansi(&text);
+    let lines: Vec<&str> = plain.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    format!(
+        "\n--- last lines of {} ---\n{}\n",
+        path.display(),
+        tail.join("\n")
+    )
+}
+
+/// Removes ANSI escape sequences such as colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch != '\u{1b}' {
+            plain.push(ch);
+            continue;
+        }
+        if chars.next() == Some('[') {
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    plain
+}
