@@ -1,0 +1,1143 @@
+//! End-to-end tests: the real `bgw` binary, a real daemon and the example guest components
+//! on a temporary SQLite data directory. Each test starts its own daemon, so tests run in
+//! parallel without sharing queues, and every daemon is stopped when its test ends.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{guest, output_of, path_str, TestEnv};
+
+/// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
+const TASK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Directory of the shared failure-case data, beside the repository root.
+const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+
+/// Directory of the sample data of the examples.
+const EXAMPLE_DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data");
+
+/// The eight bytes every PNG file starts with.
+const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+
+/// Reads a case data file. Panics when the directory is missing, so a case never passes
+/// without its data.
+fn case_file(name: &str) -> Vec<u8> {
+    let path = Path::new(CASES_DIR).join(name);
+    std::fs::read(&path).unwrap_or_else(|error| {
+        panic!(
+            "failed to read case data file {}: {error} (the cases directory must sit beside \
+             the repository root)",
+            path.display()
+        )
+    })
+}
+
+fn example_data(name: &str) -> PathBuf {
+    Path::new(EXAMPLE_DATA_DIR).join(name)
+}
+
+/// Writes a file into the environment's data directory and returns its path.
+fn write_file(env: &TestEnv, name: &str, contents: &[u8]) -> PathBuf {
+    let path = env.data_dir().join(name);
+    std::fs::write(&path, contents).expect("failed to write a test input file");
+    path
+}
+
+fn status_of(record: &Value) -> &str {
+    record["Status"].as_str().unwrap_or("<no Status>")
+}
+
+fn error_of(record: &Value) -> &str {
+    record["ErrorMessage"].as_str().unwrap_or("")
+}
+
+fn assert_completed(record: &Value) {
+    assert_eq!(status_of(record), "COMPLETED", "record: {record:#}");
+}
+
+/// Checks that a task ended ERROR with a message containing `expected`, and that the
+/// attempt's fuel was recorded.
+fn assert_failed_with(record: &Value, expected: &str) {
+    assert_eq!(status_of(record), "ERROR", "record: {record:#}");
+    assert!(
+        error_of(record).contains(expected),
+        "ErrorMessage should contain {expected:?}: {record:#}"
+    );
+}
+
+fn fuel_of(record: &Value) -> u64 {
+    record["FuelUsed"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("FuelUsed is missing: {record:#}"))
+}
+
+/// Returns EndTime - StartTime of a finished record.
+fn run_time(record: &Value) -> Duration {
+    let time = |field: &str| {
+        let text = record[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field} is missing: {record:#}"));
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap_or_else(|error| panic!("{field} {text:?} is not RFC 3339: {error}"))
+    };
+    (time("EndTime") - time("StartTime"))
+        .to_std()
+        .unwrap_or_else(|_| panic!("EndTime is before StartTime: {record:#}"))
+}
+
+/// Returns the first character of a resource id that the Azure Table key rules forbid.
+fn first_forbidden_char(resource_id: &str) -> Option<char> {
+    resource_id.chars().find(|&ch| {
+        matches!(ch, '/' | '\\' | '#' | '?')
+            || matches!(ch, '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}')
+    })
+}
+
+/// Returns `length` reproducible bytes that are not a WebAssembly header.
+fn noise_bytes(length: usize) -> Vec<u8> {
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..length)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect()
+}
+
+/// Returns the text of the `"payload"` value of a case payload file, exactly as written.
+fn raw_payload_of(file: &[u8]) -> String {
+    let text = std::str::from_utf8(file).expect("case payload files are UTF-8");
+    let key = "\"payload\": ";
+    let start = text
+        .find(key)
+        .expect("case payload file has a \"payload\" key")
+        + key.len();
+    let end = text.trim_end().len() - 1;
+    assert_eq!(
+        &text[end..end + 1],
+        "}",
+        "case payload file ends with its object"
+    );
+    let raw = text[start..end].to_owned();
+
+    let whole: Value = serde_json::from_str(text).expect("case payload file is JSON");
+    let parsed: Value = serde_json::from_str(&raw).expect("payload slice is JSON");
+    assert_eq!(
+        parsed, whole["payload"],
+        "payload slice is the payload value"
+    );
+    raw
+}
+
+#[test]
+fn multiply_returns_product() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let default_factor = env.submit("multiply", r#"{"x": 21}"#, &[]);
+    let explicit_factor = env.submit("multiply", r#"{"x": 6, "factor": 7}"#, &[]);
+    let records = env.wait_all(
+        &[default_factor.clone(), explicit_factor.clone()],
+        TASK_TIMEOUT,
+    );
+
+    for id in [&default_factor, &explicit_factor] {
+        let record = &records[id];
+        assert_completed(record);
+        assert_eq!(output_of(record), json!({"product": 42}), "task {id}");
+        assert!(fuel_of(record) > 0, "fuel is recorded: {record:#}");
+    }
+    let result = env.run_json(&["result", &default_factor]);
+    assert_eq!(result, json!({"product": 42}), "`bgw result --json`");
+}
+
+#[test]
+fn word_count_returns_counts_and_csv() {
+    let env = TestEnv::new();
+    env.register("word-count", &guest("word-count"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    // 10 words, 7 of them unique. The straight and the curly apostrophe make one word.
+    let text = "The cat and the hat.\nDon't stop, don\u{2019}t!\nthe end";
+    let input = write_file(&env, "words.txt", text.as_bytes());
+    let id = env.submit("word-count", r#"{"top": 3}"#, &["--blob", path_str(&input)]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_completed(&record);
+
+    let result = output_of(&record);
+    assert_eq!(result["total_words"], json!(10), "{result}");
+    assert_eq!(result["unique_words"], json!(7), "{result}");
+    assert_eq!(result["lines"], json!(3), "{result}");
+    assert_eq!(result["bytes"], json!(text.len()), "{result}");
+    assert_eq!(
+        result["top"],
+        json!([
+            {"word": "the", "count": 3},
+            {"word": "don't", "count": 2},
+            {"word": "and", "count": 1},
+        ]),
+        "{result}"
+    );
+    assert!(
+        result.get("version").is_none(),
+        "version 1 has no \"version\": {result}"
+    );
+
+    let csv_path = env.data_dir().join("words.csv");
+    env.run_ok(&["result", &id, "--output-blob", path_str(&csv_path)]);
+    let csv = std::fs::read_to_string(&csv_path).expect("the output blob was saved");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        rows,
+        [
+            "word,count",
+            "the,3",
+            "don't,2",
+            "and,1",
+            "cat,1",
+            "end,1",
+            "hat,1",
+            "stop,1",
+        ],
+        "CSV output blob"
+    );
+}
+
+#[test]
+fn thumbnail_scales_photo_to_png() {
+    let env = TestEnv::new();
+    env.register("thumbnail", &guest("thumbnail"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let photo = example_data("chelsea.jpg");
+    let id = env.submit(
+        "thumbnail",
+        r#"{"max_width": 128, "max_height": 128}"#,
+        &["--blob", path_str(&photo)],
+    );
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_completed(&record);
+
+    let result = output_of(&record);
+    assert_eq!(result["source_width"], json!(451), "{result}");
+    assert_eq!(result["source_height"], json!(300), "{result}");
+    assert_eq!(result["width"], json!(128), "{result}");
+    assert_eq!(result["height"], json!(85), "{result}");
+    assert_eq!(result["format"], json!("jpeg"), "{result}");
+
+    let png_path = env.data_dir().join("thumbnail.png");
+    env.run_ok(&["result", &id, "--output-blob", path_str(&png_path)]);
+    let png = std::fs::read(&png_path).expect("the output blob was saved");
+    assert_eq!(
+        result["output_bytes"],
+        json!(png.len()),
+        "output_bytes is the blob size"
+    );
+    assert!(
+        png.len() > 24,
+        "PNG of {} bytes is too short for an IHDR chunk",
+        png.len()
+    );
+    assert_eq!(png[..8], PNG_SIGNATURE, "PNG signature");
+    assert_eq!(&png[12..16], b"IHDR", "the first chunk is IHDR");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!((width, height), (128, 85), "IHDR size");
+}
+
+#[test]
+fn hostile_tasks_fail_while_others_complete() {
+    let env = TestEnv::new();
+    let hostile = guest("hostile");
+    env.register("spin-fuel", &hostile, &["--fuel", "50000000"]);
+    env.register(
+        "spin-deadline",
+        &hostile,
+        &["--fuel", "1000000000000000", "--timeout", "1"],
+    );
+    env.register("memory-hog", &hostile, &["--memory", "64"]);
+    env.register("hostile", &hostile, &[]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let cases = [
+        ("spin-fuel", json!({"mode": "spin"}), "fuel limit exceeded"),
+        (
+            "spin-deadline",
+            json!({"mode": "spin"}),
+            "deadline exceeded",
+        ),
+        (
+            "spin-deadline",
+            json!({"mode": "sleep", "ms": 60000}),
+            "deadline exceeded",
+        ),
+        (
+            "memory-hog",
+            json!({"mode": "memory-hog"}),
+            "memory limit exceeded",
+        ),
+        ("hostile", json!({"mode": "recurse"}), "stack overflow"),
+        (
+            "hostile",
+            json!({"mode": "panic"}),
+            "guest panicked: hostile guest panicked on purpose",
+        ),
+        ("hostile", json!({"mode": "trap"}), "guest trapped"),
+    ];
+    let mut hostile_ids = Vec::new();
+    let mut multiply_ids = Vec::new();
+    for (index, (activity_type, payload, _)) in cases.iter().enumerate() {
+        hostile_ids.push(env.submit(activity_type, &payload.to_string(), &[]));
+        for x in [2 * index, 2 * index + 1] {
+            let id = env.submit("multiply", &json!({"x": x}).to_string(), &[]);
+            multiply_ids.push((id, x));
+        }
+    }
+    let mut all: Vec<String> = hostile_ids.clone();
+    all.extend(multiply_ids.iter().map(|(id, _)| id.clone()));
+    let records = env.wait_all(&all, TASK_TIMEOUT);
+
+    for ((activity_type, payload, expected), id) in cases.iter().zip(&hostile_ids) {
+        let record = &records[id];
+        assert_failed_with(record, expected);
+        let fuel = fuel_of(record);
+        assert!(fuel > 0, "{activity_type} {payload}: FuelUsed is {fuel}");
+    }
+    assert_eq!(
+        fuel_of(&records[&hostile_ids[0]]),
+        50_000_000,
+        "spin is charged the whole budget"
+    );
+    assert!(
+        error_of(&records[&hostile_ids[3]]).contains("64 MiB"),
+        "memory message names the limit"
+    );
+    for (id, x) in &multiply_ids {
+        let record = &records[id];
+        assert_completed(record);
+        assert_eq!(output_of(record), json!({"product": 2 * x}), "task {id}");
+    }
+    assert!(
+        daemon.is_alive(),
+        "the daemon survives every hostile guest{}",
+        daemon.log_tail()
+    );
+}
+
+#[test]
+fn hot_swap_under_task_stream() {
+    const MIN_TASKS: usize = 300;
+    const MAX_TASKS: usize = 600;
+    const BATCH: usize = 10;
+    /// Tasks submitted this long after `register` returned must run on the new version.
+    const SWAP_SETTLE: Duration = Duration::from_millis(1500);
+
+    let env = TestEnv::new();
+    let v1 = env.register("word-count", &guest("word-count"), &[]);
+    let v1_digest = v1["digest"].as_str().expect("digest").to_owned();
+    let input = write_file(&env, "stream.txt", b"alpha beta beta gamma\n");
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let submitted = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let batches: Mutex<Vec<(Instant, Vec<String>)>> = Mutex::new(Vec::new());
+    let mut registered_at = None;
+    let mut v2_digest = String::new();
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Bounded by MAX_TASKS and by time, so it ends even when the main thread panics.
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst)
+                && submitted.load(Ordering::SeqCst) < MAX_TASKS
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                let before = Instant::now();
+                let ids = env.submit_many(
+                    "word-count",
+                    r#"{"top": 2}"#,
+                    &["--blob", path_str(&input), "--count", &BATCH.to_string()],
+                );
+                submitted.fetch_add(ids.len(), Ordering::SeqCst);
+                batches.lock().unwrap().push((before, ids));
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+
+        let waiting = Instant::now();
+        while submitted.load(Ordering::SeqCst) < MIN_TASKS / 3 {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(30),
+                "the submitter did not reach {} tasks in 30 s",
+                MIN_TASKS / 3
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let v2 = env.register("word-count", &guest("word-count-v2"), &[]);
+        let now = Instant::now();
+        registered_at = Some(now);
+        v2_digest = v2["digest"].as_str().expect("digest").to_owned();
+
+        while submitted.load(Ordering::SeqCst) < MIN_TASKS || now.elapsed() < SWAP_SETTLE * 2 {
+            if submitted.load(Ordering::SeqCst) >= MAX_TASKS {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    let registered_at = registered_at.expect("v2 was registered");
+    assert_ne!(v1_digest, v2_digest, "the two builds differ");
+
+    let batches = batches.into_inner().unwrap();
+    let ids: Vec<String> = batches.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    assert!(
+        ids.len() >= MIN_TASKS,
+        "only {} tasks were submitted",
+        ids.len()
+    );
+    let records = env.wait_all(&ids, Duration::from_secs(90));
+    assert_eq!(records.len(), ids.len(), "every task has a record");
+
+    let failed: Vec<&Value> = records
+        .values()
+        .filter(|r| status_of(r) != "COMPLETED")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} tasks did not complete, first: {:#}",
+        failed.len(),
+        failed[0]
+    );
+
+    let digests = [v1_digest.as_str(), v2_digest.as_str()];
+    let mut seen = HashSet::new();
+    for (id, record) in &records {
+        let digest = record["ComponentDigest"].as_str().unwrap_or("");
+        assert!(
+            digests.contains(&digest),
+            "task {id} ran unknown digest {digest:?}"
+        );
+        seen.insert(digest.to_owned());
+        let result = output_of(record);
+        let has_v2_field = result.get("version") == Some(&json!(2));
+        assert_eq!(
+            has_v2_field,
+            digest == v2_digest,
+            "task {id}: result {result} does not match digest {digest}"
+        );
+        assert_eq!(result["total_words"], json!(4), "task {id}: {result}");
+    }
+    assert!(seen.contains(&v1_digest), "no task ran on v1");
+    assert!(seen.contains(&v2_digest), "no task ran on v2");
+
+    let late: Vec<&String> = batches
+        .iter()
+        .filter(|(submitted_at, _)| *submitted_at > registered_at + SWAP_SETTLE)
+        .flat_map(|(_, ids)| ids)
+        .collect();
+    assert!(
+        !late.is_empty(),
+        "no batch was submitted {SWAP_SETTLE:?} after the swap"
+    );
+    for id in late {
+        let digest = records[id]["ComponentDigest"].as_str().unwrap_or("");
+        assert_eq!(
+            digest, v2_digest,
+            "task {id} submitted after the swap ran on v1"
+        );
+    }
+
+    let versions = env.run_json(&["activities", "word-count"]);
+    let versions = versions
+        .as_array()
+        .expect("`bgw activities --json` prints an array");
+    assert_eq!(versions.len(), 2, "two versions: {versions:#?}");
+    let current: Vec<&Value> = versions
+        .iter()
+        .filter(|v| v["current"] == json!(true))
+        .collect();
+    assert_eq!(current.len(), 1, "one current version: {versions:#?}");
+    assert_eq!(current[0]["digest"], json!(v2_digest), "v2 is current");
+    assert_eq!(current[0]["version"], json!(2), "v2 is version 2");
+
+    env.run_ok(&["rollback", "word-count"]);
+    let versions = env.run_json(&["activities", "word-count"]);
+    let current: Vec<&Value> = versions
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|v| v["current"] == json!(true))
+        .collect();
+    assert_eq!(
+        current.len(),
+        1,
+        "one current version after rollback: {versions:#}"
+    );
+    assert_eq!(
+        current[0]["digest"],
+        json!(v1_digest),
+        "v1 is current after rollback"
+    );
+
+    // The daemon polls the registry every 50 ms, so one second is ample.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = env.submit("word-count", r#"{"top": 2}"#, &["--blob", path_str(&input)]);
+    let record = env.wait_one(&after, TASK_TIMEOUT);
+    assert_completed(&record);
+    assert_eq!(
+        record["ComponentDigest"],
+        json!(v1_digest),
+        "a task after rollback runs v1"
+    );
+    assert!(
+        output_of(&record).get("version").is_none(),
+        "v1 result has no \"version\""
+    );
+}
+
+#[test]
+fn missing_component_fails_only_its_task() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    // One worker slot: the tasks behind the failing one can only run if it does not block.
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+
+    let missing = env.submit("ghost-activity", r#"{"x": 1}"#, &[]);
+    let behind: Vec<String> = (0..5)
+        .map(|x| env.submit("multiply", &json!({"x": x}).to_string(), &[]))
+        .collect();
+    let mut all = vec![missing.clone()];
+    all.extend(behind.iter().cloned());
+    let records = env.wait_all(&all, TASK_TIMEOUT);
+
+    let record = &records[&missing];
+    assert_failed_with(record, "no component registered");
+    assert!(
+        error_of(record).contains("\"ghost-activity\""),
+        "the message names the type: {record:#}"
+    );
+    for (x, id) in behind.iter().enumerate() {
+        assert_completed(&records[id]);
+        assert_eq!(
+            output_of(&records[id]),
+            json!({"product": 2 * x}),
+            "task {id}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_rejected_before_storing() {
+    let env = TestEnv::new();
+
+    let cases: [(&str, &str, &str, &[&str]); 6] = [
+        (
+            "malformed JSON",
+            "multiply",
+            r#"{"x":"#,
+            &["payload is not valid JSON", "EOF"],
+        ),
+        (
+            "an array",
+            "multiply",
+            "[1, 2]",
+            &["must be a JSON object", "an array"],
+        ),
+        (
+            "a string",
+            "multiply",
+            r#""text""#,
+            &["must be a JSON object", "a string"],
+        ),
+        (
+            "a missing payload file",
+            "multiply",
+            "@/nonexistent/payload.json",
+            &["failed to read payload file"],
+        ),
+        (
+            "an invalid activity type",
+            "bad type",
+            "{}",
+            &["activity type", "' ' (U+0020)"],
+        ),
+        (
+            "deep nesting",
+            "multiply",
+            &format!("{}{}", "[".repeat(100), "]".repeat(100)),
+            &["limit of 64 levels"],
+        ),
+    ];
+    for (what, activity_type, payload, expected) in cases {
+        let result = env.run(&[
+            "submit",
+            activity_type,
+            "--resource",
+            "res-1",
+            "--payload",
+            payload,
+        ]);
+        assert_eq!(result.code(), 1, "{what}: {result:?}");
+        for text in expected {
+            assert!(
+                result.stderr.contains(text),
+                "{what}: stderr lacks {text:?}: {}",
+                result.stderr
+            );
+        }
+    }
+
+    let result = env.run(&[
+        "submit",
+        "multiply",
+        "--resource",
+        "res/1",
+        "--payload",
+        "{}",
+    ]);
+    assert_eq!(result.code(), 1, "{result:?}");
+    assert!(
+        result.stderr.contains("'/' (U+002F)"),
+        "names the character: {}",
+        result.stderr
+    );
+
+    assert_eq!(
+        env.list_json(),
+        Vec::<Value>::new(),
+        "no rejected submit left a task"
+    );
+
+    let file_payload = r#"{"x": 5, "factor": 3}"#;
+    let file = write_file(&env, "payload.json", file_payload.as_bytes());
+    let id = env.submit("multiply", &format!("@{}", path_str(&file)), &[]);
+    let record = env.status_json(&id);
+    assert_eq!(status_of(&record), "CREATED", "{record:#}");
+    let stored: Value = serde_json::from_str(record["InputPayload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        stored,
+        json!({"x": 5, "factor": 3}),
+        "the file's payload is stored"
+    );
+}
+
+#[test]
+fn corrupt_component_keeps_old_version() {
+    let env = TestEnv::new();
+    let original = env.register("calc", &guest("multiply"), &[]);
+
+    let mut truncated = support::guest_bytes("multiply");
+    truncated.truncate(truncated.len() / 2);
+    // The empty component is valid but exports no `run`, so it belongs to another world.
+    let empty_component = b"\0asm\x0d\0\x01\0".to_vec();
+    let cases = [
+        ("random bytes", noise_bytes(4096), "not a WebAssembly file"),
+        ("a truncated component", truncated, "invalid component"),
+        (
+            "a core module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module",
+        ),
+        (
+            "a component of another world",
+            empty_component,
+            "does not fit world",
+        ),
+    ];
+    for (index, (what, bytes, expected)) in cases.into_iter().enumerate() {
+        let file = write_file(&env, &format!("corrupt-{index}.wasm"), &bytes);
+        let result = env.run(&["register", "calc", path_str(&file)]);
+        assert_eq!(result.code(), 1, "{what}: {result:?}");
+        assert!(
+            result.stderr.contains(expected),
+            "{what}: stderr lacks {expected:?}: {}",
+            result.stderr
+        );
+        assert!(
+            result.stderr.contains("failed to register"),
+            "{what}: {}",
+            result.stderr
+        );
+
+        let versions = env.run_json(&["activities", "calc"]);
+        assert_eq!(
+            versions.as_array().map(Vec::len),
+            Some(1),
+            "{what}: {versions:#}"
+        );
+        assert_eq!(
+            versions[0]["digest"], original["digest"],
+            "{what}: old version kept"
+        );
+        assert_eq!(
+            versions[0]["current"],
+            json!(true),
+            "{what}: old version current"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_with_code_2() {
+    let env = TestEnv::new();
+    let cases: [(&[&str], &str); 6] = [
+        (&["frobnicate"], "unrecognized subcommand"),
+        (&["submit", "multiply"], "--resource"),
+        (&["register", "multiply"], "<FILE>"),
+        (
+            &["submit", "multiply", "--resource", "r", "--count", "0"],
+            "invalid --count 0",
+        ),
+        (&["list", "--status", "DONE"], "invalid status"),
+        (&["status"], "<TASK_ID>"),
+    ];
+    for (args, expected) in cases {
+        let result = env.run(args);
+        assert_eq!(result.code(), 2, "bgw {args:?}: {result:?}");
+        assert!(
+            result.stderr.contains(expected),
+            "bgw {args:?}: stderr lacks {expected:?}: {}",
+            result.stderr
+        );
+    }
+}
+
+#[test]
+fn cli_exit_codes_and_lookups() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let completed = env.run(&[
+        "--json",
+        "submit",
+        "multiply",
+        "--resource",
+        "res-wait",
+        "--payload",
+        r#"{"x": 4}"#,
+        "--wait",
+        "--wait-timeout",
+        "60",
+    ]);
+    assert_eq!(completed.code(), 0, "COMPLETED task: {completed:?}");
+    let record: Value = serde_json::from_str(&completed.stdout).expect("--json prints a record");
+    assert_completed(&record);
+    assert_eq!(output_of(&record), json!({"product": 8}));
+
+    let failed = env.run(&[
+        "--json",
+        "submit",
+        "hostile",
+        "--resource",
+        "res-wait",
+        "--payload",
+        r#"{"mode": "trap"}"#,
+        "--wait",
+        "--wait-timeout",
+        "60",
+    ]);
+    assert_eq!(failed.code(), 3, "ERROR task: {failed:?}");
+    let failed_record: Value =
+        serde_json::from_str(&failed.stdout).expect("--json prints a record");
+    assert_failed_with(&failed_record, "guest trapped");
+    let failed_id = failed_record["RowKey"].as_str().unwrap();
+
+    let result = env.run(&["result", failed_id]);
+    assert_eq!(
+        result.code(),
+        3,
+        "`bgw result` of an ERROR task: {result:?}"
+    );
+    assert!(result.stderr.contains("ended ERROR"), "{}", result.stderr);
+
+    let listed = env.run_json(&["list"]);
+    let listed = listed
+        .as_array()
+        .expect("`bgw list --json` prints an array");
+    assert_eq!(listed.len(), 2, "{listed:#?}");
+
+    let id = record["RowKey"].as_str().unwrap();
+    let by_id = env.run_json(&["status", id]);
+    assert_eq!(by_id["RowKey"], json!(id), "a task id alone finds the task");
+    assert_eq!(by_id["PartitionKey"], json!("res-wait"));
+    let by_resource = env.run_json(&["status", id, "--resource", "res-wait"]);
+    assert_eq!(by_resource["RowKey"], json!(id));
+
+    let wrong_resource = env.run(&["status", id, "--resource", "res-other"]);
+    assert_eq!(wrong_resource.code(), 1, "{wrong_resource:?}");
+    assert!(
+        wrong_resource.stderr.contains("not found"),
+        "{}",
+        wrong_resource.stderr
+    );
+
+    let unknown = env.run(&["status", "01900000-0000-7000-8000-000000000000"]);
+    assert_eq!(unknown.code(), 1, "{unknown:?}");
+    assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
+
+    let malformed = env.run(&["status", "not-a-task-id"]);
+    assert_eq!(malformed.code(), 1, "{malformed:?}");
+    assert!(
+        malformed.stderr.contains("not a UUID"),
+        "{}",
+        malformed.stderr
+    );
+}
+
+#[test]
+fn resource_ids_rejected_or_round_trip() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let cases: Value = serde_json::from_slice(&case_file("C04-resource-ids.json")).expect("JSON");
+    let resource_ids: Vec<&str> = cases["resource_ids"]
+        .as_array()
+        .expect("resource_ids array")
+        .iter()
+        .map(|value| value.as_str().expect("string"))
+        .collect();
+    let accepted = ["res~0001", "res-\u{640}\u{64b}-0001"];
+    for value in accepted {
+        assert!(resource_ids.contains(&value), "case file lacks {value:?}");
+    }
+
+    for resource_id in resource_ids.iter().filter(|id| !accepted.contains(id)) {
+        let result = env.run(&[
+            "submit",
+            "multiply",
+            "--resource",
+            resource_id,
+            "--payload",
+            r#"{"x": 1}"#,
+        ]);
+        assert_eq!(result.code(), 1, "{resource_id:?}: {result:?}");
+        let expected = match first_forbidden_char(resource_id) {
+            Some(ch) => format!("(U+{:04X}) at character index", ch as u32),
+            None if resource_id.is_empty() => "must not be empty".to_owned(),
+            None => "UTF-16 code units".to_owned(),
+        };
+        assert!(
+            result.stderr.contains(&expected),
+            "{resource_id:?}: stderr lacks {expected:?}: {}",
+            result.stderr
+        );
+    }
+    assert_eq!(
+        env.list_json(),
+        Vec::<Value>::new(),
+        "no rejected id left a task"
+    );
+
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+    let ids: Vec<String> = accepted
+        .iter()
+        .map(|resource_id| env.submit("multiply", r#"{"x": 3}"#, &["--resource", resource_id]))
+        .collect();
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+    for (resource_id, id) in accepted.iter().zip(&ids) {
+        assert_completed(&records[id]);
+        assert_eq!(records[id]["PartitionKey"], json!(resource_id));
+        let status = env.run_json(&["status", id, "--resource", resource_id]);
+        assert_eq!(
+            status["RowKey"],
+            json!(id),
+            "{resource_id:?}: status by resource id"
+        );
+        let result = env.run_json(&["result", id, "--resource", resource_id]);
+        assert_eq!(
+            result,
+            json!({"product": 6}),
+            "{resource_id:?}: result by resource id"
+        );
+        let listed = env.run_json(&["list", "--resource", resource_id]);
+        let listed_ids: Vec<&Value> = listed
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|r| &r["RowKey"])
+            .collect();
+        assert_eq!(
+            listed_ids,
+            [&json!(id)],
+            "{resource_id:?}: list by resource id"
+        );
+    }
+}
+
+const PAYLOAD_CASES: [&str; 4] = [
+    "C05-payload-45000.json",
+    "C05-payload-49500.json",
+    "C05-payload-70000.json",
+    "C05-payload-multibyte.json",
+];
+
+#[test]
+fn large_payloads_reach_guest_intact() {
+    let env = TestEnv::new();
+    env.register("echo", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    // The case payloads have no "mode", which the hostile guest needs to echo them, so the
+    // submitted payload is the case payload with "mode": "echo" added in front.
+    let mut tasks = Vec::new();
+    for name in PAYLOAD_CASES {
+        let raw = raw_payload_of(&case_file(name));
+        let with_mode = format!("{{\"mode\": \"echo\", {}", &raw[1..]);
+        let file = write_file(&env, name, with_mode.as_bytes());
+        let id = env.submit(
+            "echo",
+            &format!("@{}", path_str(&file)),
+            &["--resource", "res-0005"],
+        );
+        tasks.push((name, with_mode, id));
+    }
+    let ids: Vec<String> = tasks.iter().map(|(_, _, id)| id.clone()).collect();
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+
+    for (name, submitted, id) in &tasks {
+        let record = &records[id];
+        assert_completed(record);
+        let expected: Value = serde_json::from_str(submitted).unwrap();
+        let stored: Value = serde_json::from_str(record["InputPayload"].as_str().unwrap()).unwrap();
+        assert!(
+            stored == expected,
+            "{name}: InputPayload differs from the submitted payload"
+        );
+        assert!(
+            output_of(record) == expected,
+            "{name}: the guest echoed a different payload"
+        );
+    }
+}
+
+#[test]
+fn large_payloads_stored_byte_for_byte() {
+    // NOTE: fails while `WorkflowClient::start_activity_with` stores the payload re-encoded
+    // by `serde_json::to_string`, which drops the space after each ':' of the case files.
+    let env = TestEnv::new();
+    for name in PAYLOAD_CASES {
+        let raw = raw_payload_of(&case_file(name));
+        let file = write_file(&env, name, raw.as_bytes());
+        let id = env.submit(
+            "echo",
+            &format!("@{}", path_str(&file)),
+            &["--resource", "res-0005"],
+        );
+        let record = env.status_json(&id);
+        let stored = record["InputPayload"].as_str().unwrap_or("");
+        assert_eq!(
+            stored.len(),
+            raw.len(),
+            "{name}: InputPayload length differs from the payload file"
+        );
+        assert!(
+            stored == raw,
+            "{name}: InputPayload is not byte-identical to the payload file"
+        );
+    }
+}
+
+#[test]
+fn poison_tasks_do_not_block_healthy_task() {
+    let env = TestEnv::new();
+    env.register("always-trap", &guest("hostile"), &[]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+
+    // The other messages (malformed JSON, no row_key, a record that does not exist) need
+    // direct queue access, so only those that name a task the CLI can create are used.
+    let text = String::from_utf8(case_file("C08-poison-messages.jsonl")).expect("UTF-8");
+    let messages: Vec<Value> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| message.get("row_key").is_some() && message.get("task_type").is_some())
+        .filter(|message| message["row_key"] != json!("00000000-0000-4000-8000-00000000dead"))
+        .collect();
+    let task_types: Vec<&str> = messages
+        .iter()
+        .map(|m| m["task_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        task_types,
+        ["no_such_activity", "always-trap", "multiply"],
+        "case messages"
+    );
+
+    let mut ids = Vec::new();
+    for message in &messages {
+        let task_type = message["task_type"].as_str().unwrap();
+        // The case leaves the payload empty, but the trapping guest needs its mode.
+        let payload = match task_type {
+            "always-trap" => json!({"mode": "trap"}),
+            _ => message["payload"].clone(),
+        };
+        let resource_id = message["resource_id"].as_str().unwrap();
+        ids.push(env.submit(
+            task_type,
+            &payload.to_string(),
+            &["--resource", resource_id],
+        ));
+    }
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+
+    let unknown = &records[&ids[0]];
+    assert_failed_with(unknown, "no component registered");
+    assert!(
+        error_of(unknown).contains("\"no_such_activity\""),
+        "names the type: {unknown:#}"
+    );
+    let trapped = &records[&ids[1]];
+    assert_failed_with(trapped, "guest trapped");
+    assert_eq!(
+        trapped["Attempt"],
+        json!(1),
+        "a trap is not retried: {trapped:#}"
+    );
+    let healthy = &records[&ids[2]];
+    assert_completed(healthy);
+    assert_eq!(output_of(healthy), json!({"product": 4}));
+
+    let dead_letters = env.run_json(&["dead-letters"]);
+    assert_eq!(
+        dead_letters,
+        json!([]),
+        "no message of a stored task is dead-lettered"
+    );
+}
+
+#[test]
+fn fuel_and_deadline_stop_endless_guests() {
+    const SPIN_FUEL: u64 = 50_000_000;
+    const BURN_FUEL: u64 = 2_000_000_000;
+    const TRAP_FUEL: u64 = 100_000_000_000;
+    /// The countdown of burn-then-trap runs 2^31 - 1 iterations before it traps.
+    const COUNTDOWN: u64 = (1 << 31) - 1;
+
+    let env = TestEnv::new();
+    let hostile = guest("hostile");
+    env.register("spin", &hostile, &["--fuel", &SPIN_FUEL.to_string()]);
+    env.register(
+        "burn_then_trap",
+        &hostile,
+        &["--fuel", &BURN_FUEL.to_string()],
+    );
+    env.register(
+        "burn_to_trap",
+        &hostile,
+        &["--fuel", &TRAP_FUEL.to_string(), "--timeout", "60"],
+    );
+    env.register("sleep_in_host", &hostile, &["--timeout", "1"]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let spin = r#"{"mode": "spin"}"#;
+    let burn = r#"{"mode": "burn-then-trap"}"#;
+    let sleep = r#"{"mode": "sleep", "ms": 60000}"#;
+    let mut hostile_ids: Vec<(&str, String)> = Vec::new();
+    let mut multiply_ids = Vec::new();
+    for round in 0..3 {
+        hostile_ids.push(("spin", env.submit("spin", spin, &[])));
+        hostile_ids.push(("burn_then_trap", env.submit("burn_then_trap", burn, &[])));
+        hostile_ids.push(("sleep_in_host", env.submit("sleep_in_host", sleep, &[])));
+        for x in [3 * round, 3 * round + 1, 3 * round + 2] {
+            multiply_ids.push((env.submit("multiply", &json!({"x": x}).to_string(), &[]), x));
+        }
+    }
+    multiply_ids.push((env.submit("multiply", r#"{"x": 9}"#, &[]), 9));
+    // One countdown with fuel to spare shows that fuel burned before a trap is charged.
+    hostile_ids.push(("burn_to_trap", env.submit("burn_to_trap", burn, &[])));
+
+    let mut all: Vec<String> = hostile_ids.iter().map(|(_, id)| id.clone()).collect();
+    all.extend(multiply_ids.iter().map(|(id, _)| id.clone()));
+    let records = env.wait_all(&all, TASK_TIMEOUT);
+
+    for (activity_type, id) in &hostile_ids {
+        let record = &records[id];
+        let fuel = fuel_of(record);
+        match *activity_type {
+            "spin" => {
+                assert_failed_with(record, "fuel limit exceeded");
+                assert_eq!(fuel, SPIN_FUEL, "spin is charged its whole budget");
+            }
+            "burn_then_trap" => {
+                assert_failed_with(record, "fuel limit exceeded");
+                assert_eq!(fuel, BURN_FUEL, "the countdown is charged its whole budget");
+            }
+            "sleep_in_host" => {
+                assert_failed_with(record, "deadline exceeded");
+                let took = run_time(record);
+                assert!(
+                    took < Duration::from_secs(10),
+                    "sleep was cut off after {took:?}"
+                );
+            }
+            _ => {
+                assert_failed_with(record, "guest trapped");
+                assert!(
+                    fuel > COUNTDOWN,
+                    "fuel burned before the trap is charged: {fuel}"
+                );
+                assert!(
+                    fuel < TRAP_FUEL,
+                    "the trap ended the attempt before the budget: {fuel}"
+                );
+            }
+        }
+    }
+    assert_eq!(multiply_ids.len(), 10);
+    for (id, x) in &multiply_ids {
+        assert_completed(&records[id]);
+        assert_eq!(
+            output_of(&records[id]),
+            json!({"product": 2 * x}),
+            "task {id}"
+        );
+    }
+    assert!(
+        daemon.is_alive(),
+        "the daemon survives{}",
+        daemon.log_tail()
+    );
+}
+
+#[test]
+fn deep_recursion_fails_next_task_runs() {
+    let env = TestEnv::new();
+    env.register("deep", &guest("hostile"), &[]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "1"]);
+
+    let deep = env.submit("deep", r#"{"mode": "recurse", "depth": 1000000}"#, &[]);
+    let deep_then_host = env.submit(
+        "deep",
+        r#"{"mode": "recurse-then-log", "depth": 1000000}"#,
+        &[],
+    );
+    let next = env.submit("multiply", r#"{"x": 50}"#, &[]);
+    let records = env.wait_all(
+        &[deep.clone(), deep_then_host.clone(), next.clone()],
+        TASK_TIMEOUT,
+    );
+
+    assert_failed_with(&records[&deep], "stack overflow");
+    assert_failed_with(&records[&deep_then_host], "stack overflow");
+    assert_completed(&records[&next]);
+    assert_eq!(output_of(&records[&next]), json!({"product": 100}));
+    assert!(
+        daemon.is_alive(),
+        "the daemon survives stack overflows{}",
+        daemon.log_tail()
+    );
+}
