@@ -45,6 +45,7 @@ fn limits() -> Limits {
         memory_mib: 64,
         timeout_secs: 5,
         max_output_bytes: 1024 * 1024,
+        retry: Default::default(),
     }
 }
 

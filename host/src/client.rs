@@ -4,7 +4,7 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BlobRef, ListFilter, OutgoingMessage};
+use crate::backend::{Backend, BlobRef, CancelOutcome, ListFilter, OutgoingMessage, Submitted};
 use crate::record::{QueueMessage, Status, TaskRecord};
 use crate::{validate, Error, Result};
 
@@ -25,7 +25,14 @@ pub struct InputBlob<'a> {
 pub struct StartOptions {
     /// Delay before the task may start.
     pub delay: Duration,
+    /// Key that makes a retried submit return the task the first one created.
+    pub idempotency_key: Option<String>,
+    /// Time after which the task must not start or go on running.
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 /// Starts activities and reads their records, on any [`Backend`].
 #[derive(Clone)]
@@ -87,6 +94,8 @@ impl WorkflowClient {
 
         let task_id = uuid::Uuid::now_v7().to_string();
         let mut record = TaskRecord::new(&task_id, resource_id, activity_type, &payload_text);
+        record.idempotency_key = options.idempotency_key.clone();
+        record.deadline_time = options.deadline;
         let stored_blob = match blob {
             Some(blob) => {
                 let blob_ref = BlobRef {
@@ -115,22 +124,45 @@ impl WorkflowClient {
         let mut outgoing = OutgoingMessage::new(&message);
         outgoing.delay = options.delay;
 
-        if let Err(error) = self.backend.submit(&record, &outgoing).await {
+        let submitted = self.backend.submit(&record, &outgoing).await;
+        let existing = match &submitted {
+            Ok(Submitted::Existing { task_id, .. }) => Some(task_id.clone()),
+            _ => None,
+        };
+        if submitted.is_err() || existing.is_some() {
             if let Some(blob_ref) = stored_blob {
-                if let Err(cleanup) = self.backend.blobs().delete(&blob_ref) {
-                    tracing::warn!(
-                        task_id = %task_id,
-                        container = %blob_ref.container,
-                        blob = %blob_ref.name,
-                        error = %cleanup,
-                        "failed to delete the input blob of a task whose submit failed"
-                    );
-                }
+                self.delete_unused_blob(&task_id, &blob_ref);
             }
-            return Err(error);
         }
-        tracing::debug!(task_id = %task_id, activity_type, resource_id, "started activity");
-        Ok(task_id)
+        match (submitted, existing) {
+            (Err(error), _) => Err(error),
+            (Ok(_), Some(existing)) => {
+                tracing::debug!(task_id = %existing, activity_type, "idempotency key matched an existing task");
+                Ok(existing)
+            }
+            (Ok(_), None) => {
+                tracing::debug!(task_id = %task_id, activity_type, resource_id, "started activity");
+                Ok(task_id)
+            }
+        }
+    }
+
+    fn delete_unused_blob(&self, task_id: &str, blob_ref: &BlobRef) {
+        if let Err(error) = self.backend.blobs().delete(blob_ref) {
+            tracing::warn!(
+                task_id = %task_id,
+                container = %blob_ref.container,
+                blob = %blob_ref.name,
+                %error,
+                "failed to delete the input blob of a task that was not created"
+            );
+        }
+    }
+
+    /// Cancels a task; see [`crate::backend::TaskStore::request_cancel`].
+    pub async fn cancel(&self, task_id: &str, resource_id: Option<&str>) -> Result<CancelOutcome> {
+        validate::task_id(task_id)?;
+        self.backend.request_cancel(resource_id, task_id).await
     }
 
     /// Reads a task's record. Without a resource id the lookup is by task id alone.

@@ -37,7 +37,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
-use crate::backend::Limits;
+use crate::backend::{Limits, RetryPolicy};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
 use crate::{validate, Error, Result};
 
@@ -47,6 +47,11 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     memory_mib: 512,
     timeout_secs: 60,
     max_output_bytes: 256 * 1024 * 1024,
+    retry: RetryPolicy {
+        max_attempts: 3,
+        backoff_ms: 1_000,
+        max_backoff_ms: 60_000,
+    },
 };
 
 /// Default time a leased message stays hidden before another daemon may take it over.
@@ -220,6 +225,7 @@ impl Settings {
                 max_output_bytes: limits
                     .max_output_bytes
                     .unwrap_or(DEFAULT_LIMITS.max_output_bytes),
+                retry: DEFAULT_LIMITS.retry,
             },
             data_dir,
         };
@@ -530,6 +536,7 @@ mod tests {
             memory_mib: 64,
             timeout_secs: 7,
             max_output_bytes: 1024,
+            retry: DEFAULT_LIMITS.retry,
         };
         assert_eq!(settings.limits, expected);
     }

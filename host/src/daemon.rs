@@ -6,7 +6,7 @@
 //! (one transaction per batch on SQLite).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::{AttemptStart, Backend, BlobRef, Fenced, Finish, Lease, ProgressUpdate};
-use crate::record::{QueueMessage, Status, TaskRecord};
+use crate::record::{format_time, QueueMessage, Status, TaskRecord};
 use crate::registry::{ComponentCache, LoadedComponent};
-use crate::sandbox::{Outcome, Sandbox, TaskContext, TaskError};
+use crate::sandbox::{FaultKind, Outcome, Sandbox, TaskContext, TaskError};
 use crate::{validate, Result};
 
 /// Container that guests' output blobs are stored in.
@@ -255,6 +255,19 @@ impl Controller {
             return Ok(());
         }
 
+        if let Some(deadline) = record
+            .deadline_time
+            .filter(|deadline| *deadline <= Utc::now())
+        {
+            let reason = format!(
+                "task deadline {} passed before the task could start",
+                format_time(&deadline)
+            );
+            tracing::warn!(%reason, "task failed");
+            record.attempt = lease.dequeue_count;
+            return self.end_with_error(lease, record, reason).await;
+        }
+
         let component = match self.component_for(&message.task_type).await {
             Some(component) => component,
             None => {
@@ -263,13 +276,9 @@ impl Controller {
                     message.task_type, message.task_type
                 );
                 tracing::warn!(%reason, "task failed");
-                record.status = Status::Error;
-                record.error_message = Some(reason);
-                record.end_time = Some(Utc::now());
                 record.attempt = lease.dequeue_count;
                 record.host_id = Some(self.options.host_id.clone());
-                self.finish(lease, record).await?;
-                return Ok(());
+                return self.end_with_error(lease, record, reason).await;
             }
         };
         tracing::Span::current().record("digest", component.version.digest.as_str());
@@ -305,13 +314,10 @@ impl Controller {
         mut record: TaskRecord,
         component: Arc<LoadedComponent>,
     ) -> Result<()> {
-        let progress = Arc::new(Mutex::new(None));
-        let cancelled = Arc::new(AtomicBool::new(false));
         let output_ref = BlobRef {
             container: OUTPUT_CONTAINER.to_owned(),
             name: format!("{}/output", record.row_key),
         };
-
         let input = match (&record.container_name, &record.blob_name) {
             (Some(container), Some(name)) => {
                 let blob = BlobRef {
@@ -321,19 +327,30 @@ impl Controller {
                 match self.backend.blobs().open(&blob) {
                     Ok(opened) => Some(opened),
                     Err(error) => {
-                        record.status = Status::Error;
-                        record.error_message = Some(format!(
-                            "failed to open the input blob {container}/{name}: {error}"
-                        ));
-                        record.end_time = Some(Utc::now());
                         tracing::warn!(%error, "task failed: input blob missing");
-                        return self.finish(lease, record).await;
+                        let reason =
+                            format!("failed to open the input blob {container}/{name}: {error}");
+                        return self.end_with_error(lease, record, reason).await;
                     }
                 }
             }
             _ => None,
         };
 
+        // The attempt's wall-clock limit is the activity's timeout, shortened to the task's
+        // own deadline when that comes first.
+        let mut limits = component.version.limits;
+        let mut deadline_binds = false;
+        if let Some(deadline) = record.deadline_time {
+            let left = (deadline - Utc::now()).num_milliseconds().max(0) as u64;
+            let left_secs = left.div_ceil(1000).max(1);
+            if left_secs < limits.timeout_secs {
+                limits.timeout_secs = left_secs;
+                deadline_binds = true;
+            }
+        }
+
+        let watch = AttemptWatch::new(self.interrupt.child_token());
         let backend = self.backend.clone();
         let opened_ref = output_ref.clone();
         let context = TaskContext {
@@ -349,9 +366,9 @@ impl Controller {
                     .create(&opened_ref)
                     .map_err(anyhow::Error::from)
             }),
-            cancelled: cancelled.clone(),
-            interrupt: self.interrupt.child_token(),
-            progress: progress.clone(),
+            cancelled: watch.cancelled.clone(),
+            interrupt: watch.interrupt.clone(),
+            progress: watch.progress.clone(),
             output_written: Arc::new(AtomicU64::new(0)),
         };
 
@@ -359,15 +376,12 @@ impl Controller {
         let heartbeat = tokio::spawn(keep_alive(
             self.backend.clone(),
             current_lease.clone(),
-            progress.clone(),
+            watch.clone(),
             record.partition_key.clone(),
             record.row_key.clone(),
             self.options.visibility_timeout,
         ));
-        let report = self
-            .sandbox
-            .run(&component.prepared, context, component.version.limits)
-            .await;
+        let report = self.sandbox.run(&component.prepared, context, limits).await;
         heartbeat.abort();
         let _ = heartbeat.await;
         let lease = current_lease
@@ -378,20 +392,29 @@ impl Controller {
         record.end_time = Some(Utc::now());
         record.fuel_used = Some(report.fuel_used);
         record.task_log = Some(report.task_log).filter(|log| !log.is_empty());
-        if let Some((percent, message)) = progress.lock().unwrap_or_else(|e| e.into_inner()).take()
+        if let Some((percent, message)) = watch
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
         {
             record.progress = Some(percent);
             record.progress_message = Some(message);
         }
 
-        let mut output = report.output;
-        if matches!(report.outcome, Outcome::Interrupted) {
-            tracing::info!("attempt interrupted by shutdown: releasing the message for another worker");
+        let cancelled = watch.cancelled.load(Ordering::Relaxed);
+        if matches!(report.outcome, Outcome::Interrupted) && !cancelled {
+            tracing::info!(
+                "attempt interrupted by shutdown: releasing the message for another worker"
+            );
             if self.backend.release(&lease, Duration::ZERO).await? == Fenced::LeaseLost {
                 tracing::warn!("lease already lost when releasing the message");
             }
             return Ok(());
         }
+
+        let mut output = report.output;
+        let mut retryable = false;
         match report.outcome {
             Outcome::Completed(result) => match validate::result(&result) {
                 Ok(()) => {
@@ -402,20 +425,75 @@ impl Controller {
                 Err(error) => {
                     record.status = Status::Error;
                     record.error_message = Some(format!("invalid result: {error}"));
-                    output = None;
                 }
             },
             Outcome::GuestError(error) => {
+                retryable = matches!(error, TaskError::Retryable(_));
                 record.status = Status::Error;
                 record.error_message = Some(describe_guest_error(&error));
-                output = None;
+            }
+            Outcome::Trapped(FaultKind::Deadline { .. }) if deadline_binds => {
+                record.status = Status::Error;
+                record.error_message = Some(format!(
+                    "task deadline {} reached while the attempt ran",
+                    record
+                        .deadline_time
+                        .map(|time| format_time(&time))
+                        .unwrap_or_default()
+                ));
             }
             Outcome::Trapped(fault) => {
+                retryable = fault.is_retryable();
                 record.status = Status::Error;
                 record.error_message = Some(fault.message());
-                output = None;
             }
-            Outcome::Interrupted => unreachable!("handled above"),
+            Outcome::Interrupted => {
+                record.status = Status::Cancelled;
+                record.error_message = Some("cancelled while running".to_owned());
+            }
+        }
+        if cancelled && record.status == Status::Error {
+            record.status = Status::Cancelled;
+            record.error_message = Some(format!(
+                "cancelled while running; the attempt ended with: {}",
+                record.error_message.take().unwrap_or_default()
+            ));
+        }
+        if record.status != Status::Completed {
+            output = None;
+        }
+        record.attempt_history.push(record.current_attempt());
+
+        let retry = &component.version.limits.retry;
+        let deadline_passed = record
+            .deadline_time
+            .is_some_and(|deadline| deadline <= Utc::now());
+        if record.status == Status::Error
+            && retryable
+            && record.attempt < retry.max_attempts
+            && !deadline_passed
+        {
+            let delay = retry.delay_before(record.attempt + 1);
+            let error = record.error_message.take().unwrap_or_default();
+            tracing::warn!(
+                fuel_used = report.fuel_used,
+                %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "attempt failed, retrying"
+            );
+            record.status = Status::Created;
+            record.error_message = Some(format!(
+                "attempt {} of {} failed, retrying in {:.1} s: {error}",
+                record.attempt,
+                retry.max_attempts,
+                delay.as_secs_f64()
+            ));
+            if self.backend.retry(&lease, &record, delay).await? == Fenced::LeaseLost {
+                tracing::warn!(
+                    "lease lost before the retry was stored: another worker has the task"
+                );
+            }
+            return Ok(());
         }
 
         if let Some(writer) = output {
@@ -439,6 +517,20 @@ impl Controller {
             error = record.error_message.as_deref().unwrap_or(""),
             "task finished"
         );
+        self.finish(lease, record).await
+    }
+
+    /// Ends a task ERROR with `reason` before its component ran.
+    async fn end_with_error(
+        &self,
+        lease: Lease,
+        mut record: TaskRecord,
+        reason: String,
+    ) -> Result<()> {
+        record.status = Status::Error;
+        record.error_message = Some(reason);
+        record.end_time = Some(Utc::now());
+        record.attempt_history.push(record.current_attempt());
         self.finish(lease, record).await
     }
 
@@ -493,42 +585,104 @@ fn describe_guest_error(error: &TaskError) -> String {
     }
 }
 
-/// Extends the lease every third of the visibility timeout and writes new progress.
+/// Time a cancelled task's guest gets to stop by itself before it is interrupted.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Interval between checks for a cancellation request of a running task.
+const CANCEL_POLL: Duration = Duration::from_millis(250);
+
+/// What the keep-alive task and the sandbox share about one running attempt.
+#[derive(Clone)]
+struct AttemptWatch {
+    /// Set when a cancellation was requested; the guest reads it through `is-cancelled`.
+    cancelled: Arc<AtomicBool>,
+    /// Cancelled to stop the attempt at once.
+    interrupt: CancellationToken,
+    /// Latest progress reported by the guest.
+    progress: Arc<Mutex<Option<(u8, String)>>>,
+}
+
+impl AttemptWatch {
+    fn new(interrupt: CancellationToken) -> Self {
+        AttemptWatch {
+            cancelled: Arc::new(AtomicBool::new(false)),
+            interrupt,
+            progress: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// Keeps a running attempt's lease alive and its record current: extends the lease every
+/// third of the visibility timeout (with the newest receipt each time), stores new
+/// progress, and turns a cancellation request into the guest's flag, then after
+/// [`CANCEL_GRACE`] into an interrupt.
 async fn keep_alive(
     backend: Arc<dyn Backend>,
     lease: Arc<Mutex<Lease>>,
-    progress: Arc<Mutex<Option<(u8, String)>>>,
+    watch: AttemptWatch,
     resource_id: String,
     task_id: String,
     visibility: Duration,
 ) {
-    let period = (visibility / 3).max(Duration::from_millis(100));
+    let renew_every = (visibility / 3).max(CANCEL_POLL);
+    let mut last_renewal = tokio::time::Instant::now();
     let mut last_progress = None;
+    let mut cancel_seen_at: Option<tokio::time::Instant> = None;
     loop {
-        tokio::time::sleep(period).await;
-        let held = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match backend.extend(&held, visibility).await {
-            Ok(Some(renewed)) => *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed,
-            Ok(None) => {
-                tracing::warn!(task_id = %task_id, "lease lost while the task runs");
-                return;
+        tokio::time::sleep(CANCEL_POLL).await;
+
+        if last_renewal.elapsed() >= renew_every {
+            let held = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match backend.extend(&held, visibility).await {
+                Ok(Some(renewed)) => {
+                    *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed;
+                    last_renewal = tokio::time::Instant::now();
+                }
+                Ok(None) => {
+                    tracing::warn!(task_id = %task_id, "lease lost while the task runs");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(task_id = %task_id, %error, "failed to extend the lease")
+                }
             }
-            Err(error) => tracing::warn!(task_id = %task_id, %error, "failed to extend the lease"),
+
+            let latest = watch
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some((percent, message)) = latest.clone().filter(|_| latest != last_progress) {
+                let update = ProgressUpdate {
+                    resource_id: resource_id.clone(),
+                    task_id: task_id.clone(),
+                    percent,
+                    message,
+                };
+                if let Err(error) = backend.update_progress(&[update]).await {
+                    tracing::warn!(task_id = %task_id, %error, "failed to store progress");
+                }
+                last_progress = latest;
+            }
         }
 
-        let latest = progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if latest.is_some() && latest != last_progress {
-            let (percent, message) = latest.clone().expect("checked above");
-            let update = ProgressUpdate {
-                resource_id: resource_id.clone(),
-                task_id: task_id.clone(),
-                percent,
-                message,
-            };
-            if let Err(error) = backend.update_progress(&[update]).await {
-                tracing::warn!(task_id = %task_id, %error, "failed to store progress");
+        match cancel_seen_at {
+            None => match backend.cancel_requested(&resource_id, &task_id).await {
+                Ok(true) => {
+                    tracing::info!(task_id = %task_id, grace_secs = CANCEL_GRACE.as_secs(), "cancellation requested: the guest sees is-cancelled");
+                    watch.cancelled.store(true, Ordering::Relaxed);
+                    cancel_seen_at = Some(tokio::time::Instant::now());
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(task_id = %task_id, %error, "failed to check for cancellation")
+                }
+            },
+            Some(seen) if seen.elapsed() >= CANCEL_GRACE => {
+                tracing::info!(task_id = %task_id, "cancellation grace period over: interrupting the guest");
+                watch.interrupt.cancel();
             }
-            last_progress = latest;
+            Some(_) => {}
         }
     }
 }

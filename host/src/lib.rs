@@ -27,4 +27,3 @@ pub fn open_backend(settings: &config::Settings) -> Result<Arc<dyn backend::Back
     let sqlite = backend::sqlite::SqliteBackend::open(settings.sqlite_options())?;
     Ok(Arc::new(sqlite))
 }
-

@@ -128,9 +128,47 @@ pub struct TaskRecord {
     /// Time the record was created.
     #[serde(with = "optional_time")]
     pub created_time: Option<DateTime<Utc>>,
+    /// One entry per finished attempt, oldest first.
+    pub attempt_history: Vec<AttemptSummary>,
+    /// Time after which the task must not start or go on running.
+    #[serde(with = "optional_time")]
+    pub deadline_time: Option<DateTime<Utc>>,
+    /// Key a client sent so that retrying its submit creates the task only once.
+    pub idempotency_key: Option<String>,
+    /// Set by `bgw cancel` while the task runs: the daemon stops it.
+    pub cancel_requested: bool,
+}
+
+/// What one finished attempt of a task did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AttemptSummary {
+    pub attempt: u32,
+    pub component_digest: Option<String>,
+    #[serde(with = "optional_time")]
+    pub start_time: Option<DateTime<Utc>>,
+    #[serde(with = "optional_time")]
+    pub end_time: Option<DateTime<Utc>>,
+    pub fuel_used: Option<u64>,
+    pub host_id: Option<String>,
+    /// Error of the attempt; `None` for the attempt that completed.
+    pub error_message: Option<String>,
 }
 
 impl TaskRecord {
+    /// Returns the summary of the attempt this record describes now.
+    pub fn current_attempt(&self) -> AttemptSummary {
+        AttemptSummary {
+            attempt: self.attempt,
+            component_digest: self.component_digest.clone(),
+            start_time: self.start_time,
+            end_time: self.end_time,
+            fuel_used: self.fuel_used,
+            host_id: self.host_id.clone(),
+            error_message: self.error_message.clone(),
+        }
+    }
+
     /// Creates a CREATED record for a new task.
     pub fn new(task_id: &str, resource_id: &str, activity_type: &str, payload_json: &str) -> Self {
         TaskRecord {
@@ -157,6 +195,10 @@ impl TaskRecord {
             task_log: None,
             host_id: None,
             created_time: Some(Utc::now()),
+            attempt_history: Vec::new(),
+            deadline_time: None,
+            idempotency_key: None,
+            cancel_requested: false,
         }
     }
 }

@@ -59,6 +59,18 @@ pub fn check_limits(limits: &Limits) -> Result<()> {
             limits.memory_mib
         )));
     }
+    if limits.retry.max_attempts == 0 || limits.retry.max_attempts > 100 {
+        return Err(Error::Invalid(format!(
+            "invalid max attempts {}: it must be between 1 and 100",
+            limits.retry.max_attempts
+        )));
+    }
+    if limits.retry.backoff_ms > limits.retry.max_backoff_ms {
+        return Err(Error::Invalid(format!(
+            "invalid retry backoff: the first delay of {} ms is longer than the maximum of {} ms",
+            limits.retry.backoff_ms, limits.retry.max_backoff_ms
+        )));
+    }
     if limits.timeout_secs == 0 || limits.timeout_secs > 7 * 24 * 3600 {
         return Err(Error::Invalid(format!(
             "invalid timeout {} s: it must be between 1 s and 604800 s (7 days)",

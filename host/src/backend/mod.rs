@@ -141,6 +141,42 @@ pub trait TaskStore: Send + Sync {
 
     /// Writes the latest progress of running tasks.
     async fn update_progress(&self, updates: &[ProgressUpdate]) -> Result<()>;
+
+    /// Cancels a task: a queued one becomes CANCELLED at once, a running one is marked
+    /// so that its daemon stops it.
+    async fn request_cancel(
+        &self,
+        resource_id: Option<&str>,
+        task_id: &str,
+    ) -> Result<CancelOutcome>;
+
+    /// Returns true when a cancellation was requested for a running task.
+    async fn cancel_requested(&self, resource_id: &str, task_id: &str) -> Result<bool>;
+}
+
+/// What `request_cancel` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The task had not started; it is now CANCELLED and will never start.
+    Cancelled,
+    /// The task is running; its daemon sets the cancellation flag and stops it.
+    Requested,
+    /// The task had already finished with this status.
+    AlreadyFinished(Status),
+    /// No task has this id.
+    NotFound,
+}
+
+/// What `submit` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// The task was created.
+    Created,
+    /// A task with the same idempotency key exists; nothing was written.
+    Existing {
+        task_id: String,
+        resource_id: String,
+    },
 }
 
 /// A queue with the semantics of Azure Storage Queues.
@@ -191,8 +227,9 @@ pub trait Backend: TaskStore + TaskQueue {
     /// Names of the active and finished tables.
     fn table_names(&self) -> (&str, &str);
 
-    /// Stores the record and enqueues its message, both or neither.
-    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<()>;
+    /// Stores the record and enqueues its message, both or neither. When the record has an
+    /// idempotency key that an existing task has, nothing is written.
+    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted>;
 
     /// Marks a leased task RUNNING for a new attempt, unless the lease was lost.
     async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced>;
@@ -200,6 +237,10 @@ pub trait Backend: TaskStore + TaskQueue {
     /// Stores each terminal record in the finished table, removes it from the active one and
     /// deletes its message, each entry only if its lease is still held.
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>>;
+
+    /// Stores the record of a failed attempt that will be retried (status CREATED) and makes
+    /// its message visible again after `delay`, only if the lease is still held.
+    async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced>;
 
     /// Stores a terminal record for a task whose message is already gone or was never
     /// leased, such as a cancelled task.
@@ -260,6 +301,47 @@ pub struct Limits {
     pub timeout_secs: u64,
     /// Maximum size of the output blob, in bytes.
     pub max_output_bytes: u64,
+    /// When failed attempts are tried again.
+    pub retry: RetryPolicy,
+}
+
+/// Retries of failed attempts: exponential backoff with jitter, up to a cap.
+///
+/// Retried: guest errors marked retryable, traps, limits hit and deadlines. Not retried:
+/// invalid input and errors the guest marks as failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; 1 means no retry.
+    pub max_attempts: u32,
+    /// Delay before the first retry, in milliseconds; it doubles for each later one.
+    pub backoff_ms: u64,
+    /// Longest delay between attempts, in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff_ms: 1_000,
+            max_backoff_ms: 60_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Returns the delay before attempt `next_attempt` (2 for the first retry): the backoff
+    /// doubled per earlier retry, capped, then scaled by a random factor in [0.5, 1.0] so
+    /// that tasks failing together do not retry together.
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        let doublings = next_attempt.saturating_sub(2).min(32);
+        let base = self
+            .backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.max_backoff_ms);
+        let jitter = 0.5 + rand::random::<f64>() * 0.5;
+        Duration::from_millis((base as f64 * jitter) as u64)
+    }
 }
 
 /// One registered version of a component for an activity type.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bgw::backend::{BlobRef, Limits, ListFilter};
+use bgw::backend::{BlobRef, CancelOutcome, Limits, ListFilter, RetryPolicy};
 use bgw::client::{InputBlob, StartOptions, WorkflowClient};
 use bgw::config::{Overrides, Settings};
 use bgw::daemon::DaemonOptions;
@@ -57,6 +57,7 @@ pub async fn run(cli: Cli) -> Result<Finished> {
         Command::Wait(args) => wait(&settings, args, json).await,
         Command::Result(args) => result(&settings, args, json).await,
         Command::List(args) => list(&settings, args, json).await,
+        Command::Cancel(args) => cancel(&settings, args).await,
         Command::DeadLetters => dead_letters(&settings, json).await,
         Command::Requeue(args) => requeue(&settings, args).await,
     }
@@ -102,7 +103,9 @@ async fn daemon(settings: &Settings, args: DaemonArgs) -> Result<Finished> {
         .visibility_timeout
         .unwrap_or(settings.visibility_timeout.as_secs());
     if visibility == 0 {
-        return Err(UsageError("invalid visibility timeout 0 s: it must be at least 1 s".into()).into());
+        return Err(
+            UsageError("invalid visibility timeout 0 s: it must be at least 1 s".into()).into(),
+        );
     }
     options.visibility_timeout = Duration::from_secs(visibility);
 
@@ -113,8 +116,10 @@ async fn daemon(settings: &Settings, args: DaemonArgs) -> Result<Finished> {
 /// Resolves on the first SIGTERM or SIGINT. A second one ends the process at once.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).expect("failed to install the SIGTERM handler");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("failed to install the SIGINT handler");
+    let mut terminate =
+        signal(SignalKind::terminate()).expect("failed to install the SIGTERM handler");
+    let mut interrupt =
+        signal(SignalKind::interrupt()).expect("failed to install the SIGINT handler");
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
@@ -138,6 +143,13 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
         memory_mib: args.memory.unwrap_or(defaults.memory_mib),
         timeout_secs: args.timeout.unwrap_or(defaults.timeout_secs),
         max_output_bytes: args.max_output.unwrap_or(defaults.max_output_bytes),
+        retry: RetryPolicy {
+            max_attempts: args.max_attempts.unwrap_or(defaults.retry.max_attempts),
+            backoff_ms: seconds_to_ms("--backoff", args.backoff)?
+                .unwrap_or(defaults.retry.backoff_ms),
+            max_backoff_ms: seconds_to_ms("--max-backoff", args.max_backoff)?
+                .unwrap_or(defaults.retry.max_backoff_ms),
+        },
     };
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
     let sandbox = sandbox()?;
@@ -206,15 +218,21 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     let client = client(settings)?;
     let payloads = read_payloads(&args)?;
     let options = StartOptions {
-        delay: match args.delay {
-            Some(secs) if !(0.0..=7.0 * 86400.0).contains(&secs) => {
+        delay: start_delay(&args)?,
+        idempotency_key: args.idempotency_key.clone(),
+        deadline: match args.deadline {
+            Some(secs) if !(secs.is_finite() && secs > 0.0 && secs <= 30.0 * 86400.0) => {
                 return Err(UsageError(format!(
-                    "invalid --delay {secs}: it must be between 0 and 604800 seconds"
+                    "invalid --deadline {secs}: it must be more than 0 and at most 2592000 seconds"
                 ))
                 .into())
             }
-            Some(secs) => Duration::from_secs_f64(secs),
-            None => Duration::ZERO,
+            Some(secs) => Some(
+                chrono::Utc::now()
+                    + chrono::Duration::from_std(Duration::from_secs_f64(secs))
+                        .expect("bounded above"),
+            ),
+            None => None,
         },
     };
 
@@ -277,7 +295,9 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         records.push(record);
     }
     bar.finish_and_clear();
-    let failed = records.iter().any(|record| record.status != Status::Completed);
+    let failed = records
+        .iter()
+        .any(|record| record.status != Status::Completed);
     if json {
         if bulk {
             output::print_json(&records)?;
@@ -289,7 +309,53 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     } else {
         output::print_record(&records[0]);
     }
-    Ok(if failed { Finished::TaskFailed } else { Finished::Done })
+    Ok(if failed {
+        Finished::TaskFailed
+    } else {
+        Finished::Done
+    })
+}
+
+/// Returns the start delay that `--delay` or `--at` asks for.
+fn start_delay(args: &SubmitArgs) -> Result<Duration> {
+    const MAX_DELAY_SECS: f64 = 30.0 * 86400.0;
+    if let Some(at) = &args.at {
+        let time = bgw::record::parse_time(at)
+            .map_err(|error| UsageError(format!("invalid --at: {error}")))?;
+        let delay = (time - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        if delay.as_secs_f64() > MAX_DELAY_SECS {
+            return Err(
+                UsageError(format!("invalid --at {at}: it is more than 30 days ahead")).into(),
+            );
+        }
+        return Ok(delay);
+    }
+    match args.delay {
+        Some(secs) if !(secs.is_finite() && (0.0..=MAX_DELAY_SECS).contains(&secs)) => {
+            Err(UsageError(format!(
+                "invalid --delay {secs}: it must be between 0 and 2592000 seconds"
+            ))
+            .into())
+        }
+        Some(secs) => Ok(Duration::from_secs_f64(secs)),
+        None => Ok(Duration::ZERO),
+    }
+}
+
+/// Converts an optional number of seconds from the command line to milliseconds.
+fn seconds_to_ms(flag: &str, seconds: Option<f64>) -> Result<Option<u64>> {
+    match seconds {
+        None => Ok(None),
+        Some(value) if value.is_finite() && (0.0..=86_400.0).contains(&value) => {
+            Ok(Some((value * 1000.0).round() as u64))
+        }
+        Some(value) => Err(UsageError(format!(
+            "invalid {flag} {value}: it must be between 0 and 86400 seconds"
+        ))
+        .into()),
+    }
 }
 
 fn read_payloads(args: &SubmitArgs) -> Result<Vec<Vec<u8>>> {
@@ -310,8 +376,9 @@ fn read_payloads(args: &SubmitArgs) -> Result<Vec<Vec<u8>>> {
         return Err(UsageError("invalid --count 0: it must be at least 1".into()).into());
     }
     let payload = match args.payload.strip_prefix('@') {
-        Some(path) => std::fs::read(path)
-            .with_context(|| format!("failed to read payload file {path}"))?,
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("failed to read payload file {path}"))?
+        }
         None => args.payload.clone().into_bytes(),
     };
     Ok(vec![payload; args.count as usize])
@@ -365,7 +432,9 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
         Status::Completed => {
             if json {
                 let value: serde_json::Value = serde_json::from_str(&record.output_payload)
-                    .with_context(|| format!("task {} has an invalid OutputPayload", record.row_key))?;
+                    .with_context(|| {
+                        format!("task {} has an invalid OutputPayload", record.row_key)
+                    })?;
                 output::print_json(&value)?;
             } else {
                 println!("{}", record.output_payload);
@@ -377,12 +446,19 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
                 "task {} ended {}: {}",
                 record.row_key,
                 record.status,
-                record.error_message.as_deref().unwrap_or("no error message")
+                record
+                    .error_message
+                    .as_deref()
+                    .unwrap_or("no error message")
             );
             Ok(Finished::TaskFailed)
         }
         Status::Created | Status::Running => {
-            bail!("task {} has no result yet: its status is {}", record.row_key, record.status)
+            bail!(
+                "task {} has no result yet: its status is {}",
+                record.row_key,
+                record.status
+            )
         }
     }
 }
@@ -411,7 +487,11 @@ fn save_output_blob(client: &WorkflowClient, record: &TaskRecord, target: &Path)
     data.truncate(filled);
     std::fs::write(target, &data)
         .with_context(|| format!("failed to write {}", target.display()))?;
-    eprintln!("saved output blob ({} bytes) to {}", data.len(), target.display());
+    eprintln!(
+        "saved output blob ({} bytes) to {}",
+        data.len(),
+        target.display()
+    );
     Ok(())
 }
 
@@ -431,6 +511,28 @@ async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finishe
         output::print_json(&records)?;
     } else {
         output::print_table(&records);
+    }
+    Ok(Finished::Done)
+}
+
+async fn cancel(settings: &Settings, args: TaskArgs) -> Result<Finished> {
+    let client = client(settings)?;
+    match client
+        .cancel(&args.task_id, args.resource.as_deref())
+        .await?
+    {
+        CancelOutcome::Cancelled => println!("cancelled {}: it will not start", args.task_id),
+        CancelOutcome::Requested => println!(
+            "cancellation requested for {}: its daemon stops it (`bgw wait` shows the end)",
+            args.task_id
+        ),
+        CancelOutcome::AlreadyFinished(status) => {
+            bail!(
+                "task {} already finished with status {status}",
+                args.task_id
+            )
+        }
+        CancelOutcome::NotFound => bail!("task {} not found", args.task_id),
     }
     Ok(Finished::Done)
 }
@@ -458,7 +560,10 @@ async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
 async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
     if !backend.requeue_dead_letter(&args.id).await? {
-        bail!("dead letter {:?} not found: `bgw dead-letters` lists them", args.id);
+        bail!(
+            "dead letter {:?} not found: `bgw dead-letters` lists them",
+            args.id
+        );
     }
     println!("requeued {}", args.id);
     Ok(Finished::Done)

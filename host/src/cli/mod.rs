@@ -59,6 +59,8 @@ enum Command {
     Result(ResultArgs),
     /// List tasks, newest first
     List(ListArgs),
+    /// Cancel a task: a queued one never starts, a running one is stopped
+    Cancel(TaskArgs),
     /// List messages moved aside because they could not be processed
     DeadLetters,
     /// Send a dead-lettered message back to the queue
@@ -96,6 +98,15 @@ struct RegisterArgs {
     /// Maximum size of the output blob, in bytes
     #[arg(long, value_name = "BYTES")]
     max_output: Option<u64>,
+    /// Attempts in all before a failing task ends ERROR; 1 means no retry
+    #[arg(long, value_name = "N")]
+    max_attempts: Option<u32>,
+    /// Delay before the first retry in seconds, doubled for each later one, with jitter
+    #[arg(long, value_name = "SECS")]
+    backoff: Option<f64>,
+    /// Longest delay between attempts, in seconds
+    #[arg(long, value_name = "SECS")]
+    max_backoff: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -130,8 +141,17 @@ struct SubmitArgs {
     #[arg(long, value_name = "FILE")]
     blob: Option<PathBuf>,
     /// Delay before the task may start, in seconds
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", conflicts_with = "at")]
     delay: Option<f64>,
+    /// Time before which the task may not start, in RFC 3339 (2026-12-24T18:00:00Z)
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+    /// Seconds from now after which the task must not start or go on running
+    #[arg(long, value_name = "SECS")]
+    deadline: Option<f64>,
+    /// Key that makes a retried submit return the task the first submit created
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["count", "payloads"])]
+    idempotency_key: Option<String>,
     /// Wait until every started task has finished, and print the final records
     #[arg(long)]
     wait: bool,
@@ -214,9 +234,7 @@ pub fn main() -> ExitCode {
         Ok(Finished::TaskFailed) => ExitCode::from(EXIT_TASK_FAILED),
         Err(error) => {
             eprintln!("error: {error:#}");
-            let usage = error
-                .downcast_ref::<commands::UsageError>()
-                .is_some();
+            let usage = error.downcast_ref::<commands::UsageError>().is_some();
             ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE })
         }
     }

@@ -22,12 +22,21 @@ pub fn print_record(record: &TaskRecord) {
         ("TaskType", record.task_type.clone()),
         ("Status", record.status.to_string()),
         ("Attempt", record.attempt.to_string()),
-        ("ComponentDigest", record.component_digest.clone().unwrap_or_default()),
+        (
+            "ComponentDigest",
+            record.component_digest.clone().unwrap_or_default(),
+        ),
         ("StartTime", time(&record.start_time)),
         ("EndTime", time(&record.end_time)),
-        ("FuelUsed", record.fuel_used.map(|f| f.to_string()).unwrap_or_default()),
+        (
+            "FuelUsed",
+            record.fuel_used.map(|f| f.to_string()).unwrap_or_default(),
+        ),
         ("OutputPayload", record.output_payload.clone()),
-        ("ErrorMessage", record.error_message.clone().unwrap_or_default()),
+        (
+            "ErrorMessage",
+            record.error_message.clone().unwrap_or_default(),
+        ),
         (
             "OutputBlob",
             match (&record.output_container_name, &record.output_blob_name) {
@@ -45,7 +54,10 @@ pub fn print_record(record: &TaskRecord) {
 
 /// Prints records as a table, one line each.
 pub fn print_table(records: &[TaskRecord]) {
-    println!("{:<36}  {:<10}  {:<20}  {:<7}  {:<12}  RESOURCE", "TASK ID", "STATUS", "TYPE", "ATTEMPT", "DIGEST");
+    println!(
+        "{:<36}  {:<10}  {:<20}  {:<7}  {:<12}  RESOURCE",
+        "TASK ID", "STATUS", "TYPE", "ATTEMPT", "DIGEST"
+    );
     for record in records {
         let digest = record.component_digest.as_deref().unwrap_or("-");
         println!(
@@ -63,7 +75,10 @@ pub fn print_table(records: &[TaskRecord]) {
 /// Prints how many of the records ended in each status.
 pub fn print_summary(records: &[TaskRecord]) {
     for status in Status::ALL {
-        let count = records.iter().filter(|record| record.status == status).count();
+        let count = records
+            .iter()
+            .filter(|record| record.status == status)
+            .count();
         if count > 0 {
             println!("{status}: {count}");
         }

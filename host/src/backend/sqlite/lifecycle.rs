@@ -3,11 +3,14 @@
 use async_trait::async_trait;
 use rusqlite::Connection;
 
-use super::queue::{delete_message, fenced, insert_message, lease_holds};
+use std::time::Duration;
+
+use super::queue::{delete_message, fenced, insert_message, lease_holds, release_message};
 use super::store::{delete_from, insert_new_task, write_task};
 use super::{Shared, SqliteBackend};
 use crate::backend::{
     AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
+    Submitted,
 };
 use crate::record::{format_time, Status, TaskRecord};
 use crate::{Error, Result};
@@ -22,13 +25,34 @@ impl Backend for SqliteBackend {
         (&self.shared.active, &self.shared.finished)
     }
 
-    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<()> {
+    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted> {
         let record = record.clone();
         let message = message.clone();
         self.run(move |shared| {
             shared.db.write(|connection| {
+                if let Some(key) = &record.idempotency_key {
+                    if let Some(existing) = find_by_idempotency_key(connection, shared, key)? {
+                        return Ok(existing);
+                    }
+                }
                 insert_new_task(connection, shared, &record)?;
-                insert_message(connection, &shared.queue, &message.body, message.delay)
+                insert_message(connection, &shared.queue, &message.body, message.delay)?;
+                Ok(Submitted::Created)
+            })
+        })
+        .await
+    }
+
+    async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced> {
+        let lease = lease.clone();
+        let record = record.clone();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                if !release_message(connection, &shared.queue, &lease, delay)? {
+                    return Ok(Fenced::LeaseLost);
+                }
+                write_task(connection, &shared.active, &record, true)?;
+                Ok(Fenced::Written)
             })
         })
         .await
@@ -137,4 +161,25 @@ fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Resu
         &record.row_key,
     )?;
     Ok(fenced(true))
+}
+
+/// Returns the task that already has this idempotency key, in either table.
+fn find_by_idempotency_key(
+    connection: &Connection,
+    shared: &Shared,
+    key: &str,
+) -> Result<Option<Submitted>> {
+    for table in [&shared.active, &shared.finished] {
+        let sql =
+            format!("SELECT row_key, resource_id FROM {table} WHERE idempotency_key = ?1 LIMIT 1");
+        let mut statement = connection.prepare_cached(&sql)?;
+        let mut rows = statement.query([key])?;
+        if let Some(row) = rows.next()? {
+            return Ok(Some(Submitted::Existing {
+                task_id: row.get(0)?,
+                resource_id: row.get(1)?,
+            }));
+        }
+    }
+    Ok(None)
 }

@@ -76,23 +76,13 @@ impl TaskQueue for SqliteBackend {
     async fn release(&self, lease: &Lease, delay: Duration) -> Result<Fenced> {
         let lease = lease.clone();
         self.run(move |shared| {
-            let Some(id) = message_id(&lease) else {
-                return Ok(Fenced::LeaseLost);
-            };
             shared.db.write(|connection| {
-                let visible_at = now_ms().saturating_add(duration_ms(delay));
-                let changed = connection
-                    .prepare_cached(
-                        "UPDATE bgw_queue SET pop_receipt = NULL, visible_at_ms = ?1
-                         WHERE id = ?2 AND pop_receipt = ?3 AND queue_name = ?4",
-                    )?
-                    .execute(rusqlite::params![
-                        visible_at,
-                        id,
-                        lease.pop_receipt,
-                        shared.queue
-                    ])?;
-                Ok(fenced(changed > 0))
+                Ok(fenced(release_message(
+                    connection,
+                    &shared.queue,
+                    &lease,
+                    delay,
+                )?))
             })
         })
         .await
@@ -209,6 +199,26 @@ pub(super) fn insert_message(
 }
 
 /// Deletes a leased message if its lease still holds, returning whether it did.
+/// Makes a leased message visible again after `delay`, returning whether the lease held.
+pub(super) fn release_message(
+    connection: &Connection,
+    queue: &str,
+    lease: &Lease,
+    delay: Duration,
+) -> Result<bool> {
+    let Some(id) = message_id(lease) else {
+        return Ok(false);
+    };
+    let visible_at = now_ms().saturating_add(duration_ms(delay));
+    let changed = connection
+        .prepare_cached(
+            "UPDATE bgw_queue SET pop_receipt = NULL, visible_at_ms = ?1
+             WHERE id = ?2 AND pop_receipt = ?3 AND queue_name = ?4",
+        )?
+        .execute(rusqlite::params![visible_at, id, lease.pop_receipt, queue])?;
+    Ok(changed > 0)
+}
+
 pub(super) fn delete_message(connection: &Connection, queue: &str, lease: &Lease) -> Result<bool> {
     let Some(id) = message_id(lease) else {
         return Ok(false);

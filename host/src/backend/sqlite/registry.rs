@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
 use super::SqliteBackend;
-use crate::backend::{ComponentRegistry, ComponentVersion, Limits};
+use crate::backend::{ComponentRegistry, ComponentVersion, Limits, RetryPolicy};
 use crate::record::{format_time, parse_time};
 use crate::{validate, Error, Result};
 
@@ -23,7 +23,8 @@ use crate::{validate, Error, Result};
 const GENERATION_KEY: &str = "registry_generation";
 
 const VERSION_COLUMNS: &str = "activity_type, version, digest, fuel, memory_mib, \
-    timeout_secs, max_output_bytes, registered_at, current";
+    timeout_secs, max_output_bytes, registered_at, current, max_attempts, backoff_ms, \
+    max_backoff_ms";
 
 #[async_trait]
 impl ComponentRegistry for SqliteBackend {
@@ -40,6 +41,8 @@ impl ComponentRegistry for SqliteBackend {
         validate_digest(digest)?;
         validate_engine_hash(engine_hash)?;
         let limit_values = limit_values(&limits)?;
+        let retry_values = [limits.retry.backoff_ms, limits.retry.max_backoff_ms]
+            .map(|value| i64::try_from(value).unwrap_or(i64::MAX));
 
         let activity_type = activity_type.to_owned();
         let (digest, engine_hash) = (digest.to_owned(), engine_hash.to_owned());
@@ -77,7 +80,7 @@ impl ComponentRegistry for SqliteBackend {
                 connection
                     .prepare_cached(&format!(
                         "INSERT INTO bgw_components ({VERSION_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)"
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11)"
                     ))?
                     .execute(rusqlite::params![
                         activity_type,
@@ -88,6 +91,9 @@ impl ComponentRegistry for SqliteBackend {
                         timeout_secs,
                         max_output_bytes,
                         format_time(&registered_at),
+                        limits.retry.max_attempts,
+                        retry_values[0],
+                        retry_values[1],
                     ])?;
                 bump_generation(connection)?;
                 Ok(ComponentVersion {
@@ -281,6 +287,11 @@ fn version_from_row(row: &Row<'_>) -> Result<ComponentVersion> {
             memory_mib: limit(4)?,
             timeout_secs: limit(5)?,
             max_output_bytes: limit(6)?,
+            retry: RetryPolicy {
+                max_attempts: row.get::<_, i64>(9)?.clamp(1, i64::from(u32::MAX)) as u32,
+                backoff_ms: limit(10)?,
+                max_backoff_ms: limit(11)?,
+            },
         },
         digest: row.get(2)?,
         registered_at,

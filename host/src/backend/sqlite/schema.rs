@@ -26,7 +26,7 @@ pub(super) const PYTHON_COLUMNS: [&str; 12] = [
 ];
 
 /// Columns `bgw` adds after the Python ones, with their types, in this order.
-pub(super) const EXTRA_COLUMNS: [(&str, &str); 11] = [
+pub(super) const EXTRA_COLUMNS: [(&str, &str); 15] = [
     ("attempt", "INTEGER"),
     ("component_digest", "TEXT"),
     ("component_version", "INTEGER"),
@@ -38,16 +38,23 @@ pub(super) const EXTRA_COLUMNS: [(&str, &str); 11] = [
     ("task_log", "TEXT"),
     ("host_id", "TEXT"),
     ("created_time", "TEXT"),
+    ("attempt_history", "TEXT"),
+    ("deadline_time", "TEXT"),
+    ("idempotency_key", "TEXT"),
+    ("cancel_requested", "INTEGER"),
 ];
 
-/// All 23 task columns in table order, which is also the field order of `TaskRecord`.
+/// All 27 task columns in table order, which is also the field order of `TaskRecord`.
 pub(super) const TASK_COLUMNS: &str = "resource_id, row_key, task_type, status, \
     input_payload, output_payload, start_time, end_time, batch_id, error_message, \
     container_name, blob_name, attempt, component_digest, component_version, fuel_used, \
     progress, progress_message, output_container_name, output_blob_name, task_log, host_id, \
-    created_time";
+    created_time, attempt_history, deadline_time, idempotency_key, cancel_requested";
 
-/// Names of the 23 task columns in table order.
+/// Number of task columns.
+pub(super) const TASK_COLUMN_COUNT: usize = 27;
+
+/// Names of the 27 task columns in table order.
 pub(super) fn task_column_names() -> impl Iterator<Item = &'static str> {
     PYTHON_COLUMNS
         .into_iter()
@@ -92,6 +99,9 @@ const REGISTRY_TABLES: &str = "
         max_output_bytes INTEGER NOT NULL,
         registered_at TEXT NOT NULL,
         current INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 3,
+        backoff_ms INTEGER NOT NULL DEFAULT 1000,
+        max_backoff_ms INTEGER NOT NULL DEFAULT 60000,
         PRIMARY KEY (activity_type, version)
     );
     CREATE TABLE IF NOT EXISTS bgw_meta (
@@ -146,7 +156,9 @@ fn create_task_table(connection: &Connection, table: &str) -> Result<()> {
     connection.execute_batch(&format!(
         "CREATE INDEX IF NOT EXISTS {table}_row_key ON {table} (row_key);
          CREATE INDEX IF NOT EXISTS {table}_created_time ON {table} (created_time);
-         CREATE INDEX IF NOT EXISTS {table}_status_created_time ON {table} (status, created_time);"
+         CREATE INDEX IF NOT EXISTS {table}_status_created_time ON {table} (status, created_time);
+         CREATE INDEX IF NOT EXISTS {table}_idempotency_key ON {table} (idempotency_key)
+             WHERE idempotency_key IS NOT NULL;"
     ))?;
     Ok(())
 }

@@ -5,10 +5,10 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, Row, ToSql};
 
-use super::schema::TASK_COLUMNS;
+use super::schema::{TASK_COLUMNS, TASK_COLUMN_COUNT};
 use super::{Shared, SqliteBackend};
-use crate::backend::{ListFilter, ProgressUpdate, TaskStore};
-use crate::record::{format_time, parse_time, Status, TaskRecord};
+use crate::backend::{CancelOutcome, ListFilter, ProgressUpdate, TaskStore};
+use crate::record::{format_time, parse_time, AttemptSummary, Status, TaskRecord};
 use crate::{Error, Result};
 
 #[async_trait]
@@ -61,6 +61,65 @@ impl TaskStore for SqliteBackend {
             shared
                 .db
                 .read(|connection| list_tasks(connection, shared, &filter))
+        })
+        .await
+    }
+
+    async fn request_cancel(
+        &self,
+        resource_id: Option<&str>,
+        task_id: &str,
+    ) -> Result<CancelOutcome> {
+        let resource_id = resource_id.map(str::to_owned);
+        let task_id = task_id.to_owned();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                if let Some(mut record) =
+                    find_task(connection, &shared.active, resource_id.as_deref(), &task_id)?
+                {
+                    if record.status == Status::Running {
+                        let sql = format!(
+                            "UPDATE {} SET cancel_requested = 1 WHERE resource_id = ?1 AND row_key = ?2",
+                            shared.active
+                        );
+                        connection
+                            .prepare_cached(&sql)?
+                            .execute([&record.partition_key, &record.row_key])?;
+                        return Ok(CancelOutcome::Requested);
+                    }
+                    // Queued or waiting for a retry: it never starts again. Its message is
+                    // acknowledged as a duplicate delivery when it is next leased.
+                    record.status = Status::Cancelled;
+                    record.end_time = Some(Utc::now());
+                    record.error_message = Some("cancelled before it started".to_owned());
+                    write_task(connection, &shared.finished, &record, true)?;
+                    delete_from(connection, &shared.active, &record.partition_key, &task_id)?;
+                    return Ok(CancelOutcome::Cancelled);
+                }
+                match find_task(connection, &shared.finished, resource_id.as_deref(), &task_id)? {
+                    Some(record) => Ok(CancelOutcome::AlreadyFinished(record.status)),
+                    None => Ok(CancelOutcome::NotFound),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn cancel_requested(&self, resource_id: &str, task_id: &str) -> Result<bool> {
+        let (resource_id, task_id) = (resource_id.to_owned(), task_id.to_owned());
+        self.run(move |shared| {
+            let sql = format!(
+                "SELECT cancel_requested FROM {} WHERE resource_id = ?1 AND row_key = ?2",
+                shared.active
+            );
+            shared.db.read(|connection| {
+                let mut statement = connection.prepare_cached(&sql)?;
+                let mut rows = statement.query([&resource_id, &task_id])?;
+                Ok(match rows.next()? {
+                    Some(row) => row.get::<_, Option<i64>>(0)?.unwrap_or(0) != 0,
+                    None => false,
+                })
+            })
         })
         .await
     }
@@ -126,7 +185,9 @@ pub(super) fn write_task(
     } else {
         "INSERT"
     };
-    let placeholders: Vec<String> = (1..=23).map(|index| format!("?{index}")).collect();
+    let placeholders: Vec<String> = (1..=TASK_COLUMN_COUNT)
+        .map(|index| format!("?{index}"))
+        .collect();
     let sql = format!(
         "{verb} INTO {table} ({TASK_COLUMNS}) VALUES ({})",
         placeholders.join(", ")
@@ -215,13 +276,13 @@ fn list_tasks(
     let mut rows = statement.query(named.as_slice())?;
     let mut records = Vec::new();
     while let Some(row) = rows.next()? {
-        let table: String = row.get(23)?;
+        let table: String = row.get(TASK_COLUMN_COUNT)?;
         records.push(task_from_row(row, &table)?);
     }
     Ok(records)
 }
 
-/// Reads a record from a row of the 23 task columns.
+/// Reads a record from a row of the task columns.
 ///
 /// Values of an unexpected SQLite type are converted where possible, and a time
 /// that does not parse is read as missing, so that one bad value written by another
@@ -257,12 +318,16 @@ pub(super) fn task_from_row(row: &Row<'_>, table: &str) -> Result<TaskRecord> {
         task_log: text(row, 20)?,
         host_id: text(row, 21)?,
         created_time: time(22, "created_time")?,
+        attempt_history: attempt_history(row, 23, &row_key)?,
+        deadline_time: time(24, "deadline_time")?,
+        idempotency_key: text(row, 25)?,
+        cancel_requested: integer(row, 26)?.unwrap_or(0) != 0,
         row_key,
     })
 }
 
-/// Returns the 23 column values of a record, in table order.
-fn task_values(record: &TaskRecord) -> [Value; 23] {
+/// Returns the column values of a record, in table order.
+fn task_values(record: &TaskRecord) -> [Value; TASK_COLUMN_COUNT] {
     let time = |time: &Option<DateTime<Utc>>| Value::from(time.as_ref().map(format_time));
     let text = |text: &Option<String>| Value::from(text.clone());
     [
@@ -293,7 +358,32 @@ fn task_values(record: &TaskRecord) -> [Value; 23] {
         text(&record.task_log),
         text(&record.host_id),
         time(&record.created_time),
+        if record.attempt_history.is_empty() {
+            Value::Null
+        } else {
+            Value::Text(
+                serde_json::to_string(&record.attempt_history)
+                    .expect("attempt summaries serialize"),
+            )
+        },
+        time(&record.deadline_time),
+        text(&record.idempotency_key),
+        Value::Integer(record.cancel_requested.into()),
     ]
+}
+
+/// Reads the attempt history column; a value that does not parse is logged and skipped.
+fn attempt_history(row: &Row<'_>, index: usize, task_id: &str) -> Result<Vec<AttemptSummary>> {
+    let Some(value) = text(row, index)?.filter(|value| !value.trim().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    match serde_json::from_str(&value) {
+        Ok(history) => Ok(history),
+        Err(error) => {
+            tracing::warn!(task_id, %error, "ignoring unreadable attempt history");
+            Ok(Vec::new())
+        }
+    }
 }
 
 fn text(row: &Row<'_>, index: usize) -> Result<Option<String>> {

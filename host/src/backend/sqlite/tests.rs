@@ -23,6 +23,11 @@ const LIMITS: Limits = Limits {
     memory_mib: 64,
     timeout_secs: 5,
     max_output_bytes: 1024,
+    retry: crate::backend::RetryPolicy {
+        max_attempts: 3,
+        backoff_ms: 1_000,
+        max_backoff_ms: 60_000,
+    },
 };
 
 fn open(dir: &Path) -> SqliteBackend {
