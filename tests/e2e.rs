@@ -924,8 +924,6 @@ fn large_payloads_reach_guest_intact() {
 
 #[test]
 fn large_payloads_stored_byte_for_byte() {
-    // NOTE: fails while `WorkflowClient::start_activity_with` stores the payload re-encoded
-    // by `serde_json::to_string`, which drops the space after each ':' of the case files.
     let env = TestEnv::new();
     for name in PAYLOAD_CASES {
         let raw = raw_payload_of(&case_file(name));
@@ -1002,8 +1000,13 @@ fn poison_tasks_do_not_block_healthy_task() {
     assert_failed_with(trapped, "guest trapped");
     assert_eq!(
         trapped["Attempt"],
-        json!(1),
-        "a trap is not retried: {trapped:#}"
+        json!(3),
+        "a trap is retried up to the default of 3 attempts: {trapped:#}"
+    );
+    assert_eq!(
+        trapped["AttemptHistory"].as_array().map(Vec::len),
+        Some(3),
+        "each attempt is in the history: {trapped:#}"
     );
     let healthy = &records[&ids[2]];
     assert_completed(healthy);

@@ -89,8 +89,17 @@ impl WorkflowClient {
         validate::activity_type(activity_type)?;
         validate::resource_id(resource_id)?;
         let payload = validate::payload(payload_json)?;
-        let payload_text = serde_json::to_string(&payload)
-            .map_err(|error| Error::Invalid(format!("failed to serialize the payload: {error}")))?;
+        // The guest receives the payload byte for byte as submitted; it was checked above.
+        let payload_text = String::from_utf8(payload_json.to_vec())
+            .map_err(|error| Error::Invalid(format!("payload is not valid UTF-8: {error}")))?;
+        if let Some(key) = &options.idempotency_key {
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(Error::Invalid(format!(
+                    "invalid idempotency key of {} bytes: it must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
+                    key.len()
+                )));
+            }
+        }
 
         let task_id = uuid::Uuid::now_v7().to_string();
         let mut record = TaskRecord::new(&task_id, resource_id, activity_type, &payload_text);
