@@ -31,7 +31,7 @@ pub struct StartOptions {
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Longest idempotency key, in bytes.
+/// Maximum length of an idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 /// Starts activities and reads their records, on any [`Backend`].
@@ -51,7 +51,7 @@ impl WorkflowClient {
         }
     }
 
-    /// The backend this client writes to.
+    /// Returns the backend this client writes to.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }

@@ -1,9 +1,9 @@
 //! The controller: leases messages, runs each task in the sandbox and records the outcome.
 //!
 //! One leasing loop fills free worker slots. Each leased message becomes a worker task
-//! that checks the record, marks it RUNNING, keeps its lease alive while the guest runs,
-//! and hands the terminal record to the finisher, which commits outcomes in batches
-//! (one transaction per batch on SQLite).
+//! that checks the record, marks it RUNNING and keeps its lease alive while the guest
+//! runs. The terminal record goes to the finisher, which commits outcomes in batches,
+//! one transaction per batch on SQLite.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +31,7 @@ pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 /// Largest number of terminal records committed in one batch.
 const MAX_FINISH_BATCH: usize = 256;
 
-/// How the daemon runs.
+/// Settings of the daemon.
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
     /// Tasks run at once.
@@ -39,7 +39,7 @@ pub struct DaemonOptions {
     /// How long a leased message stays invisible before another worker may take it.
     /// Running tasks extend it every third of this period.
     pub visibility_timeout: Duration,
-    /// Longest pause between looks at an empty queue.
+    /// Maximum pause between polls of an empty queue.
     pub idle_poll: Duration,
     /// Interval between checks of the registry for new component versions.
     pub registry_poll: Duration,
@@ -66,7 +66,7 @@ impl Default for DaemonOptions {
     }
 }
 
-/// Returns `HOSTNAME:PID`, which tells hosts and restarts apart in task records.
+/// Returns `HOSTNAME:PID`, which distinguishes hosts and restarts in task records.
 pub fn default_host_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
@@ -591,7 +591,7 @@ pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// Interval between checks for a cancellation request of a running task.
 const CANCEL_POLL: Duration = Duration::from_millis(250);
 
-/// What the keep-alive task and the sandbox share about one running attempt.
+/// State that the keep-alive task and the sandbox share for one running attempt.
 #[derive(Clone)]
 struct AttemptWatch {
     /// Set when a cancellation was requested; the guest reads it through `is-cancelled`.
@@ -612,10 +612,11 @@ impl AttemptWatch {
     }
 }
 
-/// Keeps a running attempt's lease alive and its record current: extends the lease every
-/// third of the visibility timeout (with the newest receipt each time), stores new
-/// progress, and turns a cancellation request into the guest's flag, then after
-/// [`CANCEL_GRACE`] into an interrupt.
+/// Keeps a running attempt's lease alive and its record current.
+///
+/// Every third of the visibility timeout it extends the lease with the newest receipt and
+/// stores new progress. A cancellation request sets the guest's flag at once and becomes
+/// an interrupt after [`CANCEL_GRACE`].
 async fn keep_alive(
     backend: Arc<dyn Backend>,
     lease: Arc<Mutex<Lease>>,

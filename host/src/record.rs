@@ -139,7 +139,7 @@ pub struct TaskRecord {
     pub cancel_requested: bool,
 }
 
-/// What one finished attempt of a task did.
+/// Summary of one finished attempt of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct AttemptSummary {

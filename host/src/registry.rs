@@ -1,6 +1,6 @@
 //! Registering components and keeping the current version of each activity type loaded.
 //!
-//! Registration checks and compiles a component once; the compiled artifact is stored
+//! Registration checks and compiles a component once. The compiled artifact is stored
 //! beside the `.wasm` by digest and engine hash, so a daemon loads it in microseconds. The
 //! [`ComponentCache`] follows the registry's generation counter and swaps in new versions
 //! while tasks run: a task holds the `Arc` of the version it started with.

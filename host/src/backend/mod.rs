@@ -154,7 +154,7 @@ pub trait TaskStore: Send + Sync {
     async fn cancel_requested(&self, resource_id: &str, task_id: &str) -> Result<bool>;
 }
 
-/// What `request_cancel` did.
+/// Outcome of `request_cancel`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// The task had not started; it is now CANCELLED and will never start.
@@ -167,7 +167,7 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-/// What `submit` did.
+/// Outcome of `submit`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Submitted {
     /// The task was created.
@@ -195,7 +195,7 @@ pub trait TaskQueue: Send + Sync {
     /// Makes a leased message visible again after `delay`, keeping its dequeue count.
     async fn release(&self, lease: &Lease, delay: Duration) -> Result<Fenced>;
 
-    /// Deletes leased messages. Each entry says whether that lease was still held.
+    /// Deletes leased messages. Each entry reports whether that lease was still held.
     async fn delete(&self, leases: &[Lease]) -> Result<Vec<Fenced>>;
 
     /// Moves a leased message to the dead-letter table with a reason.
@@ -246,10 +246,10 @@ pub trait Backend: TaskStore + TaskQueue {
     /// leased, such as a cancelled task.
     async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()>;
 
-    /// The blob store of this backend.
+    /// Returns the blob store of this backend.
     fn blobs(&self) -> &dyn BlobStore;
 
-    /// The component registry of this backend.
+    /// Returns the component registry of this backend.
     fn registry(&self) -> &dyn ComponentRegistry;
 }
 
@@ -315,7 +315,7 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Delay before the first retry, in milliseconds; it doubles for each later one.
     pub backoff_ms: u64,
-    /// Longest delay between attempts, in milliseconds.
+    /// Maximum delay between attempts, in milliseconds.
     pub max_backoff_ms: u64,
 }
 
@@ -377,13 +377,13 @@ pub trait ComponentRegistry: Send + Sync {
     /// The current version of an activity type.
     async fn current(&self, activity_type: &str) -> Result<Option<ComponentVersion>>;
 
-    /// All versions of all types (or of one type), oldest first.
+    /// Returns all versions of all types (or of one type), oldest first.
     async fn versions(&self, activity_type: Option<&str>) -> Result<Vec<ComponentVersion>>;
 
     /// Makes the version before the current one current again. Returns the new current version.
     async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion>;
 
-    /// A counter that changes whenever any registration or rollback happens.
+    /// Returns a counter that changes whenever any registration or rollback happens.
     async fn generation(&self) -> Result<u64>;
 
     /// Reads the `.wasm` bytes of a digest.

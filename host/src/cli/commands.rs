@@ -316,7 +316,7 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     })
 }
 
-/// Returns the start delay that `--delay` or `--at` asks for.
+/// Returns the start delay set by `--delay` or `--at`.
 fn start_delay(args: &SubmitArgs) -> Result<Duration> {
     const MAX_DELAY_SECS: f64 = 30.0 * 86400.0;
     if let Some(at) = &args.at {

@@ -104,7 +104,7 @@ struct RegisterArgs {
     /// Delay before the first retry in seconds, doubled for each later one, with jitter
     #[arg(long, value_name = "SECS")]
     backoff: Option<f64>,
-    /// Longest delay between attempts, in seconds
+    /// Maximum delay between attempts, in seconds
     #[arg(long, value_name = "SECS")]
     max_backoff: Option<f64>,
 }
@@ -209,7 +209,7 @@ struct RequeueArgs {
     id: String,
 }
 
-/// What a command reports besides its output.
+/// Outcome of a command, besides its output.
 enum Finished {
     Done,
     TaskFailed,

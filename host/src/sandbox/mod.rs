@@ -160,7 +160,8 @@ impl Sandbox {
         Ok(PreparedComponent { pre })
     }
 
-    /// Runs one attempt in a fresh store. Never panics on anything the guest does.
+    /// Runs one attempt in a fresh store. Traps, limits and guest errors end up in the
+    /// returned report, not in a panic.
     pub async fn run(
         &self,
         component: &PreparedComponent,
@@ -243,7 +244,7 @@ pub struct PreparedComponent {
     pre: ActivityPre<TaskState>,
 }
 
-/// What one attempt of a task may reach.
+/// Data that one attempt of a task may reach.
 pub struct TaskContext {
     pub task_id: String,
     pub resource_id: String,
@@ -254,7 +255,7 @@ pub struct TaskContext {
     pub input: Option<(Box<dyn ReadAt>, u64)>,
     /// Opens the output blob on the first write.
     pub open_output: Box<dyn FnMut() -> anyhow::Result<Box<dyn BlobWriter>> + Send>,
-    /// Set by the controller when the task is cancelled; the guest sees it through
+    /// Set by the controller when the task is cancelled; the guest reads it through
     /// `is-cancelled`.
     pub cancelled: Arc<AtomicBool>,
     /// Cancelled by the controller to stop the attempt at once: after a cancellation's
@@ -343,7 +344,7 @@ impl WasiView for TaskState {
     }
 }
 
-/// How an attempt ended.
+/// Outcome of an attempt.
 #[derive(Debug)]
 pub enum Outcome {
     /// The guest returned a result (a JSON string, not yet validated).
@@ -356,7 +357,7 @@ pub enum Outcome {
     Interrupted,
 }
 
-/// Why an attempt was stopped.
+/// Cause of a stopped attempt.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FaultKind {
     OutOfFuel { fuel: u64 },
@@ -492,10 +493,10 @@ fn panic_message(stderr: &str, log: &str) -> Option<String> {
 fn check_component_header(wasm: &[u8]) -> Result<(), String> {
     const MAGIC: &[u8; 4] = b"\0asm";
     if wasm.len() < 8 || &wasm[..4] != MAGIC {
-        let shown: Vec<String> = wasm.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let leading: Vec<String> = wasm.iter().take(8).map(|b| format!("{b:02x}")).collect();
         return Err(format!(
             "not a WebAssembly file: it starts with bytes [{}] instead of 00 61 73 6d",
-            shown.join(" ")
+            leading.join(" ")
         ));
     }
     match wasm[4..8] {

@@ -39,9 +39,9 @@ impl BoundedText {
     pub fn push(&self, data: &[u8]) {
         let mut buffer = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = buffer.capacity.saturating_sub(buffer.bytes.len());
-        let kept = room.min(data.len());
-        buffer.bytes.extend_from_slice(&data[..kept]);
-        buffer.dropped += (data.len() - kept) as u64;
+        let accepted = room.min(data.len());
+        buffer.bytes.extend_from_slice(&data[..accepted]);
+        buffer.dropped += (data.len() - accepted) as u64;
     }
 
     /// Returns the kept text (invalid UTF-8 replaced) and a line counting dropped bytes.
