@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use std::time::Duration;
 
 use super::queue::{delete_message, fenced, insert_message, lease_holds, release_message};
-use super::store::{delete_from, insert_new_task, write_task};
+use super::store::{insert_new_task, move_to_finished, write_task};
 use super::{Shared, SqliteBackend};
 use crate::backend::{
     AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
@@ -85,16 +85,9 @@ impl Backend for SqliteBackend {
     async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()> {
         let record = record.clone();
         self.run(move |shared| {
-            shared.db.write(|connection| {
-                write_task(connection, &shared.finished, &record, true)?;
-                delete_from(
-                    connection,
-                    &shared.active,
-                    &record.partition_key,
-                    &record.row_key,
-                )?;
-                Ok(())
-            })
+            shared
+                .db
+                .write(|connection| move_to_finished(connection, shared, &record))
         })
         .await
     }
@@ -152,14 +145,7 @@ fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Resu
     if !delete_message(connection, &shared.queue, &finish.lease)? {
         return Ok(Fenced::LeaseLost);
     }
-    let record = &finish.record;
-    write_task(connection, &shared.finished, record, true)?;
-    delete_from(
-        connection,
-        &shared.active,
-        &record.partition_key,
-        &record.row_key,
-    )?;
+    move_to_finished(connection, shared, &finish.record)?;
     Ok(fenced(true))
 }
 

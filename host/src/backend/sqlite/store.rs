@@ -92,8 +92,7 @@ impl TaskStore for SqliteBackend {
                     record.status = Status::Cancelled;
                     record.end_time = Some(Utc::now());
                     record.error_message = Some("cancelled before it started".to_owned());
-                    write_task(connection, &shared.finished, &record, true)?;
-                    delete_from(connection, &shared.active, &record.partition_key, &task_id)?;
+                    move_to_finished(connection, shared, &record)?;
                     return Ok(CancelOutcome::Cancelled);
                 }
                 match find_task(connection, &shared.finished, resource_id.as_deref(), &task_id)? {
@@ -195,6 +194,22 @@ pub(super) fn write_task(
     connection
         .prepare_cached(&sql)?
         .execute(rusqlite::params_from_iter(task_values(record)))?;
+    Ok(())
+}
+
+/// Writes a terminal record to the finished table and deletes it from the active one.
+pub(super) fn move_to_finished(
+    connection: &Connection,
+    shared: &Shared,
+    record: &TaskRecord,
+) -> Result<()> {
+    write_task(connection, &shared.finished, record, true)?;
+    delete_from(
+        connection,
+        &shared.active,
+        &record.partition_key,
+        &record.row_key,
+    )?;
     Ok(())
 }
 
