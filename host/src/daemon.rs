@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::{AttemptStart, Backend, BlobRef, Fenced, Finish, Lease, ProgressUpdate};
+use crate::batch::Batcher;
 use crate::record::{format_time, QueueMessage, Status, TaskRecord};
 use crate::registry::{ComponentCache, LoadedComponent};
 use crate::sandbox::{FaultKind, Outcome, Sandbox, TaskContext, TaskError};
@@ -28,8 +29,8 @@ pub const OUTPUT_CONTAINER: &str = "bgw-output";
 /// Default number of deliveries after which a message is dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
-/// Largest number of terminal records committed in one batch.
-const MAX_FINISH_BATCH: usize = 256;
+/// Largest number of attempt starts or terminal records committed in one batch.
+const MAX_BATCH: usize = 256;
 
 /// Settings of the daemon.
 #[derive(Clone, Debug)]
@@ -83,7 +84,10 @@ struct Controller {
     /// Cancelled when the grace period after a shutdown signal is over: running attempts
     /// stop and their messages are released for other workers.
     interrupt: CancellationToken,
-    finisher: mpsc::Sender<(Finish, oneshot::Sender<Result<Fenced>>)>,
+    /// Group commit of attempt starts.
+    starter: Batcher<(Lease, AttemptStart), Result<Fenced>>,
+    /// Group commit of terminal records.
+    finisher: Batcher<Finish, Fenced>,
 }
 
 /// Runs the daemon until `shutdown` resolves, then lets running tasks finish within the
@@ -98,8 +102,21 @@ pub async fn run(
     let components = Arc::new(ComponentCache::new(sandbox.clone(), backend.clone()));
     components.refresh().await?;
 
-    let (finish_tx, finish_rx) = mpsc::channel(MAX_FINISH_BATCH * 4);
-    let finisher = tokio::spawn(run_finisher(backend.clone(), finish_rx));
+    let starts_backend = backend.clone();
+    let (starter, starter_task) = Batcher::spawn(
+        "begin attempts",
+        MAX_BATCH,
+        move |items: Vec<(Lease, AttemptStart)>| {
+            let backend = starts_backend.clone();
+            async move { backend.begin_attempts(&items).await }
+        },
+    );
+    let finishes_backend = backend.clone();
+    let (finisher, finisher_task) =
+        Batcher::spawn("finish tasks", MAX_BATCH, move |items: Vec<Finish>| {
+            let backend = finishes_backend.clone();
+            async move { backend.finish(&items).await }
+        });
     let watcher = tokio::spawn(watch_registry(components.clone(), options.registry_poll));
 
     let controller = Arc::new(Controller {
@@ -108,7 +125,8 @@ pub async fn run(
         components,
         options: options.clone(),
         interrupt: CancellationToken::new(),
-        finisher: finish_tx,
+        starter,
+        finisher,
     });
     tracing::info!(
         concurrency = options.concurrency,
@@ -157,10 +175,7 @@ pub async fn run(
                     .expect("the semaphore is never closed"),
             };
             let controller = controller.clone();
-            workers.spawn(async move {
-                controller.process(lease).await;
-                drop(slot);
-            });
+            workers.spawn(async move { controller.process(lease, slot).await });
         }
     }
 
@@ -183,14 +198,17 @@ pub async fn run(
     }
     watcher.abort();
     drop(controller);
-    let _ = finisher.await;
+    let _ = starter_task.await;
+    let _ = finisher_task.await;
     tracing::info!("daemon stopped");
     Ok(())
 }
 
 impl Controller {
     /// Processes one leased message to a recorded outcome. Every failure is logged here.
-    async fn process(&self, lease: Lease) {
+    /// The worker slot is given back as soon as the guest has run, so that the next
+    /// message can start while this outcome is committed.
+    async fn process(&self, lease: Lease, slot: OwnedSemaphorePermit) {
         let message = match QueueMessage::parse(&lease.body) {
             Ok(message) => message,
             Err(reason) => {
@@ -207,7 +225,7 @@ impl Controller {
             digest = tracing::field::Empty,
         );
         async {
-            if let Err(error) = self.process_message(lease, message).await {
+            if let Err(error) = self.process_message(lease, message, slot).await {
                 tracing::error!(%error, "failed to process task");
             }
         }
@@ -215,7 +233,12 @@ impl Controller {
         .await
     }
 
-    async fn process_message(&self, lease: Lease, message: QueueMessage) -> Result<()> {
+    async fn process_message(
+        &self,
+        lease: Lease,
+        message: QueueMessage,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<()> {
         let record = self
             .backend
             .get_task(Some(&message.resource_id), &message.row_key)
@@ -292,7 +315,7 @@ impl Controller {
             host_id: self.options.host_id.clone(),
             start_time: Utc::now(),
         };
-        if self.backend.begin_attempt(&lease, &start).await? == Fenced::LeaseLost {
+        if self.starter.call((lease.clone(), start.clone())).await?? == Fenced::LeaseLost {
             tracing::warn!("lease lost before the attempt started: another worker has the task");
             return Ok(());
         }
@@ -305,7 +328,7 @@ impl Controller {
         record.error_message = None;
         record.end_time = None;
 
-        self.run_attempt(lease, record, component).await
+        self.run_attempt(lease, record, component, slot).await
     }
 
     async fn run_attempt(
@@ -313,6 +336,7 @@ impl Controller {
         lease: Lease,
         mut record: TaskRecord,
         component: Arc<LoadedComponent>,
+        slot: OwnedSemaphorePermit,
     ) -> Result<()> {
         let output_ref = BlobRef {
             container: OUTPUT_CONTAINER.to_owned(),
@@ -382,6 +406,7 @@ impl Controller {
             self.options.visibility_timeout,
         ));
         let report = self.sandbox.run(&component.prepared, context, limits).await;
+        drop(slot);
         heartbeat.abort();
         let _ = heartbeat.await;
         let lease = current_lease
@@ -546,27 +571,11 @@ impl Controller {
     }
 
     async fn finish(&self, lease: Lease, record: TaskRecord) -> Result<()> {
-        let (reply_tx, reply_rx) = oneshot::channel();
         let task_id = record.row_key.clone();
-        if self
-            .finisher
-            .send((Finish { lease, record }, reply_tx))
-            .await
-            .is_err()
-        {
-            return Err(crate::Error::Invalid("the finisher has stopped".into()));
+        if self.finisher.call(Finish { lease, record }).await? == Fenced::LeaseLost {
+            tracing::warn!(task_id = %task_id, "outcome discarded: the lease was lost to another worker");
         }
-        match reply_rx.await {
-            Ok(Ok(Fenced::Written)) => Ok(()),
-            Ok(Ok(Fenced::LeaseLost)) => {
-                tracing::warn!(task_id = %task_id, "outcome discarded: the lease was lost to another worker");
-                Ok(())
-            }
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(crate::Error::Invalid(
-                "the finisher dropped the request".into(),
-            )),
-        }
+        Ok(())
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) {
@@ -684,31 +693,6 @@ async fn keep_alive(
                 watch.interrupt.cancel();
             }
             Some(_) => {}
-        }
-    }
-}
-
-/// Commits terminal records in batches: whatever queued up while the last batch committed.
-async fn run_finisher(
-    backend: Arc<dyn Backend>,
-    mut requests: mpsc::Receiver<(Finish, oneshot::Sender<Result<Fenced>>)>,
-) {
-    let mut batch = Vec::with_capacity(MAX_FINISH_BATCH);
-    while requests.recv_many(&mut batch, MAX_FINISH_BATCH).await > 0 {
-        let (finishes, replies): (Vec<Finish>, Vec<_>) = batch.drain(..).unzip();
-        match backend.finish(&finishes).await {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result));
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, tasks = finishes.len(), "failed to store task outcomes");
-                let message = error.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(crate::Error::Invalid(message.clone())));
-                }
-            }
         }
     }
 }

@@ -7,6 +7,7 @@
 //! default is [`backend::sqlite`] with a local [`blob`] folder.
 
 pub mod backend;
+pub mod batch;
 pub mod blob;
 pub mod client;
 pub mod config;

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::record::{QueueMessage, Status, TaskRecord};
-use crate::Result;
+use crate::{Error, Result};
 
 /// A message leased from the queue: invisible to other consumers until its lease expires.
 #[derive(Clone, Debug, PartialEq)]
@@ -233,6 +233,21 @@ pub trait Backend: TaskStore + TaskQueue {
 
     /// Marks a leased task RUNNING for a new attempt, unless the lease was lost.
     async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced>;
+
+    /// Marks many leased tasks RUNNING. One entry per item: a missing record is that
+    /// entry's error; an error of the whole call means nothing was written. A backend that
+    /// can do this in one transaction overrides the default, which calls `begin_attempt`
+    /// for each item.
+    async fn begin_attempts(&self, items: &[(Lease, AttemptStart)]) -> Result<Vec<Result<Fenced>>> {
+        let mut results = Vec::with_capacity(items.len());
+        for (lease, start) in items {
+            results.push(match self.begin_attempt(lease, start).await {
+                Err(Error::NotFound(message)) => Err(Error::NotFound(message)),
+                other => Ok(other?),
+            });
+        }
+        Ok(results)
+    }
 
     /// Stores each terminal record in the finished table, removes it from the active one and
     /// deletes its message, each entry only if its lease is still held.

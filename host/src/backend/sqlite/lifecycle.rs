@@ -69,6 +69,23 @@ impl Backend for SqliteBackend {
         .await
     }
 
+    async fn begin_attempts(&self, items: &[(Lease, AttemptStart)]) -> Result<Vec<Result<Fenced>>> {
+        let items = items.to_vec();
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                let mut results = Vec::with_capacity(items.len());
+                for (lease, start) in &items {
+                    results.push(match begin_attempt(connection, shared, lease, start) {
+                        Err(Error::NotFound(message)) => Err(Error::NotFound(message)),
+                        other => Ok(other?),
+                    });
+                }
+                Ok(results)
+            })
+        })
+        .await
+    }
+
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
         let finishes = finishes.to_vec();
         self.run(move |shared| {
