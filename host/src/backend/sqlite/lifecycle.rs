@@ -48,6 +48,22 @@ impl Backend for SqliteBackend {
         let record = record.clone();
         self.run(move |shared| {
             shared.db.write(|connection| {
+                if cancel_was_requested(connection, shared, &record)? {
+                    // A cancellation arrived while the failed attempt ran: it wins over the
+                    // retry, so the task ends CANCELLED instead of running again.
+                    if !delete_message(connection, &shared.queue, &lease)? {
+                        return Ok(Fenced::LeaseLost);
+                    }
+                    let mut cancelled = record.clone();
+                    cancelled.status = Status::Cancelled;
+                    cancelled.cancel_requested = true;
+                    cancelled.error_message = Some(format!(
+                        "cancelled while running; the attempt ended with: {}",
+                        record.error_message.as_deref().unwrap_or_default()
+                    ));
+                    move_to_finished(connection, shared, &cancelled)?;
+                    return Ok(Fenced::Written);
+                }
                 if !release_message(connection, &shared.queue, &lease, delay)? {
                     return Ok(Fenced::LeaseLost);
                 }
@@ -185,4 +201,22 @@ fn find_by_idempotency_key(
         }
     }
     Ok(None)
+}
+
+/// Returns true when the active record of the task has a cancellation request.
+fn cancel_was_requested(
+    connection: &Connection,
+    shared: &Shared,
+    record: &TaskRecord,
+) -> Result<bool> {
+    let sql = format!(
+        "SELECT coalesce(cancel_requested, 0) FROM {} WHERE resource_id = ?1 AND row_key = ?2",
+        shared.active
+    );
+    let mut statement = connection.prepare_cached(&sql)?;
+    let mut rows = statement.query([&record.partition_key, &record.row_key])?;
+    Ok(match rows.next()? {
+        Some(row) => row.get::<_, i64>(0)? != 0,
+        None => false,
+    })
 }

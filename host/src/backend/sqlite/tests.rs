@@ -10,9 +10,12 @@ use sha2::{Digest, Sha256};
 
 use super::{SqliteBackend, SqliteOptions};
 use crate::backend::{
-    AttemptStart, Backend, ComponentRegistry, Fenced, Finish, Lease, Limits, ListFilter,
-    OutgoingMessage, ProgressUpdate, TaskQueue, TaskStore,
+    AttemptStart, Backend, CancelOutcome, ComponentRegistry, Fenced, Finish, Lease, Limits,
+    ListFilter, OutgoingMessage, ProgressUpdate, Submitted, TaskQueue, TaskStore,
 };
+
+/// Visibility timeout of leases in tests that lease more than once.
+const VISIBILITY: Duration = Duration::from_secs(60);
 use crate::record::{format_time, parse_time, QueueMessage, Status, TaskRecord};
 use crate::Error;
 
@@ -1278,4 +1281,176 @@ async fn wait_for_change_wakes_on_commit() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(100), "{waited:?}");
     assert!(waited < Duration::from_secs(2), "{waited:?}");
+}
+
+#[tokio::test]
+async fn retry_stores_created_and_delays_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    let record = submit_new(&backend, "res-0001").await;
+    let lease = lease_one(&backend).await;
+    backend
+        .begin_attempt(&lease, &attempt_of(&record, 1))
+        .await
+        .unwrap();
+
+    let mut failed = record.clone();
+    failed.status = Status::Created;
+    failed.error_message = Some("attempt 1 of 3 failed".into());
+    let delay = Duration::from_millis(300);
+    assert_eq!(
+        backend.retry(&lease, &failed, delay).await.unwrap(),
+        Fenced::Written
+    );
+
+    let stored = backend
+        .get_task(None, &record.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, Status::Created);
+    assert_eq!(
+        stored.error_message.as_deref(),
+        Some("attempt 1 of 3 failed")
+    );
+    assert!(
+        backend.lease(1, VISIBILITY).await.unwrap().is_empty(),
+        "the retry waits"
+    );
+    tokio::time::sleep(delay + Duration::from_millis(100)).await;
+    let again = backend.lease(1, VISIBILITY).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].dequeue_count, 2);
+    assert_eq!(
+        backend.retry(&lease, &failed, delay).await.unwrap(),
+        Fenced::LeaseLost,
+        "the old lease can no longer retry"
+    );
+}
+
+#[tokio::test]
+async fn cancel_request_wins_over_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    let record = submit_new(&backend, "res-0001").await;
+    let lease = lease_one(&backend).await;
+    backend
+        .begin_attempt(&lease, &attempt_of(&record, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.request_cancel(None, &record.row_key).await.unwrap(),
+        CancelOutcome::Requested
+    );
+    assert!(backend
+        .cancel_requested(&record.partition_key, &record.row_key)
+        .await
+        .unwrap());
+
+    let mut failed = record.clone();
+    failed.status = Status::Created;
+    failed.error_message = Some("retryable error: busy".into());
+    backend
+        .retry(&lease, &failed, Duration::ZERO)
+        .await
+        .unwrap();
+
+    let stored = backend
+        .get_task(None, &record.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, Status::Cancelled);
+    assert!(stored
+        .error_message
+        .unwrap()
+        .contains("retryable error: busy"));
+    assert_eq!(count_rows(dir.path(), "bgw_queue"), 0);
+    assert_eq!(count_rows(dir.path(), "ActiveTasks"), 0);
+}
+
+#[tokio::test]
+async fn cancel_of_queued_task_is_immediate() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    let record = submit_new(&backend, "res-0001").await;
+    assert_eq!(
+        backend
+            .request_cancel(Some("res-0001"), &record.row_key)
+            .await
+            .unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let stored = backend
+        .get_task(None, &record.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, Status::Cancelled);
+    assert_eq!(
+        backend.request_cancel(None, &record.row_key).await.unwrap(),
+        CancelOutcome::AlreadyFinished(Status::Cancelled)
+    );
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_eq!(
+        backend.request_cancel(None, &unknown).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_first_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    let mut first = new_record("res-0001", "echo");
+    first.idempotency_key = Some("order-17".into());
+    assert_eq!(
+        backend.submit(&first, &message_for(&first)).await.unwrap(),
+        Submitted::Created
+    );
+    let mut second = new_record("res-0002", "echo");
+    second.idempotency_key = Some("order-17".into());
+    assert_eq!(
+        backend
+            .submit(&second, &message_for(&second))
+            .await
+            .unwrap(),
+        Submitted::Existing {
+            task_id: first.row_key.clone(),
+            resource_id: "res-0001".into()
+        }
+    );
+    assert_eq!(count_rows(dir.path(), "bgw_queue"), 1, "one message only");
+    assert!(backend
+        .get_task(None, &second.row_key)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn begin_attempts_batch_reports_each_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    let first = submit_new(&backend, "res-0001").await;
+    let second = submit_new(&backend, "res-0002").await;
+    let leases = backend.lease(2, VISIBILITY).await.unwrap();
+    assert_eq!(leases.len(), 2);
+    let mut missing = attempt_of(&second, 1);
+    missing.task_id = uuid::Uuid::now_v7().to_string();
+    let results = backend
+        .begin_attempts(&[
+            (leases[0].clone(), attempt_of(&first, 1)),
+            (leases[1].clone(), missing),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(results[0], Ok(Fenced::Written)));
+    assert!(matches!(results[1], Err(Error::NotFound(_))));
+    let stored = backend
+        .get_task(None, &first.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, Status::Running);
 }
