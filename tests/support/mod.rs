@@ -482,3 +482,140 @@ fn strip_ansi(text: &str) -> String {
     }
     plain
 }
+
+/// Returns the seed of a randomized test: `BGW_TEST_SEED` when set, otherwise one taken
+/// from the clock. The seed is printed, so a failing run can be replayed.
+pub fn test_seed() -> u64 {
+    let seed = match std::env::var("BGW_TEST_SEED") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("invalid BGW_TEST_SEED {text:?}: expected an integer")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64),
+    };
+    eprintln!("test seed {seed}: replay with BGW_TEST_SEED={seed}");
+    seed
+}
+
+impl TestEnv {
+    /// Returns the path of the SQLite database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir().join("bgw.db")
+    }
+
+    /// Opens the database file read-only, for checks that the CLI cannot make.
+    pub fn open_db_read_only(&self) -> rusqlite::Connection {
+        let connection = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap_or_else(|error| {
+            panic!(
+                "failed to open {} read-only: {error}",
+                self.db_path().display()
+            )
+        });
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .expect("failed to set the busy timeout");
+        connection
+    }
+
+    /// Returns the single integer that `sql` selects, on a fresh read-only connection.
+    pub fn query_count(&self, sql: &str) -> i64 {
+        self.open_db_read_only()
+            .query_row(sql, [], |row| row.get(0))
+            .unwrap_or_else(|error| panic!("query {sql:?} failed: {error}"))
+    }
+
+    /// Opens the SQLite backend of this data directory through the library, as another
+    /// producer in the same deployment would.
+    pub fn backend(&self) -> bgw::backend::sqlite::SqliteBackend {
+        let options = bgw::backend::sqlite::SqliteOptions::in_dir(self.data_dir());
+        bgw::backend::sqlite::SqliteBackend::open(options)
+            .expect("failed to open the SQLite backend of the test data directory")
+    }
+
+    /// Polls `probe` every 50 ms until it returns a value, and panics after `timeout` with
+    /// `description` and the daemon log tails.
+    pub fn wait_for<T>(
+        &self,
+        description: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> T {
+        let started = Instant::now();
+        loop {
+            if let Some(value) = probe() {
+                return value;
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {description}{}",
+                    self.daemon_log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until a task's record has `status` and returns the record.
+    pub fn wait_for_status(&self, task_id: &str, status: &str, timeout: Duration) -> Value {
+        self.wait_for(&format!("task {task_id} to be {status}"), timeout, || {
+            let record = self.status_json(task_id);
+            (record["Status"] == status).then_some(record)
+        })
+    }
+
+    /// Returns the dead letters as `bgw dead-letters --json` prints them.
+    pub fn dead_letters_json(&self) -> Vec<Value> {
+        match self.run_json(&["dead-letters"]) {
+            Value::Array(letters) => letters,
+            other => panic!("`bgw dead-letters --json` printed no array: {other}"),
+        }
+    }
+}
+
+/// Creates a single-threaded tokio runtime for calling the library from a test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("failed to build a tokio runtime")
+}
+
+impl Daemon<'_> {
+    /// Sends SIGKILL, as a crash or the OOM killer would, and reaps the process.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child
+            .kill()
+            .expect("failed to send SIGKILL to the daemon");
+        self.child
+            .wait()
+            .expect("failed to wait for the killed daemon")
+    }
+
+    /// Sends a signal such as `libc::SIGTERM` without waiting for the exit.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill only sends a signal to the child this guard started and has not reaped.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "failed to send signal {signal} to the daemon");
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status, or `None`
+    /// while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if started.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
