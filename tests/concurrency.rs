@@ -1,0 +1,254 @@
+//! Several processes on one SQLite file: two daemons, concurrent submitters and a reader.
+//! Checks that no task is lost or run twice and that no process reports a locked or busy
+//! database while the others write.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use support::{guest, output_of, path_str, test_seed, TestEnv};
+
+/// Processes that submit at the same time.
+const SUBMITTERS: usize = 3;
+
+/// `bgw submit --payloads` calls per submitter.
+const SUBMITS_PER_SUBMITTER: usize = 5;
+
+/// Payload lines, and so tasks, per submit call.
+const TASKS_PER_SUBMIT: usize = 100;
+
+/// Text that would show a lock or busy error of SQLite reaching a user.
+const BUSY_MARKERS: [&str; 3] = ["database is locked", "SQLITE_BUSY", "stayed busy"];
+
+/// Maximum time for every task to finish after the last submit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Returns the first busy marker that `text` contains.
+fn busy_marker_in(text: &str) -> Option<&'static str> {
+    BUSY_MARKERS
+        .into_iter()
+        .find(|marker| text.to_lowercase().contains(&marker.to_lowercase()))
+}
+
+#[test]
+fn two_daemons_and_submitters_share_one_file() {
+    let seed = test_seed();
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let daemon_args = ["--concurrency", "4"];
+    let mut first = env.start_daemon(&daemon_args);
+    let mut second = env.start_daemon(&daemon_args);
+
+    // Each submitter writes its own payload files with seeded values of x.
+    let expected: Mutex<HashMap<String, Value>> = Mutex::new(HashMap::new());
+    let outputs: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    let submitted_ids: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let submitting_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut submitters = Vec::new();
+        for submitter in 0..SUBMITTERS {
+            let (env, expected, outputs, submitted_ids) =
+                (&env, &expected, &outputs, &submitted_ids);
+            submitters.push(scope.spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_add(submitter as u64));
+                for call in 0..SUBMITS_PER_SUBMITTER {
+                    let xs: Vec<i64> = (0..TASKS_PER_SUBMIT)
+                        .map(|_| rng.random_range(-1_000_000..1_000_000))
+                        .collect();
+                    let lines: Vec<String> =
+                        xs.iter().map(|x| json!({ "x": x }).to_string()).collect();
+                    let file = env
+                        .data_dir()
+                        .join(format!("payloads-{submitter}-{call}.jsonl"));
+                    std::fs::write(&file, lines.join("\n")).expect("failed to write payloads");
+                    let args = [
+                        "submit",
+                        "multiply",
+                        "--resource",
+                        "res-concurrent",
+                        "--payloads",
+                        path_str(&file),
+                    ];
+                    let result = env.run(&args);
+                    let described = format!("submitter {submitter} call {call}");
+                    outputs.lock().unwrap().push((
+                        described.clone(),
+                        format!("{}{}", result.stdout, result.stderr),
+                    ));
+                    assert_eq!(
+                        result.code(),
+                        0,
+                        "{described} failed (seed {seed}):\n{}{}",
+                        result.stderr,
+                        env.daemon_log_tails()
+                    );
+                    let ids: Vec<String> = result.stdout.lines().map(str::to_owned).collect();
+                    assert_eq!(ids.len(), xs.len(), "{described} printed one id per line");
+                    let mut expected = expected.lock().unwrap();
+                    for (id, x) in ids.iter().zip(&xs) {
+                        expected.insert(id.clone(), json!({ "product": x * 2 }));
+                    }
+                    submitted_ids.lock().unwrap().extend(ids);
+                }
+            }));
+        }
+
+        // A reader looks up random submitted tasks and lists recent ones meanwhile.
+        let (env, outputs, submitted_ids, submitting_done) =
+            (&env, &outputs, &submitted_ids, &submitting_done);
+        let reader = scope.spawn(move || {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1_000));
+            let mut lookups = 0;
+            while !submitting_done.load(std::sync::atomic::Ordering::Relaxed) {
+                let pick = {
+                    let ids = submitted_ids.lock().unwrap();
+                    (!ids.is_empty()).then(|| ids[rng.random_range(0..ids.len())].clone())
+                };
+                let result = match &pick {
+                    Some(id) => env.run(&["status", id.as_str()]),
+                    None => env.run(&["list", "--limit", "20"]),
+                };
+                let described = format!("reader lookup {lookups} of {pick:?}");
+                outputs.lock().unwrap().push((
+                    described.clone(),
+                    format!("{}{}", result.stdout, result.stderr),
+                ));
+                assert_eq!(
+                    result.code(),
+                    0,
+                    "{described} failed (seed {seed}):\n{}",
+                    result.stderr
+                );
+                lookups += 1;
+            }
+            lookups
+        });
+
+        for submitter in submitters {
+            submitter.join().expect("a submitter panicked");
+        }
+        submitting_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lookups = reader.join().expect("the reader panicked");
+        eprintln!("the reader made {lookups} lookups while tasks were submitted");
+    });
+
+    let expected = expected.into_inner().unwrap();
+    let total = SUBMITTERS * SUBMITS_PER_SUBMITTER * TASKS_PER_SUBMIT;
+    assert_eq!(expected.len(), total, "every submit returned new task ids");
+    env.wait_for(
+        &format!("all {total} tasks to finish (seed {seed})"),
+        DRAIN_TIMEOUT,
+        || {
+            let finished = env.query_count("SELECT count(*) FROM FinishedTasks");
+            let active = env.query_count("SELECT count(*) FROM ActiveTasks");
+            (finished as usize == total && active == 0).then_some(())
+        },
+    );
+    assert!(
+        first.is_alive(),
+        "the first daemon still runs{}",
+        first.log_tail()
+    );
+    assert!(
+        second.is_alive(),
+        "the second daemon still runs{}",
+        second.log_tail()
+    );
+
+    // Nothing lost, nothing left over, nothing run twice.
+    assert_eq!(
+        env.query_count("SELECT count(DISTINCT row_key) FROM FinishedTasks"),
+        total as i64,
+        "one finished row per task"
+    );
+    assert_eq!(
+        env.query_count("SELECT count(*) FROM bgw_queue"),
+        0,
+        "queue"
+    );
+    assert_eq!(
+        env.query_count("SELECT count(*) FROM bgw_dead_letters"),
+        0,
+        "dead letters"
+    );
+    let records = env.list_json();
+    assert_eq!(records.len(), total, "`bgw list` shows every task once");
+    let mut per_host: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        let id = record["RowKey"].as_str().unwrap_or("");
+        let result = expected
+            .get(id)
+            .unwrap_or_else(|| panic!("task {id} was never submitted: {record:#}"));
+        assert_eq!(record["Status"], "COMPLETED", "task {id}: {record:#}");
+        assert_eq!(&output_of(record), result, "task {id} has its own result");
+        assert_eq!(
+            record["Attempt"], 1,
+            "task {id} ran once, with no daemon killed: {record:#}"
+        );
+        assert_eq!(
+            record["AttemptHistory"].as_array().map(Vec::len),
+            Some(1),
+            "task {id} has one finished attempt: {record:#}"
+        );
+        let host = record["HostId"].as_str().unwrap_or("").to_owned();
+        *per_host.entry(host).or_default() += 1;
+    }
+    eprintln!("tasks per host: {per_host:?}");
+    let daemon_hosts: HashSet<String> = [first.pid(), second.pid()]
+        .into_iter()
+        .filter_map(|pid| {
+            per_host
+                .keys()
+                .find(|host| host.ends_with(&format!(":{pid}")))
+                .cloned()
+        })
+        .collect();
+    assert_eq!(
+        per_host.len(),
+        2,
+        "the tasks ran on exactly the two daemons: {per_host:?}"
+    );
+    assert_eq!(
+        daemon_hosts.len(),
+        2,
+        "both daemons ran tasks (pids {} and {}): {per_host:?}",
+        first.pid(),
+        second.pid()
+    );
+
+    // No process printed a lock error, and no worker lost a lease.
+    for (described, text) in outputs.into_inner().unwrap() {
+        if let Some(marker) = busy_marker_in(&text) {
+            panic!("{described} printed {marker:?} (seed {seed}):\n{text}");
+        }
+    }
+    for daemon in [&first, &second] {
+        let log = daemon.log();
+        if let Some(marker) = busy_marker_in(&log) {
+            panic!(
+                "daemon {} logged {marker:?} (seed {seed}){}",
+                daemon.pid(),
+                daemon.log_tail()
+            );
+        }
+        for line in log.lines() {
+            assert!(
+                !line.contains("lease lost") && !line.contains("outcome discarded"),
+                "daemon {} lost a lease: {line}",
+                daemon.pid()
+            );
+            assert!(
+                !line.contains(" ERROR "),
+                "daemon {} logged an error: {line}",
+                daemon.pid()
+            );
+        }
+    }
+    first.stop();
+    second.stop();
+}
