@@ -1,0 +1,1206 @@
+//! Reliability promises of the daemon on the SQLite backend: retries, dead letters,
+//! cancellation, delays, deadlines, idempotency keys, graceful shutdown and sandbox
+//! containment. Each test runs the real `bgw` binary and daemon on its own data directory.
+//! Messages that the CLI cannot produce are enqueued through the library, as another
+//! producer sharing the database would.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bgw::backend::{Backend, OutgoingMessage, TaskQueue, TaskStore};
+use bgw::record::TaskRecord;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use support::{guest, output_of, path_str, runtime, TestEnv};
+
+/// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
+const TASK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time a cancelled guest gets before it is interrupted, `bgw::daemon::CANCEL_GRACE`.
+const CANCEL_GRACE: Duration = bgw::daemon::CANCEL_GRACE;
+
+/// Directory of the shared failure-case data, beside the repository root.
+const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+
+/// Version of the Python library whose records `bgw` must stay readable by.
+const PYTHON_LIBRARY: &str = "background-workflows==0.3.0";
+
+/// Reads a case data file. Panics when it is missing, so a case never passes without it.
+fn case_file(name: &str) -> String {
+    let path = Path::new(CASES_DIR).join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("failed to read case data file {}: {error}", path.display()))
+}
+
+fn status_of(record: &Value) -> &str {
+    record["Status"].as_str().unwrap_or("<no Status>")
+}
+
+fn error_of(record: &Value) -> &str {
+    record["ErrorMessage"].as_str().unwrap_or("")
+}
+
+/// Checks that a task ended with `status` and an error message containing `expected`.
+fn assert_ended_with(record: &Value, status: &str, expected: &str) {
+    assert_eq!(status_of(record), status, "record: {record:#}");
+    assert!(
+        error_of(record).contains(expected),
+        "ErrorMessage should contain {expected:?}: {record:#}"
+    );
+}
+
+/// Parses a time field of a record or an attempt summary.
+fn time_of(value: &Value, field: &str) -> DateTime<Utc> {
+    let text = value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is missing: {value:#}"));
+    DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|error| panic!("{field} {text:?} is not RFC 3339: {error}"))
+        .with_timezone(&Utc)
+}
+
+fn seconds_between(earlier: DateTime<Utc>, later: DateTime<Utc>) -> f64 {
+    (later - earlier).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
+}
+
+fn history_of(record: &Value) -> &Vec<Value> {
+    record["AttemptHistory"]
+        .as_array()
+        .unwrap_or_else(|| panic!("AttemptHistory is not an array: {record:#}"))
+}
+
+/// Returns the digest of the version record that `bgw register --json` printed.
+fn digest_of(version: &Value) -> String {
+    version["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest in {version:#}"))
+        .to_owned()
+}
+
+/// Inserts a CREATED record with a chosen task id through the library, for messages that
+/// name a task id fixed by a case file.
+fn insert_record(env: &TestEnv, task_id: &str, resource_id: &str, task_type: &str, payload: &str) {
+    let backend = env.backend();
+    let record = TaskRecord::new(task_id, resource_id, task_type, payload);
+    runtime()
+        .block_on(backend.insert_task(&record))
+        .unwrap_or_else(|error| panic!("failed to insert the record of task {task_id}: {error}"));
+}
+
+/// Enqueues raw message bodies through the library, visible at once.
+fn enqueue_raw(env: &TestEnv, bodies: &[&str]) {
+    let backend = env.backend();
+    let messages: Vec<OutgoingMessage> = bodies
+        .iter()
+        .map(|body| OutgoingMessage {
+            body: (*body).to_owned(),
+            delay: Duration::ZERO,
+        })
+        .collect();
+    runtime()
+        .block_on(backend.enqueue(&messages))
+        .expect("failed to enqueue raw messages");
+}
+
+/// Returns the dead letter whose body is `body`, if any.
+fn dead_letter_with_body(env: &TestEnv, body: &str) -> Option<Value> {
+    env.dead_letters_json()
+        .into_iter()
+        .find(|letter| letter["Body"] == body)
+}
+
+fn reason_of(letter: &Value) -> &str {
+    letter["Reason"].as_str().unwrap_or("")
+}
+
+// Retries
+
+#[test]
+fn retryable_error_retried_to_max_attempts() {
+    let env = TestEnv::new();
+    let version = env.register(
+        "flaky",
+        &guest("hostile"),
+        &["--max-attempts", "3", "--backoff", "0.4"],
+    );
+    let digest = digest_of(&version);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let id = env.submit(
+        "flaky",
+        r#"{"mode": "retryable", "message": "try later"}"#,
+        &[],
+    );
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_ended_with(&record, "ERROR", "retryable error: try later");
+    assert_eq!(record["Attempt"], 3, "three attempts in all: {record:#}");
+
+    let history = history_of(&record);
+    assert_eq!(
+        history.len(),
+        3,
+        "one history entry per attempt: {record:#}"
+    );
+    for (index, entry) in history.iter().enumerate() {
+        assert_eq!(
+            entry["Attempt"],
+            index + 1,
+            "attempt numbers count up: {entry:#}"
+        );
+        assert_eq!(
+            entry["ComponentDigest"],
+            digest.as_str(),
+            "each attempt names the digest: {entry:#}"
+        );
+        assert!(
+            entry["ErrorMessage"]
+                .as_str()
+                .unwrap_or("")
+                .contains("retryable error: try later"),
+            "each attempt names its error: {entry:#}"
+        );
+    }
+
+    // The delay before attempt n + 1 is the backoff doubled n - 1 times, times a jitter
+    // factor of at least 0.5: here at least 0.2 s and 0.4 s.
+    let first_gap = seconds_between(
+        time_of(&history[0], "EndTime"),
+        time_of(&history[1], "StartTime"),
+    );
+    let second_gap = seconds_between(
+        time_of(&history[1], "EndTime"),
+        time_of(&history[2], "StartTime"),
+    );
+    assert!(
+        first_gap >= 0.2,
+        "first retry waited {first_gap} s, less than 0.5 x 0.4 s"
+    );
+    assert!(
+        second_gap >= 0.4,
+        "second retry waited {second_gap} s, less than 0.5 x 0.8 s"
+    );
+    assert!(
+        first_gap < 3.0,
+        "first retry waited {first_gap} s for a 0.4 s backoff"
+    );
+}
+
+#[test]
+fn error_kinds_decide_retry() {
+    let env = TestEnv::new();
+    env.register(
+        "hostile",
+        &guest("hostile"),
+        &["--max-attempts", "3", "--backoff", "0.05"],
+    );
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    // (payload, status, error, attempts)
+    let cases = [
+        (
+            r#"{"mode": "invalid-input", "message": "bad x"}"#,
+            "invalid input: bad x",
+            1,
+        ),
+        (
+            r#"{"mode": "failed", "message": "gave up"}"#,
+            "failed: gave up",
+            1,
+        ),
+        (r#"{"mode": "trap"}"#, "guest trapped", 3),
+    ];
+    let ids: Vec<String> = cases
+        .iter()
+        .map(|(payload, _, _)| env.submit("hostile", payload, &[]))
+        .collect();
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+    for ((payload, error, attempts), id) in cases.iter().zip(&ids) {
+        let record = &records[id];
+        assert_ended_with(record, "ERROR", error);
+        assert_eq!(
+            record["Attempt"], *attempts,
+            "attempts of {payload}: {record:#}"
+        );
+        assert_eq!(
+            history_of(record).len(),
+            *attempts,
+            "history entries of {payload}: {record:#}"
+        );
+    }
+}
+
+#[test]
+fn max_attempts_above_delivery_limit() {
+    let env = TestEnv::new();
+    env.register(
+        "flaky",
+        &guest("hostile"),
+        &["--max-attempts", "8", "--backoff", "0.05"],
+    );
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+
+    // Retries are not crashes: all eight attempts run although the daemon dead-letters a
+    // message after five deliveries that each stopped a worker.
+    let id = env.submit("flaky", r#"{"mode": "retryable"}"#, &[]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_ended_with(&record, "ERROR", "retryable error");
+    assert!(
+        !error_of(&record).contains("deliveries"),
+        "retries count against the delivery limit for crashes: {record:#}"
+    );
+    assert_eq!(
+        record["Attempt"], 8,
+        "--max-attempts 8 is honoured: {record:#}"
+    );
+    assert_eq!(history_of(&record).len(), 8, "{record:#}");
+    assert_eq!(
+        env.dead_letters_json().len(),
+        0,
+        "no dead letter for a retried task"
+    );
+}
+
+#[test]
+fn retry_defaults_and_backoff_cap() {
+    let env = TestEnv::new();
+    let defaults = env.register("hostile", &guest("hostile"), &[]);
+    assert_eq!(
+        defaults["limits"]["retry"],
+        json!({"max_attempts": 3, "backoff_ms": 1000, "max_backoff_ms": 60000}),
+        "default retry policy: {defaults:#}"
+    );
+
+    // A 0.5 s backoff capped at 0.5 s: without the cap the fourth retry would wait 2 to
+    // 4 s, with it every retry waits 0.25 to 0.5 s plus the time to lease the message.
+    env.register(
+        "capped",
+        &guest("hostile"),
+        &[
+            "--max-attempts",
+            "5",
+            "--backoff",
+            "0.5",
+            "--max-backoff",
+            "0.5",
+        ],
+    );
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let id = env.submit("capped", r#"{"mode": "retryable"}"#, &[]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_ended_with(&record, "ERROR", "retryable error");
+    let history = history_of(&record);
+    assert_eq!(history.len(), 5, "five attempts: {record:#}");
+    for pair in history.windows(2) {
+        let gap = seconds_between(time_of(&pair[0], "EndTime"), time_of(&pair[1], "StartTime"));
+        let next = &pair[1]["Attempt"];
+        assert!(
+            gap >= 0.25,
+            "attempt {next} waited {gap} s, less than 0.5 x 0.5 s"
+        );
+        assert!(
+            gap < 1.5,
+            "attempt {next} waited {gap} s although the cap is 0.5 s"
+        );
+    }
+}
+
+#[test]
+fn new_component_reaches_retrying_task() {
+    let env = TestEnv::new();
+    // Both guests accept this payload: hostile reads the mode, multiply reads x and
+    // ignores the other keys.
+    let payload = r#"{"mode": "retryable", "x": 2}"#;
+    let old = digest_of(&env.register(
+        "fixable",
+        &guest("hostile"),
+        &["--max-attempts", "3", "--backoff", "4"],
+    ));
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let id = env.submit("fixable", payload, &[]);
+
+    // The first attempt failed and the retry waits 2 to 4 s: register the fix meanwhile.
+    let waiting = env.wait_for("the first attempt to fail", TASK_TIMEOUT, || {
+        let record = env.status_json(&id);
+        let retrying = record["Status"] == "CREATED" && record["Attempt"] == 1;
+        retrying.then_some(record)
+    });
+    assert!(
+        error_of(&waiting).contains("attempt 1 of 3 failed, retrying"),
+        "the waiting record says it will retry: {waiting:#}"
+    );
+    let new = digest_of(&env.register("fixable", &guest("multiply"), &[]));
+    assert_ne!(old, new, "the fix has another digest");
+
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "record: {record:#}");
+    assert_eq!(output_of(&record), json!({"product": 4}));
+    assert_eq!(
+        record["Attempt"], 2,
+        "the fix ran the second attempt: {record:#}"
+    );
+    assert_eq!(
+        record["ComponentDigest"],
+        new.as_str(),
+        "record: {record:#}"
+    );
+    let history = history_of(&record);
+    assert_eq!(history.len(), 2, "two attempts: {record:#}");
+    assert_eq!(
+        history[0]["ComponentDigest"],
+        old.as_str(),
+        "attempt 1: {record:#}"
+    );
+    assert!(
+        history[0]["ErrorMessage"]
+            .as_str()
+            .unwrap_or("")
+            .contains("retryable error"),
+        "attempt 1 names its error: {record:#}"
+    );
+    assert_eq!(
+        history[1]["ComponentDigest"],
+        new.as_str(),
+        "attempt 2: {record:#}"
+    );
+    assert_eq!(
+        history[1]["ErrorMessage"],
+        Value::Null,
+        "attempt 2: {record:#}"
+    );
+}
+
+// Dead letters and bad input
+
+#[test]
+fn poison_messages_dead_lettered_healthy_completes() {
+    let env = TestEnv::new();
+    env.register(
+        "always-trap",
+        &guest("hostile"),
+        &["--max-attempts", "3", "--backoff", "0.05"],
+    );
+    env.register("multiply", &guest("multiply"), &[]);
+
+    let text = case_file("C08-poison-messages.jsonl");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 6, "case messages");
+    let [malformed, missing_row_key, no_record, unknown_type, trapping, extra_key] =
+        lines[..].try_into().expect("checked above");
+    let id_of = |line: &str| -> String {
+        let message: Value = serde_json::from_str(line).expect("this case line is JSON");
+        message["row_key"].as_str().expect("row_key").to_owned()
+    };
+    let unknown_id = id_of(unknown_type);
+    let trapping_id = id_of(trapping);
+    let extra_key_id = id_of(extra_key);
+    let no_record_id = id_of(no_record);
+
+    // Records for the messages that name a real task. The daemon runs a record's own
+    // payload, so the trapping task's record carries the mode the guest needs.
+    insert_record(&env, &unknown_id, "res-0008", "no_such_activity", "{}");
+    insert_record(
+        &env,
+        &trapping_id,
+        "res-0008",
+        "always-trap",
+        r#"{"mode": "trap"}"#,
+    );
+    insert_record(&env, &extra_key_id, "res-0008", "multiply", r#"{"x": 2}"#);
+    enqueue_raw(&env, &lines);
+    let healthy = env.submit("multiply", r#"{"x": 5}"#, &[]);
+
+    let mut daemon = env.start_daemon(&["--concurrency", "1"]);
+    let task_ids = [
+        unknown_id.clone(),
+        trapping_id.clone(),
+        extra_key_id.clone(),
+        healthy.clone(),
+    ];
+    let records = env.wait_all(&task_ids, TASK_TIMEOUT);
+
+    assert_eq!(
+        status_of(&records[&healthy]),
+        "COMPLETED",
+        "{:#}",
+        records[&healthy]
+    );
+    assert_eq!(output_of(&records[&healthy]), json!({"product": 10}));
+    let extra = &records[&extra_key_id];
+    assert_eq!(
+        status_of(extra),
+        "COMPLETED",
+        "an extra key is ignored: {extra:#}"
+    );
+    assert_eq!(output_of(extra), json!({"product": 4}));
+    let unknown = &records[&unknown_id];
+    assert_ended_with(
+        unknown,
+        "ERROR",
+        "no component registered for activity type \"no_such_activity\"",
+    );
+    assert_eq!(
+        unknown["Attempt"], 1,
+        "an unknown type is not retried: {unknown:#}"
+    );
+    let trapped = &records[&trapping_id];
+    assert_ended_with(trapped, "ERROR", "guest trapped");
+    assert_eq!(
+        trapped["Attempt"], 3,
+        "--max-attempts 3 is honoured: {trapped:#}"
+    );
+    assert_eq!(history_of(trapped).len(), 3, "{trapped:#}");
+
+    // The three messages that name no usable record are dead-lettered on first delivery.
+    let letters = env.wait_for("three dead letters", TASK_TIMEOUT, || {
+        let letters = env.dead_letters_json();
+        (letters.len() == 3).then_some(letters)
+    });
+    for letter in &letters {
+        let count = letter["DequeueCount"].as_u64().unwrap_or(0);
+        assert!(
+            (1..=3).contains(&count),
+            "attempted at most 3 times: {letter:#}"
+        );
+    }
+    let letter = dead_letter_with_body(&env, malformed).expect("malformed JSON is dead-lettered");
+    assert!(
+        reason_of(&letter).contains("invalid queue message"),
+        "{letter:#}"
+    );
+    let letter =
+        dead_letter_with_body(&env, missing_row_key).expect("missing row_key is dead-lettered");
+    assert!(
+        reason_of(&letter).contains("invalid queue message"),
+        "{letter:#}"
+    );
+    assert!(
+        reason_of(&letter).contains("row_key"),
+        "names the missing key: {letter:#}"
+    );
+    let no_record_letter = dead_letter_with_body(&env, no_record)
+        .expect("a message without a record is dead-lettered");
+    assert!(
+        reason_of(&no_record_letter).contains("no task record"),
+        "{no_record_letter:#}"
+    );
+    assert!(
+        reason_of(&no_record_letter).contains(&no_record_id),
+        "names the task id: {no_record_letter:#}"
+    );
+    assert_eq!(
+        no_record_letter["RowKey"],
+        no_record_id.as_str(),
+        "{no_record_letter:#}"
+    );
+    assert_eq!(
+        env.query_count("SELECT count(*) FROM bgw_queue"),
+        0,
+        "queue"
+    );
+
+    // Requeued after its record exists, the message runs.
+    insert_record(&env, &no_record_id, "res-0008", "multiply", r#"{"x": 1}"#);
+    env.run_ok(&[
+        "requeue",
+        no_record_letter["Id"]
+            .as_str()
+            .expect("dead letter ids are strings"),
+    ]);
+    let record = env.wait_one(&no_record_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(output_of(&record), json!({"product": 2}));
+
+    // Requeued as it is, a malformed message is dead-lettered again under a new id.
+    let first = dead_letter_with_body(&env, malformed).expect("still dead-lettered");
+    env.run_ok(&[
+        "requeue",
+        first["Id"].as_str().expect("dead letter ids are strings"),
+    ]);
+    let again = env.wait_for(
+        "the requeued malformed message to be dead-lettered again",
+        TASK_TIMEOUT,
+        || dead_letter_with_body(&env, malformed).filter(|letter| letter["Id"] != first["Id"]),
+    );
+    assert!(
+        reason_of(&again).contains("invalid queue message"),
+        "{again:#}"
+    );
+    assert_eq!(
+        env.dead_letters_json().len(),
+        2,
+        "missing row_key and malformed remain"
+    );
+    let unknown = env.run(&["requeue", "999999"]);
+    assert_eq!(
+        unknown.code(),
+        1,
+        "requeue of an unknown id fails: {}",
+        unknown.stderr
+    );
+    assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
+
+    assert!(
+        daemon.is_alive(),
+        "the daemon survived every message{}",
+        daemon.log_tail()
+    );
+    assert!(
+        !daemon.log().contains("panicked"),
+        "no panic{}",
+        daemon.log_tail()
+    );
+}
+
+#[test]
+fn base64_body_dead_lettered_raw_completes() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+
+    // The raw message needs its record, written with the message in one submit.
+    let raw = case_file("C03-message-raw.json");
+    let raw = raw.trim_end();
+    let message: Value = serde_json::from_str(raw).expect("the raw case message is JSON");
+    let task_id = message["row_key"].as_str().expect("row_key");
+    let resource_id = message["resource_id"].as_str().expect("resource_id");
+    let record = TaskRecord::new(
+        task_id,
+        resource_id,
+        "multiply",
+        &message["payload"].to_string(),
+    );
+    let backend = env.backend();
+    runtime()
+        .block_on(backend.submit(
+            &record,
+            &OutgoingMessage {
+                body: raw.to_owned(),
+                delay: Duration::ZERO,
+            },
+        ))
+        .expect("failed to submit the raw case message");
+    let encoded = case_file("C03-message-base64.txt");
+    let encoded = encoded.trim_end();
+    enqueue_raw(&env, &[encoded]);
+
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let record = env.wait_one(task_id, TASK_TIMEOUT);
+    assert_eq!(
+        status_of(&record),
+        "COMPLETED",
+        "the raw message runs: {record:#}"
+    );
+    assert_eq!(output_of(&record), json!({"product": 42}));
+    assert_eq!(record["Attempt"], 1, "{record:#}");
+
+    let letter = env.wait_for(
+        "the base64 message to be dead-lettered",
+        TASK_TIMEOUT,
+        || dead_letter_with_body(&env, encoded),
+    );
+    assert_eq!(
+        letter["DequeueCount"], 1,
+        "dead-lettered at once: {letter:#}"
+    );
+    assert!(
+        reason_of(&letter).contains("invalid queue message"),
+        "{letter:#}"
+    );
+    assert!(
+        reason_of(&letter).contains("JSON"),
+        "the reason says the body is not valid JSON: {letter:#}"
+    );
+    let after = env.status_json(task_id);
+    assert_eq!(
+        status_of(&after),
+        "COMPLETED",
+        "the base64 copy changed nothing: {after:#}"
+    );
+}
+
+// Cancellation
+
+#[test]
+fn cancel_queued_running_finished_and_unknown() {
+    let env = TestEnv::new();
+    env.register("hostile", &guest("hostile"), &[]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    // A queued task is CANCELLED at once.
+    let queued = env.submit("multiply", r#"{"x": 1}"#, &["--delay", "30"]);
+    let printed = env.run_ok(&["cancel", &queued]);
+    assert!(
+        printed.contains("will not start"),
+        "cancel output: {printed}"
+    );
+    let record = env.status_json(&queued);
+    assert_ended_with(&record, "CANCELLED", "cancelled before it started");
+    assert_eq!(
+        record["StartTime"],
+        Value::Null,
+        "it never started: {record:#}"
+    );
+
+    // Its message is acknowledged when it becomes visible, and the task never runs.
+    let soon = env.submit("multiply", r#"{"x": 1}"#, &["--delay", "2"]);
+    env.run_ok(&["cancel", &soon]);
+    let in_queue = format!("SELECT count(*) FROM bgw_queue WHERE body LIKE '%{soon}%'");
+    assert_eq!(
+        env.query_count(&in_queue),
+        1,
+        "the message waits in the queue"
+    );
+    env.wait_for(
+        "the cancelled task's message to be acknowledged",
+        TASK_TIMEOUT,
+        || (env.query_count(&in_queue) == 0).then_some(()),
+    );
+    let record = env.status_json(&soon);
+    assert_ended_with(&record, "CANCELLED", "cancelled before it started");
+    assert_eq!(record["Attempt"], 0, "no attempt ran: {record:#}");
+    assert_eq!(record["HostId"], Value::Null, "no host ran it: {record:#}");
+    assert!(
+        daemon
+            .log()
+            .lines()
+            .any(|line| line.contains(&soon) && line.contains("acknowledging duplicate delivery")),
+        "the daemon acknowledged the message without running it{}",
+        daemon.log_tail()
+    );
+
+    // A running task is interrupted after the cancellation grace period.
+    let running = env.submit("hostile", r#"{"mode": "sleep", "ms": 60000}"#, &[]);
+    env.wait_for_status(&running, "RUNNING", TASK_TIMEOUT);
+    let requested_at = Instant::now();
+    let printed = env.run_ok(&["cancel", &running]);
+    assert!(
+        printed.contains("cancellation requested"),
+        "cancel output: {printed}"
+    );
+    let limit = CANCEL_GRACE + Duration::from_secs(2);
+    let record = env.wait_one(&running, limit);
+    let took = requested_at.elapsed();
+    assert_ended_with(&record, "CANCELLED", "cancelled while running");
+    assert!(took <= limit, "cancelled after {took:?}, limit {limit:?}");
+    assert_eq!(
+        record["Attempt"], 1,
+        "a cancelled task is not retried: {record:#}"
+    );
+
+    // A finished task and an unknown id cannot be cancelled.
+    let done = env.submit("multiply", r#"{"x": 21}"#, &[]);
+    env.wait_for_status(&done, "COMPLETED", TASK_TIMEOUT);
+    let result = env.run(&["cancel", &done]);
+    assert_eq!(
+        result.code(),
+        1,
+        "cancel of a finished task: {}",
+        result.stderr
+    );
+    assert!(
+        result.stderr.contains("already finished"),
+        "{}",
+        result.stderr
+    );
+    assert!(result.stderr.contains("COMPLETED"), "{}", result.stderr);
+    let result = env.run(&["cancel", "00000000-0000-4000-8000-00000000beef"]);
+    assert_eq!(
+        result.code(),
+        1,
+        "cancel of an unknown id: {}",
+        result.stderr
+    );
+    assert!(result.stderr.contains("not found"), "{}", result.stderr);
+}
+
+/// Returns the Python interpreter of a virtual environment with the Python library
+/// installed: `target/py-venv`, created once and reused while it imports the library.
+/// Panics with pip's output when the installation fails.
+fn python_with_library() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        let venv = target.join("py-venv");
+        let python = venv.join("bin/python");
+        let has_library = || {
+            Command::new(&python)
+                .args([
+                    "-c",
+                    "import importlib.metadata as m; assert m.version('background-workflows') == '0.3.0'",
+                ])
+                .output()
+                .is_ok_and(|output| output.status.success())
+        };
+        if has_library() {
+            return python;
+        }
+
+        let _ = std::fs::remove_dir_all(&venv);
+        let created = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .output()
+            .expect("failed to start python3 to create a virtual environment");
+        assert!(
+            created.status.success(),
+            "`python3 -m venv {}` failed:\n{}",
+            venv.display(),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let installed = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", PYTHON_LIBRARY])
+            .output()
+            .expect("failed to start pip");
+        assert!(
+            installed.status.success() && has_library(),
+            "`pip install {PYTHON_LIBRARY}` failed:\n{}{}",
+            String::from_utf8_lossy(&installed.stdout),
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        python
+    })
+}
+
+/// Reads one task's record with the Python library's `SqliteTaskStore` and the result
+/// with its `WorkflowClient.get_result`, and prints both as JSON.
+const PYTHON_READER: &str = r#"
+import json, sys
+from background_workflows.storage.tables.sqlite_task_store import SqliteTaskStore
+from background_workflows.utils.workflow_client import WorkflowClient
+
+db_path, resource_id, row_key = sys.argv[1:4]
+store = SqliteTaskStore(db_path, "ActiveTasks", "FinishedTasks")
+store.create_if_not_exists()
+entity = store.get_task(resource_id, row_key)
+client = WorkflowClient(store, None, None)
+print(json.dumps({
+    "found": entity is not None,
+    "status": entity.Status if entity else None,
+    "error": entity.ErrorMessage if entity else None,
+    "result": client.get_result(row_key, resource_id),
+}))
+store.close()
+"#;
+
+fn read_with_python(env: &TestEnv, resource_id: &str, task_id: &str) -> Value {
+    let output = Command::new(python_with_library())
+        .arg("-c")
+        .arg(PYTHON_READER)
+        .arg(env.db_path())
+        .args([resource_id, task_id])
+        .current_dir(env.data_dir())
+        .output()
+        .expect("failed to start the Python reader");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Python reader failed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!("the Python reader printed invalid JSON ({error}): {stdout}")
+    })
+}
+
+#[test]
+fn python_library_reads_cancelled_and_completed() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let cancelled = env.submit("multiply", r#"{"x": 1}"#, &["--delay", "30"]);
+    env.run_ok(&["cancel", &cancelled]);
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let completed = env.submit("multiply", r#"{"x": 21}"#, &[]);
+    env.wait_for_status(&completed, "COMPLETED", TASK_TIMEOUT);
+
+    let read = read_with_python(&env, support::DEFAULT_RESOURCE, &cancelled);
+    assert_eq!(
+        read["found"], true,
+        "Python finds the cancelled task: {read}"
+    );
+    assert_eq!(read["status"], "CANCELLED", "{read}");
+    assert_eq!(read["error"], "cancelled before it started", "{read}");
+    assert_eq!(
+        read["result"],
+        Value::Null,
+        "a cancelled task has no result: {read}"
+    );
+
+    let read = read_with_python(&env, support::DEFAULT_RESOURCE, &completed);
+    assert_eq!(read["status"], "COMPLETED", "{read}");
+    assert_eq!(read["result"], json!({"product": 42}), "get_result: {read}");
+}
+
+// Delays, deadlines and idempotency keys
+
+#[test]
+fn delayed_task_waits_and_past_time_starts_now() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let delayed = env.submit("multiply", r#"{"x": 1}"#, &["--delay", "2"]);
+    let past = env.submit("multiply", r#"{"x": 2}"#, &["--at", "2020-01-01T00:00:00Z"]);
+    let records = env.wait_all(&[delayed.clone(), past.clone()], TASK_TIMEOUT);
+
+    let record = &records[&delayed];
+    assert_eq!(status_of(record), "COMPLETED", "{record:#}");
+    let waited = seconds_between(time_of(record, "CreatedTime"), time_of(record, "StartTime"));
+    assert!(
+        waited >= 2.0,
+        "--delay 2 started after {waited} s: {record:#}"
+    );
+
+    let record = &records[&past];
+    assert_eq!(status_of(record), "COMPLETED", "{record:#}");
+    let waited = seconds_between(time_of(record, "CreatedTime"), time_of(record, "StartTime"));
+    assert!(
+        waited < 2.0,
+        "--at in the past started after {waited} s: {record:#}"
+    );
+}
+
+#[test]
+fn idempotency_key_creates_one_task() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+
+    // Two processes submit each key at the same moment.
+    let keys = ["order-1", "order-2", "order-3"];
+    let mut children = Vec::new();
+    for key in keys {
+        for _ in 0..2 {
+            let child = env
+                .command(&[
+                    "submit",
+                    "multiply",
+                    "--resource",
+                    support::DEFAULT_RESOURCE,
+                    "--payload",
+                    r#"{"x": 3}"#,
+                    "--idempotency-key",
+                    key,
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("failed to start `bgw submit`");
+            children.push((key, child));
+        }
+    }
+    let mut ids_per_key: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    for (key, child) in children {
+        let output = child
+            .wait_with_output()
+            .expect("failed to wait for `bgw submit`");
+        assert!(
+            output.status.success(),
+            "submit with key {key} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let id = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        ids_per_key.entry(key).or_default().push(id);
+    }
+    for key in keys {
+        let ids = &ids_per_key[key];
+        assert_eq!(
+            ids[0], ids[1],
+            "both submits with key {key} return one task id"
+        );
+        let again = env.submit("multiply", r#"{"x": 3}"#, &["--idempotency-key", key]);
+        assert_eq!(
+            again, ids[0],
+            "a later submit with key {key} returns the same id"
+        );
+    }
+
+    let records = env.list_json();
+    assert_eq!(
+        records.len(),
+        keys.len(),
+        "one record per key: {records:#?}"
+    );
+    for key in keys {
+        let count = env.query_count(&format!(
+            "SELECT count(*) FROM ActiveTasks WHERE idempotency_key = '{key}'"
+        ));
+        assert_eq!(count, 1, "one record with key {key}");
+    }
+    assert_eq!(
+        env.query_count("SELECT count(*) FROM bgw_queue"),
+        keys.len() as i64,
+        "one message per key"
+    );
+}
+
+#[test]
+fn deadlines_end_tasks_with_reason() {
+    let env = TestEnv::new();
+    env.register(
+        "hostile",
+        &guest("hostile"),
+        &["--max-attempts", "3", "--backoff", "0.05"],
+    );
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let running = env.submit(
+        "hostile",
+        r#"{"mode": "sleep", "ms": 20000}"#,
+        &["--deadline", "1"],
+    );
+    let late = env.submit(
+        "hostile",
+        r#"{"mode": "echo"}"#,
+        &["--deadline", "0.5", "--delay", "2"],
+    );
+    let records = env.wait_all(&[running.clone(), late.clone()], TASK_TIMEOUT);
+
+    let record = &records[&running];
+    assert_ended_with(record, "ERROR", "task deadline");
+    assert!(
+        error_of(record).contains("reached while the attempt ran"),
+        "{record:#}"
+    );
+    assert_eq!(
+        record["Attempt"], 1,
+        "a passed deadline is not retried: {record:#}"
+    );
+    let ran = seconds_between(time_of(record, "StartTime"), time_of(record, "EndTime"));
+    assert!(
+        ran < 3.0,
+        "the attempt was stopped after {ran} s: {record:#}"
+    );
+
+    let record = &records[&late];
+    assert_ended_with(record, "ERROR", "passed before the task could start");
+    assert_eq!(
+        record["StartTime"],
+        Value::Null,
+        "it never started: {record:#}"
+    );
+}
+
+// Graceful shutdown
+
+#[test]
+fn sigterm_lets_running_task_finish() {
+    let env = TestEnv::new();
+    env.register("hostile", &guest("hostile"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "1", "--shutdown-grace", "10"]);
+    let id = env.submit("hostile", r#"{"mode": "sleep", "ms": 1500}"#, &[]);
+    env.wait_for_status(&id, "RUNNING", TASK_TIMEOUT);
+
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the daemon did not exit within 10 s{}", daemon.log_tail()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}{}",
+        daemon.log_tail()
+    );
+    let record = env.status_json(&id);
+    assert_eq!(
+        status_of(&record),
+        "COMPLETED",
+        "the task finished before the exit: {record:#}"
+    );
+    assert_eq!(output_of(&record), json!({"slept_ms": 1500}));
+}
+
+#[test]
+fn grace_over_releases_task_at_once() {
+    let env = TestEnv::new();
+    env.register("hostile", &guest("hostile"), &[]);
+    let mut first = env.start_daemon(&["--concurrency", "1", "--shutdown-grace", "1"]);
+    let id = env.submit("hostile", r#"{"mode": "sleep", "ms": 60000}"#, &[]);
+    env.wait_for_status(&id, "RUNNING", TASK_TIMEOUT);
+
+    let signalled = Instant::now();
+    first.signal(libc::SIGTERM);
+    let status = first
+        .wait_exit(Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("the daemon did not exit within 3 s{}", first.log_tail()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}{}",
+        first.log_tail()
+    );
+    eprintln!("the daemon exited {:?} after SIGTERM", signalled.elapsed());
+    assert!(
+        first.log().contains("releasing the message"),
+        "the interrupted attempt released its message{}",
+        first.log_tail()
+    );
+
+    // The default 30 s visibility timeout has not passed: only the release lets a second
+    // daemon take the task at once.
+    let second = env.start_daemon(&["--concurrency", "1"]);
+    let record = env.wait_for(
+        "the released task to run again",
+        Duration::from_secs(5),
+        || {
+            let record = env.status_json(&id);
+            (record["Status"] == "RUNNING" && record["Attempt"] == 2).then_some(record)
+        },
+    );
+    let host = record["HostId"].as_str().unwrap_or("");
+    assert!(
+        host.ends_with(&format!(":{}", second.pid())),
+        "the second daemon runs attempt 2: {record:#}"
+    );
+}
+
+#[test]
+fn second_signal_exits_at_once() {
+    let env = TestEnv::new();
+    env.register("hostile", &guest("hostile"), &[]);
+    let daemon_args = [
+        "--concurrency",
+        "1",
+        "--visibility-timeout",
+        "2",
+        "--shutdown-grace",
+        "30",
+    ];
+    let mut first = env.start_daemon(&daemon_args);
+    let id = env.submit("hostile", r#"{"mode": "sleep", "ms": 60000}"#, &[]);
+    env.wait_for_status(&id, "RUNNING", TASK_TIMEOUT);
+
+    first.signal(libc::SIGTERM);
+    env.wait_for(
+        "the daemon to start its shutdown",
+        Duration::from_secs(5),
+        || first.log().contains("shutdown requested").then_some(()),
+    );
+    let signalled = Instant::now();
+    first.signal(libc::SIGTERM);
+    let status = first.wait_exit(Duration::from_secs(2)).unwrap_or_else(|| {
+        panic!(
+            "the daemon did not exit within 2 s of the second signal{}",
+            first.log_tail()
+        )
+    });
+    eprintln!(
+        "the daemon exited {:?} after the second signal",
+        signalled.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status {status:?}{}",
+        first.log_tail()
+    );
+    assert_eq!(
+        status_of(&env.status_json(&id)),
+        "RUNNING",
+        "the task was not finished"
+    );
+
+    // The lease was not released, so the task runs again once it expires.
+    let second = env.start_daemon(&daemon_args);
+    let record = env.wait_for("the task to run again", Duration::from_secs(10), || {
+        let record = env.status_json(&id);
+        (record["Status"] == "RUNNING" && record["Attempt"] == 2).then_some(record)
+    });
+    let host = record["HostId"].as_str().unwrap_or("");
+    assert!(host.ends_with(&format!(":{}", second.pid())), "{record:#}");
+}
+
+// Sandbox containment
+
+#[test]
+fn sandbox_denies_files_env_and_network() {
+    let env = TestEnv::new();
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("failed to open a listener");
+    listener
+        .set_nonblocking(true)
+        .expect("failed to make the listener non-blocking");
+    let addr = listener.local_addr().expect("listener address").to_string();
+    let secret = env.data_dir().join("secret.txt");
+    std::fs::write(&secret, "not for guests").expect("failed to write a file");
+
+    let payloads = [
+        json!({"mode": "read-file", "path": "/etc/passwd"}),
+        json!({"mode": "read-file", "path": path_str(&secret)}),
+        json!({"mode": "read-env"}),
+        json!({"mode": "connect", "addr": addr}),
+    ];
+    let ids: Vec<String> = payloads
+        .iter()
+        .map(|payload| env.submit("hostile", &payload.to_string(), &[]))
+        .collect();
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+
+    for (payload, id) in payloads.iter().zip(&ids) {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "{payload}: {record:#}");
+        let result = output_of(record);
+        match payload["mode"].as_str() {
+            Some("read-env") => assert_eq!(result["vars"], json!({}), "{payload}: {result}"),
+            _ => assert_eq!(result["ok"], false, "{payload}: {result}"),
+        }
+    }
+    match listener.accept() {
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok((_, peer)) => panic!("a guest connected to the test listener from {peer}"),
+        Err(error) => panic!("accept on the test listener failed: {error}"),
+    }
+}
+
+#[test]
+fn blob_task_reads_only_its_own_input() {
+    let env = TestEnv::new();
+    env.register("word-count", &guest("word-count"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let texts = ["alpha beta", "gamma delta epsilon"];
+    let mut ids = Vec::new();
+    for (index, text) in texts.iter().enumerate() {
+        let file = env.data_dir().join(format!("input-{index}.txt"));
+        std::fs::write(&file, text).expect("failed to write an input file");
+        ids.push(env.submit("word-count", "{}", &["--blob", path_str(&file)]));
+    }
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+    for (text, id) in texts.iter().zip(&ids) {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "{record:#}");
+        let result = output_of(record);
+        assert_eq!(
+            result["bytes"],
+            text.len(),
+            "the task read its own blob: {result}"
+        );
+        assert_eq!(
+            result["total_words"],
+            text.split_whitespace().count(),
+            "{result}"
+        );
+    }
+
+    // Other tasks' blobs exist, but no host call names a blob, so this task has none.
+    let id = env.submit("word-count", "{}", &[]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_ended_with(&record, "ERROR", "invalid input");
+    assert!(
+        error_of(&record).contains("requires an input blob"),
+        "{record:#}"
+    );
+    assert_eq!(
+        record["Attempt"], 1,
+        "invalid input is not retried: {record:#}"
+    );
+}
