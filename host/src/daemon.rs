@@ -258,9 +258,16 @@ impl Controller {
             self.backend.delete(std::slice::from_ref(&lease)).await?;
             return Ok(());
         }
-        if lease.dequeue_count > self.options.max_deliveries {
+        // Deliveries whose attempt recorded no outcome: the worker stopped during them.
+        // Retries are recorded in the attempt history, so they do not count here.
+        let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
+        let lost_deliveries = lease
+            .dequeue_count
+            .saturating_sub(1)
+            .saturating_sub(recorded);
+        if lost_deliveries >= self.options.max_deliveries {
             let reason = format!(
-                "message delivered {} times, over the limit of {} deliveries: a worker stopped during each attempt{}",
+                "message delivered {} times with {lost_deliveries} attempts that recorded no outcome, reaching the limit of {} deliveries: a worker stopped during each of them{}",
                 lease.dequeue_count,
                 self.options.max_deliveries,
                 record
@@ -287,7 +294,7 @@ impl Controller {
                 format_time(&deadline)
             );
             tracing::warn!(%reason, "task failed");
-            record.attempt = lease.dequeue_count;
+            record.attempt = attempt_number(&lease, &record);
             return self.end_with_error(lease, record, reason).await;
         }
 
@@ -299,7 +306,7 @@ impl Controller {
                     message.task_type, message.task_type
                 );
                 tracing::warn!(%reason, "task failed");
-                record.attempt = lease.dequeue_count;
+                record.attempt = attempt_number(&lease, &record);
                 record.host_id = Some(self.options.host_id.clone());
                 return self.end_with_error(lease, record, reason).await;
             }
@@ -309,7 +316,7 @@ impl Controller {
         let start = AttemptStart {
             resource_id: record.partition_key.clone(),
             task_id: record.row_key.clone(),
-            attempt: lease.dequeue_count,
+            attempt: attempt_number(&lease, &record),
             component_digest: component.version.digest.clone(),
             component_version: component.version.version,
             host_id: self.options.host_id.clone(),
@@ -583,6 +590,14 @@ impl Controller {
             tracing::error!(message_id = %lease.message_id, %error, "failed to dead-letter a message");
         }
     }
+}
+
+/// Returns the number of the attempt a delivery starts: its dequeue count, which also
+/// counts attempts a stopped worker never recorded, but at least one more than the
+/// recorded attempts (a requeued dead letter starts its dequeue count again).
+fn attempt_number(lease: &Lease, record: &TaskRecord) -> u32 {
+    let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
+    lease.dequeue_count.max(recorded.saturating_add(1))
 }
 
 /// Formats a guest's own error value for the record.

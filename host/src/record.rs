@@ -221,7 +221,12 @@ pub struct QueueMessage {
 impl QueueMessage {
     /// Parses a message body, naming the first problem found.
     pub fn parse(body: &str) -> Result<Self, String> {
-        serde_json::from_str(body).map_err(|error| format!("invalid queue message: {error}"))
+        serde_json::from_str(body).map_err(|error| match error.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => format!(
+                "invalid queue message: the body is not valid JSON ({error}); messages are plain UTF-8 JSON text, not base64"
+            ),
+            _ => format!("invalid queue message: {error}"),
+        })
     }
 
     /// Serializes the message as Python's `json.dumps` does with its defaults: `", "` and `": "`
@@ -400,6 +405,12 @@ mod tests {
         let error =
             QueueMessage::parse(r#"{"task_type": "multiply", "resource_id": "r"}"#).unwrap_err();
         assert!(error.contains("row_key"), "{error}");
+    }
+
+    #[test]
+    fn queue_message_not_json_is_named() {
+        let error = QueueMessage::parse("eyJyZXNvdXJjZV9pZCI6").unwrap_err();
+        assert!(error.contains("not valid JSON"), "{error}");
     }
 
     #[test]
