@@ -664,7 +664,10 @@ async fn keep_alive(
                     last_renewal = tokio::time::Instant::now();
                 }
                 Ok(None) => {
-                    tracing::warn!(task_id = %task_id, "lease lost while the task runs");
+                    // Another worker owns the task now: stop this attempt, whose outcome
+                    // could not be stored anyway.
+                    tracing::warn!(task_id = %task_id, "lease lost while the task runs: interrupting the attempt");
+                    watch.interrupt.cancel();
                     return;
                 }
                 Err(error) => {
