@@ -1144,3 +1144,32 @@ fn deep_recursion_fails_next_task_runs() {
         daemon.log_tail()
     );
 }
+
+#[test]
+fn prune_deletes_old_finished_tasks() {
+    let env = TestEnv::new();
+    env.register("word-count", &guest("word-count"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+    let text = write_file(&env, "words.txt", b"one two two\n");
+    let id = env.submit("word-count", "{}", &["--blob", path_str(&text)]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_completed(&record);
+    let blobs = env.data_dir().join("blobs");
+    let input = blobs.join("bgw-input").join(&id).join("input");
+    let output = blobs.join("bgw-output").join(&id).join("output");
+    assert!(input.is_file(), "input blob at {}", input.display());
+    assert!(output.is_file(), "output blob at {}", output.display());
+
+    let kept = env.run_ok(&["prune", "--older-than", "1"]);
+    assert!(kept.contains("pruned 0 finished tasks"), "{kept}");
+    assert_eq!(env.list_json().len(), 1, "a recent task is kept");
+
+    let pruned = env.run_ok(&["prune", "--older-than", "0"]);
+    assert!(pruned.contains("pruned 1 finished tasks"), "{pruned}");
+    assert!(env.list_json().is_empty(), "the task record is gone");
+    assert!(!input.exists(), "the input blob is gone");
+    assert!(!output.exists(), "the output blob is gone");
+
+    let usage = env.run(&["prune", "--older-than", "-1"]);
+    assert_eq!(usage.code(), 2, "a negative age is bad usage");
+}

@@ -152,6 +152,15 @@ pub trait TaskStore: Send + Sync {
 
     /// Returns true when a cancellation was requested for a running task.
     async fn cancel_requested(&self, resource_id: &str, task_id: &str) -> Result<bool>;
+
+    /// Deletes up to `limit` finished records whose end time is before `before`, oldest
+    /// first, and returns them so that the caller can delete their blobs.
+    async fn prune_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<TaskRecord>> {
+        let _ = (before, limit);
+        Err(Error::Invalid(
+            "this backend cannot prune finished tasks".to_owned(),
+        ))
+    }
 }
 
 /// Outcome of `request_cancel`.

@@ -15,8 +15,8 @@ use bgw::sandbox::{EngineSettings, Sandbox};
 
 use super::output;
 use super::{
-    ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, RegisterArgs,
-    RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, WaitArgs,
+    ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, PruneArgs,
+    RegisterArgs, RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, WaitArgs,
 };
 
 /// An error in how the command was called, reported with exit code 2.
@@ -58,6 +58,7 @@ pub async fn run(cli: Cli) -> Result<Finished> {
         Command::Result(args) => result(&settings, args, json).await,
         Command::List(args) => list(&settings, args, json).await,
         Command::Cancel(args) => cancel(&settings, args).await,
+        Command::Prune(args) => prune(&settings, args).await,
         Command::DeadLetters => dead_letters(&settings, json).await,
         Command::Requeue(args) => requeue(&settings, args).await,
     }
@@ -534,6 +535,55 @@ async fn cancel(settings: &Settings, args: TaskArgs) -> Result<Finished> {
         }
         CancelOutcome::NotFound => bail!("task {} not found", args.task_id),
     }
+    Ok(Finished::Done)
+}
+
+async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
+    const BATCH: usize = 1000;
+    if !(args.older_than.is_finite() && args.older_than >= 0.0 && args.older_than <= 36_500.0) {
+        return Err(UsageError(format!(
+            "invalid --older-than {}: it must be between 0 and 36500 days",
+            args.older_than
+        ))
+        .into());
+    }
+    let age = chrono::Duration::milliseconds((args.older_than * 86_400_000.0) as i64);
+    let before = chrono::Utc::now() - age;
+    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let mut pruned = 0usize;
+    loop {
+        let records = backend.prune_finished(before, BATCH).await?;
+        for record in &records {
+            let blobs = [
+                (&record.container_name, &record.blob_name),
+                (&record.output_container_name, &record.output_blob_name),
+            ];
+            for (container, name) in blobs {
+                // Only blobs named after the task are its own; a blob a client named may
+                // be shared with other tasks.
+                let own = name
+                    .as_deref()
+                    .is_some_and(|name| name.starts_with(&format!("{}/", record.row_key)));
+                if let (Some(container), Some(name), true) = (container, name, own) {
+                    let blob = BlobRef {
+                        container: container.clone(),
+                        name: name.clone(),
+                    };
+                    if let Err(error) = backend.blobs().delete(&blob) {
+                        eprintln!("warning: failed to delete blob {container}/{name}: {error}");
+                    }
+                }
+            }
+        }
+        pruned += records.len();
+        if records.len() < BATCH {
+            break;
+        }
+    }
+    println!(
+        "pruned {pruned} finished tasks that ended before {}",
+        bgw::record::format_time(&before)
+    );
     Ok(Finished::Done)
 }
 

@@ -61,6 +61,8 @@ enum Command {
     List(ListArgs),
     /// Cancel a task: a queued one never starts, a running one is stopped
     Cancel(TaskArgs),
+    /// Delete finished tasks older than a number of days, with their blobs
+    Prune(PruneArgs),
     /// List messages moved aside because they could not be processed
     DeadLetters,
     /// Send a dead-lettered message back to the queue
@@ -201,6 +203,13 @@ struct ListArgs {
     /// Show at most N tasks
     #[arg(long, value_name = "N", default_value_t = 100)]
     limit: usize,
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    /// Delete finished tasks whose EndTime is more than this many days ago
+    #[arg(long, value_name = "DAYS")]
+    older_than: f64,
 }
 
 #[derive(Args, Debug)]

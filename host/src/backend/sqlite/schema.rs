@@ -157,6 +157,7 @@ fn create_task_table(connection: &Connection, table: &str) -> Result<()> {
         "CREATE INDEX IF NOT EXISTS {table}_row_key ON {table} (row_key);
          CREATE INDEX IF NOT EXISTS {table}_created_time ON {table} (created_time);
          CREATE INDEX IF NOT EXISTS {table}_status_created_time ON {table} (status, created_time);
+         CREATE INDEX IF NOT EXISTS {table}_end_time ON {table} (end_time);
          CREATE INDEX IF NOT EXISTS {table}_idempotency_key ON {table} (idempotency_key)
              WHERE idempotency_key IS NOT NULL;"
     ))?;

@@ -123,6 +123,36 @@ impl TaskStore for SqliteBackend {
         .await
     }
 
+    async fn prune_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<TaskRecord>> {
+        let cutoff = format_time(&before);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |shared| {
+            shared.db.write(|connection| {
+                // Times are stored as RFC 3339 UTC text of one width, so text order is time order.
+                let sql = format!(
+                    "SELECT {TASK_COLUMNS} FROM {} WHERE end_time < ?1 ORDER BY end_time LIMIT ?2",
+                    shared.finished
+                );
+                let mut statement = connection.prepare_cached(&sql)?;
+                let mut rows = statement.query(rusqlite::params![cutoff, limit])?;
+                let mut pruned = Vec::new();
+                while let Some(row) = rows.next()? {
+                    pruned.push(task_from_row(row, &shared.finished)?);
+                }
+                for record in &pruned {
+                    delete_from(
+                        connection,
+                        &shared.finished,
+                        &record.partition_key,
+                        &record.row_key,
+                    )?;
+                }
+                Ok(pruned)
+            })
+        })
+        .await
+    }
+
     async fn update_progress(&self, updates: &[ProgressUpdate]) -> Result<()> {
         let updates = updates.to_vec();
         self.run(move |shared| {
