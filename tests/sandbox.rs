@@ -339,6 +339,7 @@ fn impossible_stack_settings_are_rejected() {
     let settings = EngineSettings {
         max_wasm_stack: 8 * 1024 * 1024,
         async_stack_size: 1024 * 1024,
+        pooled_instances: 0,
     };
     let error = Sandbox::new(settings).err().unwrap().to_string();
     assert!(error.contains("invalid stack settings"), "{error}");

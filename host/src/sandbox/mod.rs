@@ -46,6 +46,9 @@ pub struct EngineSettings {
     /// Stack of the fiber each async call runs on, in bytes. Must exceed `max_wasm_stack`
     /// so that host functions called near the wasm stack limit still have room.
     pub async_stack_size: usize,
+    /// Instances the pooling allocator keeps slots for: attempts that can run at once.
+    /// 0 selects the on-demand allocator, which maps memory for every attempt.
+    pub pooled_instances: u32,
 }
 
 impl Default for EngineSettings {
@@ -53,6 +56,7 @@ impl Default for EngineSettings {
         EngineSettings {
             max_wasm_stack: 1024 * 1024,
             async_stack_size: 2 * 1024 * 1024 + 512 * 1024,
+            pooled_instances: 256,
         }
     }
 }
@@ -84,9 +88,23 @@ impl Sandbox {
             .max_wasm_stack(settings.max_wasm_stack)
             .async_stack_size(settings.async_stack_size)
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config)
-            .map_err(anyhow::Error::from)
-            .context("failed to create the wasmtime engine")?;
+        if settings.pooled_instances > 0 {
+            config.allocation_strategy(pooling_config(settings.pooled_instances));
+        }
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(error) if settings.pooled_instances > 0 => {
+                // The pool reserves address space up front, which a low `ulimit -v` forbids.
+                tracing::warn!(%error, "pooling allocator unavailable, using the on-demand allocator");
+                config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config)
+                    .map_err(anyhow::Error::from)
+                    .context("failed to create the wasmtime engine")?
+            }
+            Err(error) => {
+                return Err(anyhow::Error::from(error).context("failed to create the wasmtime engine"))
+            }
+        };
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -509,6 +527,26 @@ fn check_component_header(wasm: &[u8]) -> Result<(), String> {
             &wasm[4..8]
         )),
     }
+}
+
+/// Sizes the pooling allocator for `instances` attempts at once. A Rust guest component
+/// holds a few core instances, memories and tables, so each attempt gets several of each.
+/// Memory slots are reserved at 4 GiB, the most a wasm32 memory can use, so any memory
+/// limit an activity sets fits; the reservation is address space, not resident memory.
+fn pooling_config(instances: u32) -> wasmtime::PoolingAllocationConfig {
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(8))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(4))
+        .total_stacks(instances)
+        .max_component_instance_size(16 * 1024 * 1024)
+        .max_core_instance_size(16 * 1024 * 1024)
+        .max_memories_per_module(2)
+        .max_tables_per_module(4)
+        .table_elements(100_000)
+        .max_memory_size(4 * 1024 * 1024 * 1024);
+    pool
 }
 
 fn start_epoch_ticker(engine: &Engine) {
