@@ -84,6 +84,8 @@ struct Controller {
     /// Cancelled when the grace period after a shutdown signal is over: running attempts
     /// stop and their messages are released for other workers.
     interrupt: CancellationToken,
+    /// Batched reads of the records that leased messages name.
+    reader: Batcher<(String, String), Option<TaskRecord>>,
     /// Group commit of attempt starts.
     starter: Batcher<(Lease, AttemptStart), Result<Fenced>>,
     /// Group commit of terminal records.
@@ -102,6 +104,15 @@ pub async fn run(
     let components = Arc::new(ComponentCache::new(sandbox.clone(), backend.clone()));
     components.refresh().await?;
 
+    let reads_backend = backend.clone();
+    let (reader, reader_task) = Batcher::spawn(
+        "read tasks",
+        MAX_BATCH,
+        move |keys: Vec<(String, String)>| {
+            let backend = reads_backend.clone();
+            async move { backend.get_tasks(&keys).await }
+        },
+    );
     let starts_backend = backend.clone();
     let (starter, starter_task) = Batcher::spawn(
         "begin attempts",
@@ -125,6 +136,7 @@ pub async fn run(
         components,
         options: options.clone(),
         interrupt: CancellationToken::new(),
+        reader,
         starter,
         finisher,
     });
@@ -198,6 +210,7 @@ pub async fn run(
     }
     watcher.abort();
     drop(controller);
+    let _ = reader_task.await;
     let _ = starter_task.await;
     let _ = finisher_task.await;
     tracing::info!("daemon stopped");
@@ -240,8 +253,8 @@ impl Controller {
         slot: OwnedSemaphorePermit,
     ) -> Result<()> {
         let record = self
-            .backend
-            .get_task(Some(&message.resource_id), &message.row_key)
+            .reader
+            .call((message.resource_id.clone(), message.row_key.clone()))
             .await?;
         let Some(mut record) = record else {
             let reason = format!(

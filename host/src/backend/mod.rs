@@ -136,6 +136,16 @@ pub trait TaskStore: Send + Sync {
         task_id: &str,
     ) -> Result<Option<TaskRecord>>;
 
+    /// Reads many records, each as `get_task` with its resource id would. A backend that
+    /// can read them in one call overrides the default, which reads them one by one.
+    async fn get_tasks(&self, keys: &[(String, String)]) -> Result<Vec<Option<TaskRecord>>> {
+        let mut records = Vec::with_capacity(keys.len());
+        for (resource_id, task_id) in keys {
+            records.push(self.get_task(Some(resource_id), task_id).await?);
+        }
+        Ok(records)
+    }
+
     /// Lists records of both tables, newest first.
     async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>>;
 

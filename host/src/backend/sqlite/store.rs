@@ -55,6 +55,27 @@ impl TaskStore for SqliteBackend {
         .await
     }
 
+    async fn get_tasks(&self, keys: &[(String, String)]) -> Result<Vec<Option<TaskRecord>>> {
+        let keys = keys.to_vec();
+        self.run(move |shared| {
+            shared.db.read(|connection| {
+                let mut records = Vec::with_capacity(keys.len());
+                for (resource_id, task_id) in &keys {
+                    let mut found = None;
+                    for table in [&shared.active, &shared.finished] {
+                        found = find_task(connection, table, Some(resource_id), task_id)?;
+                        if found.is_some() {
+                            break;
+                        }
+                    }
+                    records.push(found);
+                }
+                Ok(records)
+            })
+        })
+        .await
+    }
+
     async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
         let filter = filter.clone();
         self.run(move |shared| {
