@@ -6,12 +6,12 @@
 //! one transaction per batch on SQLite.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -90,6 +90,8 @@ struct Controller {
     starter: Batcher<(Lease, AttemptStart), Result<Fenced>>,
     /// Group commit of terminal records.
     finisher: Batcher<Finish, Fenced>,
+    /// Worker slots and the count of leased tasks not yet run.
+    pipeline: Pipeline,
 }
 
 /// Runs the daemon until `shutdown` resolves, then lets running tasks finish within the
@@ -139,6 +141,7 @@ pub async fn run(
         reader,
         starter,
         finisher,
+        pipeline: Pipeline::new(options.concurrency.max(1)),
     });
     tracing::info!(
         concurrency = options.concurrency,
@@ -146,22 +149,29 @@ pub async fn run(
         "daemon started"
     );
 
-    let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut workers = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         while workers.try_join_next().is_some() {}
 
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let free = slots.available_permits() + 1;
-        let leases = match backend.lease(free, options.visibility_timeout).await {
+        // Lease as many messages as the in-flight limit leaves room for; wait when it is full.
+        let limit = controller
+            .pipeline
+            .limit(options.concurrency, options.visibility_timeout);
+        let room = limit.saturating_sub(controller.pipeline.in_flight());
+        if room == 0 {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = controller.pipeline.changed() => continue,
+            }
+        }
+        let leases = match backend
+            .lease(room.min(MAX_BATCH), options.visibility_timeout)
+            .await
+        {
             Ok(leases) => leases,
             Err(error) => {
                 tracing::error!(%error, "failed to lease messages, retrying in 1 s");
-                drop(permit);
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -169,25 +179,16 @@ pub async fn run(
             }
         };
         if leases.is_empty() {
-            drop(permit);
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = backend.wait_for_change(options.idle_poll) => continue,
             }
         }
 
-        let mut permit = Some(permit);
         for lease in leases {
-            let slot = match permit.take() {
-                Some(slot) => slot,
-                None => slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed"),
-            };
+            let ticket = controller.pipeline.enter();
             let controller = controller.clone();
-            workers.spawn(async move { controller.process(lease, slot).await });
+            workers.spawn(async move { controller.process(lease, ticket).await });
         }
     }
 
@@ -221,7 +222,7 @@ impl Controller {
     /// Processes one leased message to a recorded outcome. Every failure is logged here.
     /// The worker slot is given back as soon as the guest has run, so that the next
     /// message can start while this outcome is committed.
-    async fn process(&self, lease: Lease, slot: OwnedSemaphorePermit) {
+    async fn process(&self, lease: Lease, slot: Ticket) {
         let message = match QueueMessage::parse(&lease.body) {
             Ok(message) => message,
             Err(reason) => {
@@ -250,7 +251,7 @@ impl Controller {
         &self,
         lease: Lease,
         message: QueueMessage,
-        slot: OwnedSemaphorePermit,
+        slot: Ticket,
     ) -> Result<()> {
         let record = self
             .reader
@@ -356,7 +357,7 @@ impl Controller {
         lease: Lease,
         mut record: TaskRecord,
         component: Arc<LoadedComponent>,
-        slot: OwnedSemaphorePermit,
+        ticket: Ticket,
     ) -> Result<()> {
         let output_ref = BlobRef {
             container: OUTPUT_CONTAINER.to_owned(),
@@ -425,8 +426,15 @@ impl Controller {
             record.row_key.clone(),
             self.options.visibility_timeout,
         ));
+        // Only guest execution takes a worker slot: reading the record, starting the attempt
+        // and committing the outcome overlap with other tasks' execution.
+        let slot = self.pipeline.execution_slot().await;
+        record.start_time = Some(Utc::now());
+        let started = std::time::Instant::now();
         let report = self.sandbox.run(&component.prepared, context, limits).await;
         drop(slot);
+        self.pipeline.record_duration(started.elapsed());
+        drop(ticket);
         heartbeat.abort();
         let _ = heartbeat.await;
         let lease = current_lease
@@ -604,6 +612,94 @@ impl Controller {
         }
     }
 }
+
+/// Worker slots, and the count of leased tasks that have not run yet.
+///
+/// The daemon leases ahead of its slots so that reads, attempt starts and outcomes can be
+/// committed in batches while guests run. How far ahead depends on how long tasks take:
+/// the tasks waiting for a slot must all start well within the visibility timeout, so for
+/// long tasks the daemon leases no more than it can run at once.
+#[derive(Clone)]
+struct Pipeline {
+    slots: Arc<Semaphore>,
+    in_flight: Arc<AtomicUsize>,
+    changed: Arc<Notify>,
+    /// Moving average of guest run time, in microseconds; 0 until a task has run.
+    average_run_us: Arc<AtomicU64>,
+}
+
+/// Counts one leased task as in flight until it has run or ended early.
+struct Ticket {
+    pipeline: Pipeline,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.pipeline.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.pipeline.changed.notify_one();
+    }
+}
+
+impl Pipeline {
+    fn new(concurrency: usize) -> Self {
+        Pipeline {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            changed: Arc::new(Notify::new()),
+            average_run_us: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> Ticket {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            pipeline: self.clone(),
+        }
+    }
+
+    async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    async fn execution_slot(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Returns how many leased tasks may be in flight: the worker slots, plus as many more
+    /// as the slots can run within a quarter of the visibility timeout at the average run
+    /// time, at most [`MAX_PREFETCH`].
+    fn limit(&self, concurrency: usize, visibility: Duration) -> usize {
+        let average = self.average_run_us.load(Ordering::Relaxed);
+        if average == 0 {
+            return concurrency;
+        }
+        let budget_us = (visibility.as_micros() / 4) as u64;
+        let ahead = (budget_us / average).saturating_mul(concurrency as u64);
+        concurrency + (ahead.min(MAX_PREFETCH as u64) as usize)
+    }
+
+    fn record_duration(&self, duration: Duration) {
+        let sample = (duration.as_micros() as u64).max(1);
+        let previous = self.average_run_us.load(Ordering::Relaxed);
+        let next = if previous == 0 {
+            sample
+        } else {
+            (previous * 7 + sample) / 8
+        };
+        self.average_run_us.store(next, Ordering::Relaxed);
+    }
+}
+
+/// Most leased tasks a daemon holds beyond its worker slots.
+const MAX_PREFETCH: usize = 256;
 
 /// Returns the number of the attempt a delivery starts: its dequeue count, which also
 /// counts attempts a stopped worker never recorded, but at least one more than the
