@@ -31,6 +31,9 @@ pub struct StartOptions {
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// Longest pause of `wait` between two reads of a task whose store shows no change.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
 /// Maximum length of an idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
@@ -226,23 +229,25 @@ impl WorkflowClient {
         timeout: Option<Duration>,
     ) -> Result<TaskRecord> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
         loop {
             match self.get_task(task_id, resource_id).await? {
                 Some(record) if record.status.is_terminal() => return Ok(record),
                 Some(_) => {}
                 None => return Err(Error::NotFound(format!("task {task_id} not found"))),
             }
+            let mut pause = WAIT_POLL;
             if let Some(limit) = timeout {
-                if started.elapsed() >= limit {
+                let elapsed = started.elapsed();
+                if elapsed >= limit {
                     return Err(Error::Invalid(format!(
                         "timed out after {} s waiting for task {task_id}",
                         limit.as_secs_f64()
                     )));
                 }
+                pause = pause.min(limit - elapsed);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            // Returns as soon as the store changes, so a finished task is seen at once.
+            self.backend.wait_for_change(pause).await;
         }
     }
 
