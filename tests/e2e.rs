@@ -511,7 +511,7 @@ fn missing_component_fails_only_its_task() {
     let env = TestEnv::new();
     env.register("multiply", &guest("multiply"), &[]);
     // One worker slot: the tasks behind the failing one can only run if it does not block.
-    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "1"]);
 
     let missing = env.submit("ghost-activity", r#"{"x": 1}"#, &[]);
     let behind: Vec<String> = (0..5)
@@ -952,7 +952,7 @@ fn poison_tasks_do_not_block_healthy_task() {
     let env = TestEnv::new();
     env.register("always-trap", &guest("hostile"), &[]);
     env.register("multiply", &guest("multiply"), &[]);
-    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "1"]);
 
     // The other messages (malformed JSON, no row_key, a record that does not exist) need
     // direct queue access, so only those that name a task the CLI can create are used.
@@ -1012,11 +1012,40 @@ fn poison_tasks_do_not_block_healthy_task() {
     assert_completed(healthy);
     assert_eq!(output_of(healthy), json!({"product": 4}));
 
+    // Only the task without a component is dead-lettered, once its grace period is over.
     let dead_letters = env.run_json(&["dead-letters"]);
-    assert_eq!(
-        dead_letters,
-        json!([]),
-        "no message of a stored task is dead-lettered"
+    let letters = dead_letters.as_array().expect("an array");
+    assert_eq!(letters.len(), 1, "{dead_letters:#}");
+    assert_eq!(letters[0]["RowKey"], json!(ids[0]), "{dead_letters:#}");
+    assert!(
+        letters[0]["Reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no component registered"),
+        "{dead_letters:#}"
+    );
+}
+
+#[test]
+fn task_waits_for_late_registration() {
+    let env = TestEnv::new();
+    let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "30"]);
+    let early = env.submit("late-type", r#"{"x": 4}"#, &[]);
+    let waiting = env.wait_for_status(&early, "CREATED", TASK_TIMEOUT);
+    assert!(
+        error_of(&waiting).contains("waiting up to 30 s"),
+        "the record says it waits: {waiting:#}"
+    );
+
+    env.register("late-type", &guest("multiply"), &[]);
+    let record = env.wait_one(&early, TASK_TIMEOUT);
+    assert_completed(&record);
+    assert_eq!(output_of(&record), json!({"product": 8}));
+    assert!(
+        env.run_json(&["dead-letters"])
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "nothing is dead-lettered"
     );
 }
 

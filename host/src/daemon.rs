@@ -26,6 +26,12 @@ use crate::{validate, Result};
 /// Container that guests' output blobs are stored in.
 pub const OUTPUT_CONTAINER: &str = "bgw-output";
 
+/// Default time a task waits for a component of its activity type to be registered.
+pub const DEFAULT_MISSING_COMPONENT_GRACE: Duration = Duration::from_secs(30);
+
+/// Interval at which a task waiting for a component is looked at again.
+const COMPONENT_RECHECK: Duration = Duration::from_secs(2);
+
 /// Default number of deliveries after which a message is dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
@@ -51,6 +57,9 @@ pub struct DaemonOptions {
     /// Deliveries after which a message is dead-lettered instead of run again, so a
     /// message that crashes its worker every time cannot loop forever.
     pub max_deliveries: u32,
+    /// Time a task whose activity type has no component waits for a registration, counted
+    /// from when its message was first enqueued, before it ends ERROR.
+    pub missing_component_grace: Duration,
 }
 
 impl Default for DaemonOptions {
@@ -63,6 +72,7 @@ impl Default for DaemonOptions {
             shutdown_grace: Duration::from_secs(30),
             host_id: default_host_id(),
             max_deliveries: DEFAULT_MAX_DELIVERIES,
+            missing_component_grace: DEFAULT_MISSING_COMPONENT_GRACE,
         }
     }
 }
@@ -314,16 +324,7 @@ impl Controller {
 
         let component = match self.component_for(&message.task_type).await {
             Some(component) => component,
-            None => {
-                let reason = format!(
-                    "no component registered for activity type {:?}: register one with `bgw register {} FILE.wasm`",
-                    message.task_type, message.task_type
-                );
-                tracing::warn!(%reason, "task failed");
-                record.attempt = attempt_number(&lease, &record);
-                record.host_id = Some(self.options.host_id.clone());
-                return self.end_with_error(lease, record, reason).await;
-            }
+            None => return self.wait_for_component(lease, record).await,
         };
         tracing::Span::current().record("digest", component.version.digest.as_str());
 
@@ -571,6 +572,50 @@ impl Controller {
             "task finished"
         );
         self.finish(lease, record).await
+    }
+
+    /// Handles a task whose activity type has no component: within the grace period after
+    /// the message was first enqueued, the task waits for a registration and is looked at
+    /// again; after it, the task ends ERROR and its message is dead-lettered, so that
+    /// `bgw requeue` can send it again once a component is registered.
+    async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
+        let activity_type = record.task_type.clone();
+        let grace = self.options.missing_component_grace;
+        let waited = (Utc::now() - lease.inserted_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        record.attempt = attempt_number(&lease, &record);
+        record.host_id = Some(self.options.host_id.clone());
+        record.start_time = None;
+        record.end_time = Some(Utc::now());
+
+        if waited < grace {
+            let delay = (grace - waited).min(COMPONENT_RECHECK);
+            let reason = format!(
+                "no component registered for activity type {activity_type:?} yet: waiting up to {} s for `bgw register {activity_type} FILE.wasm`",
+                grace.as_secs()
+            );
+            tracing::info!(%reason, "task waits for a component");
+            record.status = Status::Created;
+            record.error_message = Some(reason);
+            record.attempt_history.push(record.current_attempt());
+            if self.backend.retry(&lease, &record, delay).await? == Fenced::LeaseLost {
+                tracing::warn!("lease lost while the task waits for a component");
+            }
+            return Ok(());
+        }
+
+        let reason = format!(
+            "no component registered for activity type {activity_type:?} within {} s: register one with `bgw register {activity_type} FILE.wasm`, then `bgw requeue` the dead letter",
+            grace.as_secs()
+        );
+        tracing::warn!(%reason, "task failed and its message is dead-lettered");
+        record.status = Status::Error;
+        record.error_message = Some(reason.clone());
+        record.attempt_history.push(record.current_attempt());
+        self.backend.finish_without_lease(&record).await?;
+        self.dead_letter(&lease, &reason).await;
+        Ok(())
     }
 
     /// Ends a task ERROR with `reason` before its component ran.

@@ -92,6 +92,7 @@ async fn daemon(settings: &Settings, args: DaemonArgs) -> Result<Finished> {
     let sandbox = sandbox()?;
     let mut options = DaemonOptions {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        missing_component_grace: Duration::from_secs(args.missing_component_grace),
         ..DaemonOptions::default()
     };
     if let Some(concurrency) = args.concurrency.or(Some(settings.concurrency)) {

@@ -80,6 +80,10 @@ struct DaemonArgs {
     /// Seconds running tasks get to finish after SIGTERM or SIGINT
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     shutdown_grace: u64,
+    /// Seconds a task whose activity type has no component waits for a registration
+    /// before it ends ERROR and is dead-lettered
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    missing_component_grace: u64,
 }
 
 #[derive(Args, Debug)]
