@@ -5,6 +5,7 @@
 //! batches where a backend can group them: leasing many messages and finishing many tasks
 //! fit one SQLite transaction.
 
+pub mod azure;
 pub mod sqlite;
 
 use std::io::{Read, Write};

@@ -14,7 +14,7 @@
 mod connection;
 mod lifecycle;
 mod queue;
-mod registry;
+pub(super) mod registry;
 mod schema;
 mod store;
 #[cfg(test)]

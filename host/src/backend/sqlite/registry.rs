@@ -322,7 +322,7 @@ fn limit_values(limits: &Limits) -> Result<[i64; 4]> {
 }
 
 /// Checks that a digest is 64 lower-case hex digits, the form of a SHA-256 digest.
-fn validate_digest(digest: &str) -> Result<()> {
+pub(in crate::backend) fn validate_digest(digest: &str) -> Result<()> {
     let hex = digest
         .bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
@@ -337,7 +337,7 @@ fn validate_digest(digest: &str) -> Result<()> {
 
 /// Checks that an engine hash is safe in a file name: 1 to 128 ASCII letters, digits,
 /// `_` or `-`.
-fn validate_engine_hash(engine_hash: &str) -> Result<()> {
+pub(in crate::backend) fn validate_engine_hash(engine_hash: &str) -> Result<()> {
     let allowed = engine_hash
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -350,17 +350,17 @@ fn validate_engine_hash(engine_hash: &str) -> Result<()> {
     )))
 }
 
-fn wasm_path(dir: &Path, digest: &str) -> PathBuf {
+pub(in crate::backend) fn wasm_path(dir: &Path, digest: &str) -> PathBuf {
     dir.join(format!("{digest}.wasm"))
 }
 
-fn artifact_path(dir: &Path, digest: &str, engine_hash: &str) -> PathBuf {
+pub(in crate::backend) fn artifact_path(dir: &Path, digest: &str, engine_hash: &str) -> PathBuf {
     dir.join(format!("{digest}-{engine_hash}.cwasm"))
 }
 
 /// Writes a file through a temporary file in the same folder and a rename, so that
 /// readers see either no file or the whole one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(in crate::backend) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("component paths have a folder");
     fs::create_dir_all(dir)
         .map_err(|error| Error::io(format!("failed to create {}", dir.display()), error))?;

@@ -1,0 +1,353 @@
+//! Operations that span the task tables and the queue: a saga for submit, and writes
+//! fenced by the lease and the entity's ETag for the rest.
+//!
+//! The fencing rule: a write under a lease first renews or releases the message, which
+//! only the holder of the newest pop receipt can do. The entity write then carries the
+//! ETag read just before (`If-Match`) and is redone from a fresh read when another writer
+//! changed the entity in between. `LeaseMessageId` on the entity tells a record that a
+//! delivery of another message (a duplicate) is running from one this lease may write.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::entity::{from_entity, integer, remove_property, set_time, string, Entity};
+use super::queue::FINISH_VISIBILITY;
+use super::store::{conflict_error, find_task, insert_new_task, MAX_CONFLICT_RETRIES};
+use super::table::{self, Write};
+use super::{AzureBackend, Shared};
+use crate::backend::{
+    AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
+    Submitted,
+};
+use crate::record::{Status, TaskRecord};
+use crate::{Error, Result};
+
+/// Age after which an idempotency key whose task was never created may be claimed again:
+/// the submit that claimed it has failed, because a submit takes seconds at most.
+const STALE_CLAIM: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Row key of every idempotency entity; the partition key is the key's SHA-256.
+const IDEMPOTENCY_ROW_KEY: &str = "key";
+
+#[async_trait]
+impl Backend for AzureBackend {
+    fn store_mode(&self) -> &str {
+        "azure"
+    }
+
+    fn table_names(&self) -> (&str, &str) {
+        (&self.shared.active_name, &self.shared.finished_name)
+    }
+
+    /// Claims the idempotency key, inserts the record, then enqueues the message. When a
+    /// step fails, the earlier ones are undone and the error is returned.
+    async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted> {
+        let shared = self.ready().await?;
+        if let Some(key) = &record.idempotency_key {
+            if let Some(existing) = claim_idempotency_key(shared, key, record).await? {
+                return Ok(existing);
+            }
+        }
+        if let Err(error) = insert_new_task(shared, record).await {
+            release_idempotency_key(shared, record).await;
+            return Err(error);
+        }
+        if let Err(error) = shared.put_message(message).await {
+            let undo =
+                table::delete(&shared.active, &record.partition_key, &record.row_key, None).await;
+            if let Err(undo_error) = undo {
+                tracing::error!(
+                    task_id = %record.row_key,
+                    error = %undo_error,
+                    "failed to delete the record of a task whose message was not enqueued: \
+                     it stays CREATED without a message"
+                );
+            }
+            release_idempotency_key(shared, record).await;
+            return Err(error);
+        }
+        Ok(Submitted::Created)
+    }
+
+    async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced> {
+        let shared = self.ready().await?;
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let Some((mut entity, etag)) =
+                table::get(&shared.active, &start.resource_id, &start.task_id).await?
+            else {
+                return Err(Error::NotFound(format!(
+                    "task {:?} of resource {:?} is not in table {}",
+                    start.task_id, start.resource_id, shared.active_name
+                )));
+            };
+            if !may_begin(&entity, lease) {
+                return Ok(Fenced::LeaseLost);
+            }
+            mark_running(&mut entity, lease, start)?;
+            match table::replace(&shared.active, &entity, Some(&etag)).await? {
+                Write::Done(_) => return Ok(Fenced::Written),
+                Write::Conflict => continue,
+                Write::NotFound => {
+                    return Err(Error::NotFound(format!(
+                        "task {:?} left table {} while its attempt began",
+                        start.task_id, shared.active_name
+                    )))
+                }
+            }
+        }
+        Err(conflict_error(&start.task_id))
+    }
+
+    async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
+        let shared = self.ready().await?;
+        let mut results = Vec::with_capacity(finishes.len());
+        for finish in finishes {
+            results.push(finish_one(shared, finish).await?);
+        }
+        Ok(results)
+    }
+
+    async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced> {
+        let shared = self.ready().await?;
+        if shared.update_visibility(lease, delay).await?.is_none() {
+            return Ok(Fenced::LeaseLost);
+        }
+        let mut record = record.clone();
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
+            let write = match found {
+                None => {
+                    let entity = shared.entity_of(&record, Some(&lease.message_id)).await?;
+                    table::upsert(&shared.active, &entity).await?;
+                    Write::Done(azure_core::Etag::from(String::new()))
+                }
+                Some((current, etag)) => {
+                    if runs_under_other_message(&current, lease) {
+                        return Ok(Fenced::LeaseLost);
+                    }
+                    // A cancellation requested while the attempt ran must survive the retry.
+                    record.cancel_requested |= from_entity(&current, &shared.active_name)
+                        .is_ok_and(|current| current.cancel_requested);
+                    let entity = shared.entity_of(&record, Some(&lease.message_id)).await?;
+                    table::replace(&shared.active, &entity, Some(&etag)).await?
+                }
+            };
+            if write != Write::Conflict {
+                return Ok(Fenced::Written);
+            }
+        }
+        Err(conflict_error(&record.row_key))
+    }
+
+    async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()> {
+        let shared = self.ready().await?;
+        let entity = shared.entity_of(record, None).await?;
+        table::upsert(&shared.finished, &entity).await?;
+        table::delete(&shared.active, &record.partition_key, &record.row_key, None).await?;
+        Ok(())
+    }
+
+    fn blobs(&self) -> &dyn BlobStore {
+        &self.blobs
+    }
+
+    fn registry(&self) -> &dyn ComponentRegistry {
+        self
+    }
+}
+
+/// Stores one terminal record: renews the message (proving the lease), writes the
+/// finished entity, deletes the active one if unchanged since it was read, then deletes
+/// the message with the renewed receipt.
+///
+/// The finished entity is written before the active one is deleted, so a crash in between
+/// leaves the task in both tables; its message then comes back, and the daemon sees the
+/// finished record and acknowledges the message as a duplicate.
+async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
+    let lease = &finish.lease;
+    let record = &finish.record;
+    let Some(held) = shared.update_visibility(lease, FINISH_VISIBILITY).await? else {
+        return Ok(Fenced::LeaseLost);
+    };
+    let finished = shared.entity_of(record, Some(&lease.message_id)).await?;
+
+    let mut moved = false;
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
+        let etag = match found {
+            Some((current, _)) if runs_under_other_message(&current, lease) => {
+                return Ok(Fenced::LeaseLost)
+            }
+            Some((_, etag)) => Some(etag),
+            None => None,
+        };
+        table::upsert(&shared.finished, &finished).await?;
+        let Some(etag) = etag else {
+            moved = true;
+            break;
+        };
+        let deleted = table::delete(
+            &shared.active,
+            &record.partition_key,
+            &record.row_key,
+            Some(&etag),
+        )
+        .await?;
+        if deleted != Write::Conflict {
+            moved = true;
+            break;
+        }
+    }
+    if !moved {
+        return Err(conflict_error(&record.row_key));
+    }
+
+    if !shared.delete_message(&held).await? {
+        // The record is stored; the message comes back and is acknowledged as a duplicate.
+        tracing::warn!(
+            task_id = %record.row_key,
+            message_id = %lease.message_id,
+            "lease lost after the outcome was stored: the message will be acknowledged as a duplicate"
+        );
+    }
+    Ok(Fenced::Written)
+}
+
+/// Returns whether a lease may begin an attempt on the task: its own message must not
+/// have begun this or a later delivery, and no other message's delivery may be running.
+fn may_begin(entity: &Entity, lease: &Lease) -> bool {
+    let attempt = integer(entity, "Attempt").unwrap_or(0);
+    let delivery = i64::from(lease.dequeue_count);
+    let same_message = string(entity, "LeaseMessageId").as_deref() == Some(&lease.message_id);
+    let running = string(entity, "Status").as_deref() == Some(Status::Running.as_str());
+    match same_message {
+        true => attempt < delivery,
+        false => !running || attempt < delivery,
+    }
+}
+
+/// Returns true when the task is RUNNING under a delivery of another message, which
+/// happens only when the queue holds a duplicate message for the task.
+fn runs_under_other_message(entity: &Entity, lease: &Lease) -> bool {
+    let running = string(entity, "Status").as_deref() == Some(Status::Running.as_str());
+    let owner = string(entity, "LeaseMessageId");
+    running && owner.is_some_and(|owner| owner != lease.message_id)
+}
+
+/// Changes an entity read from the table to RUNNING for a new attempt, keeping every
+/// property that the attempt does not change.
+fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Result<()> {
+    let mut text = |name: &str, value: &str| {
+        entity.insert(name.to_owned(), Value::String(value.to_owned()));
+    };
+    text("Status", Status::Running.as_str());
+    text("ComponentDigest", &start.component_digest);
+    text("HostId", &start.host_id);
+    text("LeaseMessageId", &lease.message_id);
+    entity.insert("Attempt".to_owned(), Value::from(start.attempt));
+    entity.insert(
+        "ComponentVersion".to_owned(),
+        Value::from(start.component_version),
+    );
+    set_time(entity, "StartTime", &start.start_time)?;
+    remove_property(entity, "EndTime");
+    remove_property(entity, "ErrorMessage");
+    Ok(())
+}
+
+/// Claims an idempotency key for a new task. Returns the task that already has the key,
+/// or `None` when this submit may create its task.
+///
+/// NOTE: a key claimed less than a minute ago by a submit that has not stored its task
+/// yet returns that task's id, even if that submit fails later.
+async fn claim_idempotency_key(
+    shared: &Shared,
+    key: &str,
+    record: &TaskRecord,
+) -> Result<Option<Submitted>> {
+    let entity = idempotency_entity(key, record)?;
+    let partition_key = idempotency_partition(key);
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        if let Write::Done(_) = table::insert(&shared.idempotency, &entity).await? {
+            return Ok(None);
+        }
+        let Some((claim, etag)) =
+            table::get(&shared.idempotency, &partition_key, IDEMPOTENCY_ROW_KEY).await?
+        else {
+            continue;
+        };
+        let task_id = string(&claim, "TaskId").unwrap_or_default();
+        let resource_id = string(&claim, "ResourceId").unwrap_or_default();
+        let claimed_at = string(&claim, "ClaimedAt")
+            .and_then(|text| crate::record::parse_time(&text).ok())
+            .unwrap_or_default();
+
+        let exists = [&shared.active, &shared.finished];
+        let mut found = false;
+        for table in exists {
+            found |= find_task(table, Some(&resource_id), &task_id)
+                .await?
+                .is_some();
+        }
+        if found || Utc::now() - claimed_at < STALE_CLAIM {
+            return Ok(Some(Submitted::Existing {
+                task_id,
+                resource_id,
+            }));
+        }
+        // The submit that claimed the key failed before storing its task: take the key over.
+        if let Write::Done(_) = table::replace(&shared.idempotency, &entity, Some(&etag)).await? {
+            return Ok(None);
+        }
+    }
+    Err(conflict_error(&record.row_key))
+}
+
+/// Deletes the claim of a submit that failed, if the record has a key.
+async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
+    let Some(key) = &record.idempotency_key else {
+        return;
+    };
+    let partition_key = idempotency_partition(key);
+    let Ok(Some((claim, etag))) =
+        table::get(&shared.idempotency, &partition_key, IDEMPOTENCY_ROW_KEY).await
+    else {
+        return;
+    };
+    if string(&claim, "TaskId").as_deref() != Some(&record.row_key) {
+        return;
+    }
+    let deleted = table::delete(
+        &shared.idempotency,
+        &partition_key,
+        IDEMPOTENCY_ROW_KEY,
+        Some(&etag),
+    )
+    .await;
+    if let Err(error) = deleted {
+        tracing::warn!(task_id = %record.row_key, %error, "failed to release the idempotency key of a failed submit");
+    }
+}
+
+fn idempotency_entity(key: &str, record: &TaskRecord) -> Result<Entity> {
+    let mut entity = Entity::new();
+    let mut text = |name: &str, value: &str| {
+        entity.insert(name.to_owned(), Value::String(value.to_owned()));
+    };
+    text("PartitionKey", &idempotency_partition(key));
+    text("RowKey", IDEMPOTENCY_ROW_KEY);
+    text("TaskId", &record.row_key);
+    text("ResourceId", &record.partition_key);
+    set_time(&mut entity, "ClaimedAt", &Utc::now())?;
+    Ok(entity)
+}
+
+/// Partition key of an idempotency key: its SHA-256 in hex, because a key may contain
+/// characters that Azure Table keys forbid.
+fn idempotency_partition(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}

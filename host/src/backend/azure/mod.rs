@@ -1,0 +1,355 @@
+//! The Azure Storage backend: task records in Tables, the task queue in Queues, blobs and
+//! component files in Blob Storage.
+//!
+//! Records and messages use the wire format of `background-workflows` 0.3.0, so its
+//! clients and workers can share the tables and the queue with `bgw` (see [`entity`]).
+//! Azure has no transaction across a table and a queue, so [`Backend::submit`] is a saga
+//! with compensation, and every write made under a lease is fenced twice: the queue
+//! proves the lease (only the newest pop receipt can update or delete the message) and
+//! the entity's ETag (`If-Match`) keeps two hosts from overwriting each other.
+//!
+//! Tables, queues and containers are created on first use, so opening the backend does no
+//! I/O and works from synchronous code.
+//!
+//! [`Backend::submit`]: crate::backend::Backend::submit
+
+mod blobs;
+mod entity;
+mod lifecycle;
+mod queue;
+mod registry;
+mod store;
+mod table;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use azure_data_tables::prelude::{TableClient, TableServiceClient};
+use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
+use azure_storage_blobs::prelude::BlobServiceClient;
+use azure_storage_queues::prelude::{QueueClient, QueueServiceClient};
+use tokio::sync::OnceCell;
+
+use self::blobs::AzureBlobStore;
+use crate::backend::sqlite::DEFAULT_QUEUE;
+use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
+use crate::{validate, Error, Result};
+
+/// Container of payloads, results and other values too large for a table property or a
+/// queue message.
+pub const PAYLOAD_CONTAINER: &str = "bgw-payloads";
+
+/// Container of registered `.wasm` files, named `<digest>.wasm`.
+pub const COMPONENT_CONTAINER: &str = "bgw-components";
+
+/// Table of registered component versions and the registry generation.
+pub const COMPONENT_TABLE: &str = "BgwComponents";
+
+/// Table mapping idempotency keys to the task they created.
+pub const IDEMPOTENCY_TABLE: &str = "BgwIdempotency";
+
+/// Table of dead letters, partitioned by queue name.
+pub const DEAD_LETTER_TABLE: &str = "BgwDeadLetters";
+
+/// Settings of the Azure backend.
+#[derive(Clone)]
+pub struct AzureOptions {
+    /// An Azure Storage connection string with an account key or a SAS token.
+    pub connection_string: String,
+    pub active_table: String,
+    pub finished_table: String,
+    pub queue_name: String,
+    /// Local folder that caches `.wasm` files and keeps compiled artifacts, so that each
+    /// host compiles a component once.
+    pub component_dir: PathBuf,
+}
+
+impl std::fmt::Debug for AzureOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection string contains the account key, so it is never printed.
+        f.debug_struct("AzureOptions")
+            .field("active_table", &self.active_table)
+            .field("finished_table", &self.finished_table)
+            .field("queue_name", &self.queue_name)
+            .field("component_dir", &self.component_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AzureOptions {
+    /// Options with the default table and queue names.
+    pub fn new(connection_string: impl Into<String>, component_dir: impl Into<PathBuf>) -> Self {
+        AzureOptions {
+            connection_string: connection_string.into(),
+            active_table: DEFAULT_ACTIVE_TABLE.to_owned(),
+            finished_table: DEFAULT_FINISHED_TABLE.to_owned(),
+            queue_name: DEFAULT_QUEUE.to_owned(),
+            component_dir: component_dir.into(),
+        }
+    }
+}
+
+/// Task store, queue, blob store and component registry in one Azure Storage account.
+pub struct AzureBackend {
+    shared: Arc<Shared>,
+    blobs: AzureBlobStore,
+}
+
+/// Clients and names that the operations use.
+struct Shared {
+    active_name: String,
+    finished_name: String,
+    queue_name: String,
+    active: TableClient,
+    finished: TableClient,
+    components: TableClient,
+    idempotency: TableClient,
+    dead_letters: TableClient,
+    queue: QueueClient,
+    blob_service: BlobServiceClient,
+    component_dir: PathBuf,
+    /// Set once the tables, the queue and the containers exist.
+    created: OnceCell<()>,
+    /// Leases in a row that found the queue empty, for the polling backoff.
+    empty_polls: AtomicU32,
+}
+
+impl AzureBackend {
+    /// Checks the names and parses the connection string. Creates no resource: tables,
+    /// the queue and the containers are created by the first operation that needs them.
+    pub fn open(options: AzureOptions) -> Result<Self> {
+        validate::table_name(&options.active_table)?;
+        validate::table_name(&options.finished_table)?;
+        if options
+            .active_table
+            .eq_ignore_ascii_case(&options.finished_table)
+        {
+            return Err(Error::Invalid(format!(
+                "the active and the finished table must differ, but both are {:?}",
+                options.active_table
+            )));
+        }
+        validate::azure_name("queue name", &options.queue_name)?;
+
+        let endpoints = Endpoints::parse(&options.connection_string)?;
+        let tables = TableServiceClient::new_with_location(&endpoints);
+        let queues = QueueServiceClient::new_with_location(&endpoints);
+        // Two blob clients: the async operations use one on the caller's runtime, and the
+        // synchronous BlobStore uses the other on its own runtime, because a connection
+        // pool must not outlive the runtime that opened its connections.
+        let blob_service = BlobServiceClient::new_with_location(&endpoints);
+        let blob_store_service = BlobServiceClient::new_with_location(&endpoints);
+
+        let shared = Shared {
+            active: tables.table_client(&options.active_table),
+            finished: tables.table_client(&options.finished_table),
+            components: tables.table_client(COMPONENT_TABLE),
+            idempotency: tables.table_client(IDEMPOTENCY_TABLE),
+            dead_letters: tables.table_client(DEAD_LETTER_TABLE),
+            queue: queues.queue_client(&options.queue_name),
+            blob_service,
+            active_name: options.active_table,
+            finished_name: options.finished_table,
+            queue_name: options.queue_name,
+            component_dir: options.component_dir,
+            created: OnceCell::new(),
+            empty_polls: AtomicU32::new(0),
+        };
+        Ok(AzureBackend {
+            shared: Arc::new(shared),
+            blobs: AzureBlobStore::new(blob_store_service)?,
+        })
+    }
+
+    /// Returns the shared state after creating the tables, the queue and the containers
+    /// if this backend has not done so yet.
+    async fn ready(&self) -> Result<&Shared> {
+        let shared = &*self.shared;
+        shared
+            .created
+            .get_or_try_init(|| create_resources(shared))
+            .await?;
+        Ok(shared)
+    }
+}
+
+/// Creates every table, the queue and the containers; an existing one is not an error.
+async fn create_resources(shared: &Shared) -> Result<()> {
+    let tables = [
+        &shared.active,
+        &shared.finished,
+        &shared.components,
+        &shared.idempotency,
+        &shared.dead_letters,
+    ];
+    for table in tables {
+        match table.create().await {
+            Ok(_) => tracing::info!(table = table.table_name(), "created Azure table"),
+            Err(error) if status_of(&error) == Some(409) => {}
+            Err(error) => {
+                return Err(azure_error(
+                    format!("failed to create table {}", table.table_name()),
+                    error,
+                ))
+            }
+        }
+    }
+    match shared.queue.create().await {
+        Ok(_) => {}
+        Err(error) if status_of(&error) == Some(409) => {}
+        Err(error) => {
+            return Err(azure_error(
+                format!("failed to create queue {}", shared.queue_name),
+                error,
+            ))
+        }
+    }
+    for container in [PAYLOAD_CONTAINER, COMPONENT_CONTAINER] {
+        blobs::create_container(&shared.blob_service, container).await?;
+    }
+    Ok(())
+}
+
+/// Service endpoints and credentials read from a connection string.
+struct Endpoints {
+    credentials: StorageCredentials,
+    table: CloudLocation,
+    queue: CloudLocation,
+    blob: CloudLocation,
+}
+
+impl Endpoints {
+    /// Parses a connection string. Explicit `TableEndpoint`, `QueueEndpoint` and
+    /// `BlobEndpoint` values win; `UseDevelopmentStorage=true` selects Azurite on its
+    /// default ports; otherwise the public cloud endpoints of the account are used.
+    fn parse(text: &str) -> Result<Self> {
+        let invalid = |detail: String| {
+            Error::Invalid(format!(
+                "invalid AZURE_STORAGE_CONNECTION_STRING: {detail}; expected \
+                 'AccountName=...;AccountKey=...' with optional TableEndpoint, QueueEndpoint \
+                 and BlobEndpoint"
+            ))
+        };
+        let parsed = ConnectionString::new(text).map_err(|error| invalid(error.to_string()))?;
+        let development = parsed.use_development_storage == Some(true);
+        let credentials = match development && parsed.account_key.is_none() {
+            true => StorageCredentials::emulator(),
+            false => parsed
+                .storage_credentials()
+                .map_err(|error| invalid(error.to_string()))?,
+        };
+        let account = match (parsed.account_name, development) {
+            (Some(name), _) => name.to_owned(),
+            (None, true) => azure_storage::EMULATOR_ACCOUNT.to_owned(),
+            (None, false) => return Err(invalid("AccountName is missing".to_owned())),
+        };
+        let location = |endpoint: Option<&str>, port: u16| match endpoint {
+            Some(uri) => CloudLocation::Custom {
+                account: account.clone(),
+                uri: uri.trim_end_matches('/').to_owned(),
+            },
+            None if development => CloudLocation::Emulator {
+                address: "127.0.0.1".to_owned(),
+                port,
+            },
+            None => CloudLocation::Public {
+                account: account.clone(),
+            },
+        };
+        Ok(Endpoints {
+            table: location(parsed.table_endpoint, 10002),
+            queue: location(parsed.queue_endpoint, 10001),
+            blob: location(parsed.blob_endpoint, 10000),
+            credentials,
+        })
+    }
+}
+
+/// Builds a service client from the parsed endpoints.
+trait FromEndpoints {
+    fn new_with_location(endpoints: &Endpoints) -> Self;
+}
+
+impl FromEndpoints for TableServiceClient {
+    fn new_with_location(endpoints: &Endpoints) -> Self {
+        azure_data_tables::clients::TableServiceClientBuilder::with_location(
+            endpoints.table.clone(),
+            endpoints.credentials.clone(),
+        )
+        .build()
+    }
+}
+
+impl FromEndpoints for QueueServiceClient {
+    fn new_with_location(endpoints: &Endpoints) -> Self {
+        azure_storage_queues::QueueServiceClientBuilder::with_location(
+            endpoints.queue.clone(),
+            endpoints.credentials.clone(),
+        )
+        .build()
+    }
+}
+
+impl FromEndpoints for BlobServiceClient {
+    fn new_with_location(endpoints: &Endpoints) -> Self {
+        azure_storage_blobs::prelude::ClientBuilder::with_location(
+            endpoints.blob.clone(),
+            endpoints.credentials.clone(),
+        )
+        .blob_service_client()
+    }
+}
+
+/// Returns the HTTP status of a failed Azure request, if the service answered.
+fn status_of(error: &azure_core::Error) -> Option<u16> {
+    match error.kind() {
+        azure_core::error::ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
+        _ => None,
+    }
+}
+
+/// Wraps an Azure SDK error with what was being done.
+fn azure_error(context: impl Into<String>, error: azure_core::Error) -> Error {
+    Error::Other(anyhow::Error::new(error).context(context.into()))
+}
+
+/// Quotes a value for an OData filter or an entity key: single quotes are doubled.
+fn odata_quote(value: &str) -> String {
+    value.replace('\'', "''")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_string_with_endpoints_is_parsed() {
+        let text = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;\
+            AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;\
+            BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;\
+            QueueEndpoint=http://127.0.0.1:2/devstoreaccount1;\
+            TableEndpoint=http://127.0.0.1:3/devstoreaccount1;";
+        let endpoints = Endpoints::parse(text).unwrap();
+        let url = endpoints
+            .queue
+            .url(azure_storage::clients::ServiceType::Queue)
+            .unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:2/devstoreaccount1");
+    }
+
+    #[test]
+    fn connection_string_without_account_is_rejected() {
+        let error = Endpoints::parse("AccountKey=abc")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("AZURE_STORAGE_CONNECTION_STRING"), "{error}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_connection_string() {
+        let options = AzureOptions::new("AccountName=a;AccountKey=secret", "/tmp/unused");
+        assert!(!format!("{options:?}").contains("secret"));
+    }
+}
