@@ -2,9 +2,11 @@
 //! file and defaults, in that order of precedence.
 //!
 //! Environment variables: `BGW_DATA_DIR`, `BGW_CONFIG`, `STORE_MODE`, `SQLITE_DB_PATH`,
-//! `ACTIVE_TABLE_NAME`, `FINISHED_TABLE_NAME` and `BGW_QUEUE`. The last four but one have
-//! the names `background-workflows` reads, so both can share one deployment. A variable
-//! set to the empty string counts as unset.
+//! `AZURE_STORAGE_CONNECTION_STRING`, `ACTIVE_TABLE_NAME`, `FINISHED_TABLE_NAME` and
+//! `BGW_QUEUE`. All but the first two and the last have the names `background-workflows`
+//! reads, so both can share one deployment. A variable set to the empty string counts as
+//! unset. The connection string is read only from the environment, so that the account
+//! key stays out of configuration files.
 //!
 //! The TOML file is `--config FILE` or `BGW_CONFIG` when given, and `<data dir>/bgw.toml`
 //! otherwise if that file exists. Every key is optional and an unknown key is an error:
@@ -36,6 +38,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::backend::azure::AzureOptions;
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
@@ -120,6 +123,8 @@ pub struct Settings {
     pub store_mode: StoreMode,
     /// The SQLite database file, absolute.
     pub sqlite_db_path: PathBuf,
+    /// `AZURE_STORAGE_CONNECTION_STRING`, needed when `store_mode` is Azure.
+    pub azure_connection_string: Option<ConnectionString>,
     pub active_table_name: String,
     pub finished_table_name: String,
     /// Name of the task queue.
@@ -207,6 +212,7 @@ impl Settings {
 
         let settings = Settings {
             sqlite_db_path: current_dir.join(sqlite_db_path),
+            azure_connection_string: env("AZURE_STORAGE_CONNECTION_STRING").map(ConnectionString),
             config_file,
             store_mode,
             active_table_name,
@@ -233,14 +239,29 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Fails unless this build has a backend for the store mode.
+    /// Fails unless the settings the store mode needs are present: Azure needs a
+    /// connection string.
     pub fn check_supported(&self) -> Result<()> {
-        match self.store_mode {
-            StoreMode::Sqlite => Ok(()),
-            StoreMode::Azure => Err(Error::Invalid(
-                "STORE_MODE=azure is not supported by this build yet".to_owned(),
+        match (self.store_mode, &self.azure_connection_string) {
+            (StoreMode::Sqlite, _) | (StoreMode::Azure, Some(_)) => Ok(()),
+            (StoreMode::Azure, None) => Err(Error::Invalid(
+                "STORE_MODE=azure needs AZURE_STORAGE_CONNECTION_STRING, which is not set; \
+                 set it to the storage account's connection string"
+                    .to_owned(),
             )),
         }
+    }
+
+    /// Options to open the Azure backend with these settings, or `None` without a
+    /// connection string.
+    pub fn azure_options(&self) -> Option<AzureOptions> {
+        let connection_string = self.azure_connection_string.as_ref()?;
+        Some(AzureOptions {
+            active_table: self.active_table_name.clone(),
+            finished_table: self.finished_table_name.clone(),
+            queue_name: self.queue.clone(),
+            ..AzureOptions::new(connection_string.0.clone(), self.component_dir())
+        })
     }
 
     /// Returns the path of the SQLite database file.
@@ -291,6 +312,16 @@ impl Settings {
             }
         }
         Ok(())
+    }
+}
+
+/// A connection string, kept out of `Debug` output because it contains the account key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionString(pub String);
+
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionString(<redacted>)")
     }
 }
 
@@ -724,12 +755,29 @@ mod tests {
     }
 
     #[test]
-    fn azure_mode_parses_but_is_not_supported() {
+    fn azure_mode_needs_connection_string() {
         let env = environment(&[("BGW_DATA_DIR", "/data"), ("STORE_MODE", "azure")]);
         let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
         assert_eq!(settings.store_mode, StoreMode::Azure);
         let error = settings.check_supported().unwrap_err().to_string();
-        assert_eq!(error, "STORE_MODE=azure is not supported by this build yet");
+        assert!(error.contains("AZURE_STORAGE_CONNECTION_STRING"), "{error}");
+        assert!(settings.azure_options().is_none());
+
+        let env = environment(&[
+            ("BGW_DATA_DIR", "/data"),
+            ("STORE_MODE", "azure"),
+            (
+                "AZURE_STORAGE_CONNECTION_STRING",
+                "AccountName=a;AccountKey=secret",
+            ),
+            ("BGW_QUEUE", "q-two"),
+        ]);
+        let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
+        assert!(settings.check_supported().is_ok());
+        assert!(!format!("{settings:?}").contains("secret"));
+        let options = settings.azure_options().unwrap();
+        assert_eq!(options.queue_name, "q-two");
+        assert_eq!(options.component_dir, PathBuf::from("/data/components"));
 
         let env = environment(&[("BGW_DATA_DIR", "/data")]);
         let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();

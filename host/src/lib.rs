@@ -4,7 +4,8 @@
 //! [`record::TaskRecord`] and enqueues a [`record::QueueMessage`]. The [`daemon`] leases
 //! messages, runs the activity's component from the [`registry`] in a fresh [`sandbox`]
 //! and records the outcome. All state lives behind the traits in [`backend`]; the embedded
-//! default is [`backend::sqlite`] with a local [`blob`] folder.
+//! default is [`backend::sqlite`] with a local [`blob`] folder; [`backend::azure`] keeps
+//! everything in an Azure Storage account.
 
 pub mod backend;
 pub mod batch;
@@ -22,9 +23,15 @@ pub use error::{Error, Result};
 
 use std::sync::Arc;
 
-/// Opens the backend the settings select (today the embedded SQLite one).
+/// Opens the backend the settings select: the embedded SQLite one, or Azure Storage.
 pub fn open_backend(settings: &config::Settings) -> Result<Arc<dyn backend::Backend>> {
     settings.check_supported()?;
+    if let Some(options) = settings
+        .azure_options()
+        .filter(|_| settings.store_mode == config::StoreMode::Azure)
+    {
+        return Ok(Arc::new(backend::azure::AzureBackend::open(options)?));
+    }
     let sqlite = backend::sqlite::SqliteBackend::open(settings.sqlite_options())?;
     Ok(Arc::new(sqlite))
 }

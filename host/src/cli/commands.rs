@@ -68,6 +68,7 @@ fn resolve_settings(global: &GlobalArgs) -> Result<Settings> {
     let overrides = Overrides {
         data_dir: global.data_dir.clone(),
         config_file: global.config.clone(),
+        queue: global.queue.clone(),
         ..Overrides::default()
     };
     let settings = Settings::resolve(&overrides)?;

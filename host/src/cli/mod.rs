@@ -34,6 +34,9 @@ struct GlobalArgs {
     /// TOML configuration file [env: BGW_CONFIG; default: DATA_DIR/bgw.toml if present]
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Name of the task queue [env: BGW_QUEUE; default: bgw-tasks]
+    #[arg(long, global = true, value_name = "NAME")]
+    queue: Option<String>,
     /// Print records and lists as JSON with the stored field names
     #[arg(long, global = true)]
     json: bool,
