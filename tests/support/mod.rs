@@ -48,11 +48,12 @@ pub const DEFAULT_RESOURCE: &str = "res-e2e";
 
 /// Environment variables that select a data directory, store or configuration. They are
 /// removed from every `bgw` process, so the developer's shell cannot change a test.
-const ISOLATED_VARIABLES: [&str; 8] = [
+const ISOLATED_VARIABLES: [&str; 9] = [
     "BGW_DATA_DIR",
     "BGW_CONFIG",
     "STORE_MODE",
     "SQLITE_DB_PATH",
+    "AZURE_STORAGE_CONNECTION_STRING",
     "ACTIVE_TABLE_NAME",
     "FINISHED_TABLE_NAME",
     "BGW_QUEUE",
@@ -71,11 +72,30 @@ const LOG_TAIL_LINES: usize = 40;
 /// Interval between polls of the task list while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Returns `BGW_TEST_AZURE_CONNECTION_STRING`, or `None` with a note when it is not set.
+/// Under `CI=true` a missing value panics: CI must never skip the Azure tests.
+pub fn azure_connection_string() -> Option<String> {
+    let value = std::env::var("BGW_TEST_AZURE_CONNECTION_STRING")
+        .ok()
+        .filter(|value| !value.is_empty());
+    if value.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "BGW_TEST_AZURE_CONNECTION_STRING is not set, and CI must run the Azure tests: \
+             start Azurite with tests/azurite"
+        );
+        eprintln!("skipping: BGW_TEST_AZURE_CONNECTION_STRING is not set (see tests/azurite)");
+    }
+    value
+}
+
 /// A temporary data directory and the `bgw` commands that run on it. The directory is
 /// deleted on drop. The daemons it started borrow it, so they are stopped before that.
 pub struct TestEnv {
     dir: tempfile::TempDir,
     daemon_logs: Mutex<Vec<PathBuf>>,
+    /// Variables set on every `bgw` process, such as the Azure store settings.
+    store_env: Vec<(String, String)>,
 }
 
 /// What one `bgw` command returned.
@@ -115,7 +135,40 @@ impl TestEnv {
         TestEnv {
             dir,
             daemon_logs: Mutex::new(Vec::new()),
+            store_env: Vec::new(),
         }
+    }
+
+    /// Creates an environment on the Azurite of `BGW_TEST_AZURE_CONNECTION_STRING`, with
+    /// its own tables and queue. Returns `None` when the variable is not set, except under
+    /// `CI=true`, where it panics because CI must run the Azure tests.
+    pub fn azure() -> Option<TestEnv> {
+        let connection = azure_connection_string()?;
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let mut env = TestEnv::new();
+        env.store_env = vec![
+            ("STORE_MODE".into(), "azure".into()),
+            ("AZURE_STORAGE_CONNECTION_STRING".into(), connection),
+            ("ACTIVE_TABLE_NAME".into(), format!("A{}", &unique[..16])),
+            ("FINISHED_TABLE_NAME".into(), format!("F{}", &unique[..16])),
+            ("BGW_QUEUE".into(), format!("q-{}", &unique[..16])),
+        ];
+        Some(env)
+    }
+
+    /// Creates another host: a new data directory on the same store as this one.
+    pub fn another_host(&self) -> TestEnv {
+        let mut env = TestEnv::new();
+        env.store_env = self.store_env.clone();
+        env
+    }
+
+    /// Returns the value of a store variable this environment sets.
+    pub fn store_variable(&self, name: &str) -> Option<&str> {
+        self.store_env
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
     }
 
     /// Returns the data directory.
@@ -130,6 +183,9 @@ impl TestEnv {
         command.args(args);
         for name in ISOLATED_VARIABLES {
             command.env_remove(name);
+        }
+        for (name, value) in &self.store_env {
+            command.env(name, value);
         }
         command.stdin(Stdio::null());
         command

@@ -1,0 +1,176 @@
+//! End-to-end tests on Azure Storage: the real `bgw` binary and daemons with
+//! `STORE_MODE=azure` against the Azurite of `BGW_TEST_AZURE_CONNECTION_STRING` (started
+//! by `tests/azurite`). Each test has its own tables and queue; hosts of one test share
+//! them and the component registry, each with its own data directory.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{guest, output_of, path_str, TestEnv};
+
+const TASK_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn status_of(record: &Value) -> &str {
+    record["Status"].as_str().unwrap_or("<no Status>")
+}
+
+#[test]
+fn azure_multiply_returns_product() {
+    let Some(env) = TestEnv::azure() else { return };
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let id = env.submit("multiply", r#"{"x": 21}"#, &[]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(output_of(&record), json!({"product": 42}));
+    assert!(
+        record["HostId"].as_str().is_some(),
+        "HostId is recorded: {record:#}"
+    );
+    assert!(record["StartTime"].as_str().is_some(), "{record:#}");
+    assert_eq!(env.run_json(&["result", &id]), json!({"product": 42}));
+}
+
+#[test]
+fn azure_word_count_reads_and_writes_blobs() {
+    let Some(env) = TestEnv::azure() else { return };
+    env.register("word-count", &guest("word-count"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let text = "The cat and the hat.\nthe end";
+    let input = env.data_dir().join("words.txt");
+    std::fs::write(&input, text).unwrap();
+    let id = env.submit("word-count", r#"{"top": 1}"#, &["--blob", path_str(&input)]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    let result = output_of(&record);
+    assert_eq!(result["total_words"], json!(7), "{result}");
+    assert_eq!(
+        result["top"],
+        json!([{"word": "the", "count": 3}]),
+        "{result}"
+    );
+
+    let csv_path = env.data_dir().join("words.csv");
+    env.run_ok(&["result", &id, "--output-blob", path_str(&csv_path)]);
+    let csv = std::fs::read_to_string(&csv_path).expect("the output blob was saved");
+    assert!(csv.starts_with("word,count\nthe,3\n"), "{csv}");
+}
+
+#[test]
+fn azure_hostile_task_hits_fuel_limit() {
+    let Some(env) = TestEnv::azure() else { return };
+    env.register(
+        "spin-fuel",
+        &guest("hostile"),
+        &["--fuel", "50000000", "--max-attempts", "1"],
+    );
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let spin = env.submit("spin-fuel", r#"{"mode": "spin"}"#, &[]);
+    let healthy = env.submit("multiply", r#"{"x": 2}"#, &[]);
+    let records = env.wait_all(&[spin.clone(), healthy.clone()], TASK_TIMEOUT);
+    let failed = &records[&spin];
+    assert_eq!(status_of(failed), "ERROR", "{failed:#}");
+    let message = failed["ErrorMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("fuel limit exceeded"), "{failed:#}");
+    assert_eq!(status_of(&records[&healthy]), "COMPLETED");
+}
+
+#[test]
+fn azure_hot_swap_reaches_other_host() {
+    let Some(admin) = TestEnv::azure() else {
+        return;
+    };
+    let host = admin.another_host();
+    let v1 = admin.register("word-count", &guest("word-count"), &[]);
+    let _daemon = host.start_daemon(&["--concurrency", "2"]);
+    let input = admin.data_dir().join("words.txt");
+    std::fs::write(&input, "alpha beta beta\n").unwrap();
+
+    let before = admin.submit("word-count", r#"{"top": 1}"#, &["--blob", path_str(&input)]);
+    let record = admin.wait_one(&before, TASK_TIMEOUT);
+    assert_eq!(record["ComponentDigest"], v1["digest"], "{record:#}");
+    assert!(output_of(&record).get("version").is_none());
+
+    // The registry is in the storage account, so the other host sees the new version.
+    let v2 = admin.register("word-count", &guest("word-count-v2"), &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = admin.submit("word-count", r#"{"top": 1}"#, &["--blob", path_str(&input)]);
+    let record = admin.wait_one(&after, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(record["ComponentDigest"], v2["digest"], "{record:#}");
+    assert!(output_of(&record).get("version").is_some(), "{record:#}");
+}
+
+#[test]
+fn azure_three_hosts_survive_a_killed_host() {
+    const TASKS: usize = 2_000;
+    let Some(client) = TestEnv::azure() else {
+        return;
+    };
+    client.register("multiply", &guest("multiply"), &[]);
+    let hosts: Vec<TestEnv> = (0..3).map(|_| client.another_host()).collect();
+    let mut daemons: Vec<_> = hosts
+        .iter()
+        .map(|host| host.start_daemon(&["--concurrency", "4", "--visibility-timeout", "5"]))
+        .collect();
+
+    let ids = client.submit_many("multiply", r#"{"x": 3}"#, &["--count", &TASKS.to_string()]);
+    assert_eq!(ids.len(), TASKS);
+
+    // Kill one host once some tasks are done and others are still queued.
+    let started = Instant::now();
+    loop {
+        let done = client
+            .list_json()
+            .iter()
+            .filter(|record| status_of(record) == "COMPLETED")
+            .count();
+        if done >= TASKS / 4 {
+            break;
+        }
+        assert!(
+            started.elapsed() < TASK_TIMEOUT,
+            "only {done} tasks completed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let killed = daemons.remove(0);
+    let killed_pid = killed.pid();
+    // SAFETY: kill(2) with a pid this test started; no memory is shared.
+    unsafe {
+        libc::kill(killed_pid as i32, libc::SIGKILL);
+    }
+
+    let records = client.wait_all(&ids, Duration::from_secs(300));
+    let mut by_host: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "{record:#}");
+        assert_eq!(output_of(record), json!({"product": 6}), "{record:#}");
+        let host = record["HostId"].as_str().unwrap_or("<none>").to_owned();
+        *by_host.entry(host).or_default() += 1;
+    }
+
+    // Exactly once: every task id appears once in the listing of both tables.
+    let listed = client.list_json();
+    let unique: HashSet<&str> = listed.iter().filter_map(|r| r["RowKey"].as_str()).collect();
+    assert_eq!(listed.len(), TASKS, "one record per task");
+    assert_eq!(unique.len(), TASKS, "no task id twice");
+    assert!(
+        by_host.len() >= 2,
+        "tasks ran on several hosts: {by_host:?}"
+    );
+    let queue_left = client.run_ok(&["dead-letters"]);
+    assert!(
+        !queue_left.contains("task"),
+        "no dead letters: {queue_left}"
+    );
+    drop(killed);
+}
