@@ -121,6 +121,7 @@ conformance!(
     case_payloads_reach_record_intact,
     rejected_resource_ids_write_nothing,
     blobs_put_open_and_delete,
+    prune_deletes_old_finished_tasks,
 );
 
 // ---- helpers ----
@@ -775,4 +776,38 @@ async fn blobs_put_open_and_delete(subject: &Subject, _mode: &str) {
     blobs.delete(&target).unwrap();
     blobs.delete(&target).unwrap();
     assert!(blobs.open(&target).is_err());
+}
+
+async fn prune_deletes_old_finished_tasks(subject: &Subject, mode: &str) {
+    let old = submit_new(subject, mode).await;
+    let mut old_done = completed(&old);
+    old_done.end_time = Some(parse_time("2020-01-01T00:00:00Z").unwrap());
+    subject
+        .backend
+        .finish_without_lease(&old_done)
+        .await
+        .unwrap();
+    let recent = submit_new(subject, mode).await;
+    subject
+        .backend
+        .finish_without_lease(&completed(&recent))
+        .await
+        .unwrap();
+
+    let cutoff = parse_time("2021-01-01T00:00:00Z").unwrap();
+    let pruned = subject.backend.prune_finished(cutoff, 10).await.unwrap();
+    let ids: Vec<&str> = pruned.iter().map(|r| r.row_key.as_str()).collect();
+    assert_eq!(ids, [old.row_key.as_str()]);
+    assert!(subject
+        .backend
+        .get_task(None, &old.row_key)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(subject
+        .backend
+        .get_task(None, &recent.row_key)
+        .await
+        .unwrap()
+        .is_some());
 }

@@ -3,14 +3,14 @@
 use async_trait::async_trait;
 use azure_core::Etag;
 use azure_data_tables::prelude::TableClient;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::entity::{from_entity, load_long_values, to_entity, Entity, MAX_PROPERTY_UTF16};
 use super::table::{self, equals, Write};
 use super::{AzureBackend, Shared};
 use crate::backend::{CancelOutcome, ListFilter, ProgressUpdate, TaskStore};
-use crate::record::{Status, TaskRecord};
+use crate::record::{format_time, Status, TaskRecord};
 use crate::{Error, Result};
 
 /// Times a read-check-write loop starts over when another writer changed the entity
@@ -71,6 +71,29 @@ impl TaskStore for AzureBackend {
             records.truncate(limit);
         }
         Ok(records)
+    }
+
+    /// NOTE: blobs in `bgw-payloads` that held this record's long values are not deleted.
+    async fn prune_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<TaskRecord>> {
+        let shared = self.ready().await?;
+        // EndTime is an Edm.DateTime, written so by bgw and by the Python library.
+        let filter = format!("EndTime lt datetime'{}'", format_time(&before));
+        let mut pruned = Vec::new();
+        for (entity, _) in table::query(&shared.finished, Some(filter)).await? {
+            pruned.push(shared.read_record(&shared.finished_name, entity).await?);
+        }
+        pruned.sort_by_key(|record| record.end_time);
+        pruned.truncate(limit);
+        for record in &pruned {
+            table::delete(
+                &shared.finished,
+                &record.partition_key,
+                &record.row_key,
+                None,
+            )
+            .await?;
+        }
+        Ok(pruned)
     }
 
     async fn update_progress(&self, updates: &[ProgressUpdate]) -> Result<()> {
