@@ -19,7 +19,7 @@ use bgw::record::{format_time, parse_time, QueueMessage, Status, TaskRecord};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
 
 const LIMITS: Limits = Limits {
     fuel: 1_000,

@@ -16,8 +16,8 @@ use support::{guest, output_of, path_str, TestEnv};
 /// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
 const TASK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Directory of the shared failure-case data, beside the repository root.
-const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+/// Directory of the failure-case data: inputs that broke similar systems.
+const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
 
 /// Directory of the sample data of the examples.
 const EXAMPLE_DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data");
@@ -31,8 +31,7 @@ fn case_file(name: &str) -> Vec<u8> {
     let path = Path::new(CASES_DIR).join(name);
     std::fs::read(&path).unwrap_or_else(|error| {
         panic!(
-            "failed to read case data file {}: {error} (the cases directory must sit beside \
-             the repository root)",
+            "failed to read case data file {}: {error}",
             path.display()
         )
     })

@@ -23,8 +23,8 @@ const TASK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a cancelled guest gets before it is interrupted, `bgw::daemon::CANCEL_GRACE`.
 const CANCEL_GRACE: Duration = bgw::daemon::CANCEL_GRACE;
 
-/// Directory of the shared failure-case data, beside the repository root.
-const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+/// Directory of the failure-case data: inputs that broke similar systems.
+const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
 
 /// Version of the Python library whose records `bgw` must stay readable by.
 const PYTHON_LIBRARY: &str = "background-workflows==0.3.0";

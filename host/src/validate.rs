@@ -274,7 +274,7 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 mod tests {
     use super::*;
 
-    const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+    const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
 
     fn message(result: Result<impl std::fmt::Debug>) -> String {
         match result {

@@ -102,7 +102,9 @@ impl Sandbox {
                     .context("failed to create the wasmtime engine")?
             }
             Err(error) => {
-                return Err(anyhow::Error::from(error).context("failed to create the wasmtime engine"))
+                return Err(
+                    anyhow::Error::from(error).context("failed to create the wasmtime engine")
+                )
             }
         };
 

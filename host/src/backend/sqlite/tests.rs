@@ -19,7 +19,7 @@ const VISIBILITY: Duration = Duration::from_secs(60);
 use crate::record::{format_time, parse_time, QueueMessage, Status, TaskRecord};
 use crate::Error;
 
-const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cases");
+const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
 
 const LIMITS: Limits = Limits {
     fuel: 1_000,
