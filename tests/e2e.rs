@@ -29,12 +29,8 @@ const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n
 /// without its data.
 fn case_file(name: &str) -> Vec<u8> {
     let path = Path::new(CASES_DIR).join(name);
-    std::fs::read(&path).unwrap_or_else(|error| {
-        panic!(
-            "failed to read case data file {}: {error}",
-            path.display()
-        )
-    })
+    std::fs::read(&path)
+        .unwrap_or_else(|error| panic!("failed to read case data file {}: {error}", path.display()))
 }
 
 fn example_data(name: &str) -> PathBuf {
@@ -587,7 +583,9 @@ fn bad_input_rejected_before_storing() {
             "--payload",
             payload,
         ]);
-        assert_eq!(result.code(), 1, "{what}: {result:?}");
+        // Invalid values are bad usage; a file that cannot be read is a failed command.
+        let expected_code = if what == "a missing payload file" { 1 } else { 2 };
+        assert_eq!(result.code(), expected_code, "{what}: {result:?}");
         for text in expected {
             assert!(
                 result.stderr.contains(text),
@@ -605,17 +603,20 @@ fn bad_input_rejected_before_storing() {
         "--payload",
         "{}",
     ]);
-    assert_eq!(result.code(), 1, "{result:?}");
+    assert_eq!(result.code(), 2, "{result:?}");
     assert!(
         result.stderr.contains("'/' (U+002F)"),
         "names the character: {}",
         result.stderr
     );
 
-    assert_eq!(
-        env.list_json(),
-        Vec::<Value>::new(),
-        "no rejected submit left a task"
+    // Every submit was rejected before the store was opened, so there is no store at all.
+    let listed = env.run(&["list"]);
+    assert_eq!(listed.code(), 1, "{listed:?}");
+    assert!(
+        listed.stderr.contains("no bgw database"),
+        "no rejected submit created a store: {}",
+        listed.stderr
     );
 
     let file_payload = r#"{"x": 5, "factor": 3}"#;
@@ -788,7 +789,7 @@ fn cli_exit_codes_and_lookups() {
     assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
 
     let malformed = env.run(&["status", "not-a-task-id"]);
-    assert_eq!(malformed.code(), 1, "{malformed:?}");
+    assert_eq!(malformed.code(), 2, "{malformed:?}");
     assert!(
         malformed.stderr.contains("not a UUID"),
         "{}",
@@ -821,7 +822,7 @@ fn resource_ids_rejected_or_round_trip() {
             "--payload",
             r#"{"x": 1}"#,
         ]);
-        assert_eq!(result.code(), 1, "{resource_id:?}: {result:?}");
+        assert_eq!(result.code(), 2, "{resource_id:?}: {result:?}");
         let expected = match first_forbidden_char(resource_id) {
             Some(ch) => format!("(U+{:04X}) at character index", ch as u32),
             None if resource_id.is_empty() => "must not be empty".to_owned(),

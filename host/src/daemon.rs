@@ -564,13 +564,21 @@ impl Controller {
             }
         }
 
-        tracing::info!(
-            status = %record.status,
-            fuel_used = report.fuel_used,
-            duration_us = report.duration.as_micros() as u64,
-            error = record.error_message.as_deref().unwrap_or(""),
-            "task finished"
-        );
+        match record.error_message.as_deref() {
+            Some(error) => tracing::warn!(
+                status = %record.status,
+                fuel_used = report.fuel_used,
+                duration_us = report.duration.as_micros() as u64,
+                error,
+                "task finished"
+            ),
+            None => tracing::info!(
+                status = %record.status,
+                fuel_used = report.fuel_used,
+                duration_us = report.duration.as_micros() as u64,
+                "task finished"
+            ),
+        }
         self.finish(lease, record).await
     }
 

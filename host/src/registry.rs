@@ -67,8 +67,9 @@ pub fn check_limits(limits: &Limits) -> Result<()> {
     }
     if limits.retry.backoff_ms > limits.retry.max_backoff_ms {
         return Err(Error::Invalid(format!(
-            "invalid retry backoff: the first delay of {} ms is longer than the maximum of {} ms",
-            limits.retry.backoff_ms, limits.retry.max_backoff_ms
+            "invalid retry backoff: the first delay of {} s is longer than the maximum of {} s",
+            limits.retry.backoff_ms as f64 / 1000.0,
+            limits.retry.max_backoff_ms as f64 / 1000.0
         )));
     }
     if limits.timeout_secs == 0 || limits.timeout_secs > 7 * 24 * 3600 {

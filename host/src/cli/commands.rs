@@ -84,6 +84,20 @@ fn client(settings: &Settings) -> Result<WorkflowClient> {
     ))
 }
 
+/// Returns a client of a store that must exist already, for commands that only read or
+/// change tasks.
+fn existing_client(settings: &Settings) -> Result<WorkflowClient> {
+    let backend = existing_backend(settings)?;
+    Ok(WorkflowClient::new(
+        backend,
+        settings.db_path().display().to_string(),
+    ))
+}
+
+fn existing_backend(settings: &Settings) -> Result<Arc<dyn bgw::backend::Backend>> {
+    bgw::open_existing_backend(settings).context("failed to open the task store")
+}
+
 fn sandbox() -> Result<Arc<Sandbox>> {
     Sandbox::new(EngineSettings::default())
 }
@@ -154,6 +168,8 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
                 .unwrap_or(defaults.retry.max_backoff_ms),
         },
     };
+    bgw::validate::activity_type(&args.activity_type).map_err(usage)?;
+    bgw::registry::check_limits(&limits).map_err(usage)?;
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
     let sandbox = sandbox()?;
     let version = bgw::registry::register(
@@ -183,7 +199,7 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
 }
 
 async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Result<Finished> {
-    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let backend = existing_backend(settings)?;
     let mut versions = backend
         .registry()
         .versions(args.activity_type.as_deref())
@@ -200,7 +216,7 @@ async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Re
 }
 
 async fn rollback(settings: &Settings, args: RollbackArgs, json: bool) -> Result<Finished> {
-    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let backend = existing_backend(settings)?;
     let version = backend
         .registry()
         .rollback(&args.activity_type)
@@ -218,8 +234,10 @@ async fn rollback(settings: &Settings, args: RollbackArgs, json: bool) -> Result
 }
 
 async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Finished> {
-    let client = client(settings)?;
+    bgw::validate::activity_type(&args.activity_type).map_err(usage)?;
+    bgw::validate::resource_id(&args.resource).map_err(usage)?;
     let payloads = read_payloads(&args)?;
+    let wait_timeout = optional_seconds("--wait-timeout", args.wait_timeout)?;
     let options = StartOptions {
         delay: start_delay(&args)?,
         idempotency_key: args.idempotency_key.clone(),
@@ -238,11 +256,20 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             None => None,
         },
     };
+    let client = client(settings)?;
 
-    let bulk = payloads.len() > 1;
-    let bar = output::progress_bar(bulk, payloads.len() as u64, "submitting");
-    let mut task_ids = Vec::with_capacity(payloads.len());
-    for payload in &payloads {
+    // An idempotency key may return a task of another resource, so look such tasks up by
+    // id alone.
+    let lookup_resource = match args.idempotency_key {
+        Some(_) => None,
+        None => Some(args.resource.as_str()),
+    };
+    let total = payloads.count();
+    let bulk = total > 1;
+    let bar = output::progress_bar(bulk, total, "submitting");
+    let mut task_ids = Vec::new();
+    for index in 0..total {
+        let payload = payloads.get(index);
         let mut file;
         let blob = match &args.blob {
             Some(path) => {
@@ -256,10 +283,24 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             }
             None => None,
         };
-        let task_id = client
+        let started = client
             .start_activity_with(&args.activity_type, &args.resource, payload, blob, &options)
-            .await
-            .with_context(|| format!("failed to submit a task of type {:?}", args.activity_type))?;
+            .await;
+        let task_id = match started {
+            Ok(task_id) => task_id,
+            Err(error) => {
+                bar.finish_and_clear();
+                for task_id in &task_ids {
+                    println!("{task_id}");
+                }
+                return Err(anyhow::Error::from(error).context(format!(
+                    "failed to submit task {} of {total} of type {:?} ({} started, their ids are printed above)",
+                    index + 1,
+                    args.activity_type,
+                    task_ids.len()
+                )));
+            }
+        };
         bar.inc(1);
         task_ids.push(task_id);
     }
@@ -269,7 +310,7 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         if json {
             let mut records = Vec::new();
             for task_id in &task_ids {
-                if let Some(record) = client.get_task(task_id, Some(&args.resource)).await? {
+                if let Some(record) = client.get_task(task_id, lookup_resource).await? {
                     records.push(record);
                 }
             }
@@ -286,12 +327,12 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         return Ok(Finished::Done);
     }
 
-    let timeout = args.wait_timeout.map(Duration::from_secs_f64);
+    let timeout = wait_timeout;
     let bar = output::progress_bar(true, task_ids.len() as u64, "waiting");
     let mut records = Vec::with_capacity(task_ids.len());
     for task_id in &task_ids {
         let record = client
-            .wait(task_id, Some(&args.resource), timeout)
+            .wait(task_id, lookup_resource, timeout)
             .await
             .with_context(|| format!("failed to wait for task {task_id}"))?;
         bar.inc(1);
@@ -361,22 +402,63 @@ fn seconds_to_ms(flag: &str, seconds: Option<f64>) -> Result<Option<u64>> {
     }
 }
 
-fn read_payloads(args: &SubmitArgs) -> Result<Vec<Vec<u8>>> {
+/// Most tasks one `bgw submit` starts.
+const MAX_SUBMIT_COUNT: u64 = 10_000_000;
+
+/// The payloads of one `bgw submit`: one payload repeated, or the lines of a file.
+enum Payloads {
+    Repeated { payload: Vec<u8>, count: u64 },
+    Lines(Vec<Vec<u8>>),
+}
+
+impl Payloads {
+    fn count(&self) -> u64 {
+        match self {
+            Payloads::Repeated { count, .. } => *count,
+            Payloads::Lines(lines) => lines.len() as u64,
+        }
+    }
+
+    fn get(&self, index: u64) -> &[u8] {
+        match self {
+            Payloads::Repeated { payload, .. } => payload,
+            Payloads::Lines(lines) => &lines[index as usize],
+        }
+    }
+}
+
+/// Reads the payloads and checks every one before any task is started.
+fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
     if let Some(path) = &args.payloads {
         let text = std::fs::read(path)
             .with_context(|| format!("failed to read payload file {}", path.display()))?;
-        let lines: Vec<Vec<u8>> = text
-            .split(|&byte| byte == b'\n')
-            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-            .map(<[u8]>::to_vec)
-            .collect();
-        if lines.is_empty() {
-            bail!("payload file {} has no payloads", path.display());
+        let mut lines = Vec::new();
+        for (number, line) in text.split(|&byte| byte == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            bgw::validate::payload(line).map_err(|error| {
+                UsageError(format!(
+                    "invalid payload on line {} of {}: {error}; no task was started",
+                    number + 1,
+                    path.display()
+                ))
+            })?;
+            lines.push(line.to_vec());
         }
-        return Ok(lines);
+        if lines.is_empty() {
+            return Err(
+                UsageError(format!("payload file {} has no payloads", path.display())).into(),
+            );
+        }
+        return Ok(Payloads::Lines(lines));
     }
-    if args.count == 0 {
-        return Err(UsageError("invalid --count 0: it must be at least 1".into()).into());
+    if args.count == 0 || args.count > MAX_SUBMIT_COUNT {
+        return Err(UsageError(format!(
+            "invalid --count {}: it must be between 1 and {MAX_SUBMIT_COUNT}",
+            args.count
+        ))
+        .into());
     }
     let payload = match args.payload.strip_prefix('@') {
         Some(path) => {
@@ -384,11 +466,35 @@ fn read_payloads(args: &SubmitArgs) -> Result<Vec<Vec<u8>>> {
         }
         None => args.payload.clone().into_bytes(),
     };
-    Ok(vec![payload; args.count as usize])
+    bgw::validate::payload(&payload).map_err(usage)?;
+    Ok(Payloads::Repeated {
+        payload,
+        count: args.count,
+    })
+}
+
+/// Turns a validation error of a command-line value into a usage error (exit code 2).
+fn usage(error: bgw::Error) -> UsageError {
+    UsageError(error.to_string())
+}
+
+/// Converts an optional number of seconds to a duration, rejecting negative, NaN and huge
+/// values.
+fn optional_seconds(flag: &str, seconds: Option<f64>) -> Result<Option<Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(value) if value.is_finite() && (0.0..=30.0 * 86_400.0).contains(&value) => {
+            Ok(Some(Duration::from_secs_f64(value)))
+        }
+        Some(value) => Err(UsageError(format!(
+            "invalid {flag} {value}: it must be between 0 and 2592000 seconds"
+        ))
+        .into()),
+    }
 }
 
 async fn find_task(client: &WorkflowClient, args: &TaskArgs) -> Result<TaskRecord> {
-    bgw::validate::task_id(&args.task_id)?;
+    bgw::validate::task_id(&args.task_id).map_err(usage)?;
     client
         .get_task(&args.task_id, args.resource.as_deref())
         .await?
@@ -396,7 +502,7 @@ async fn find_task(client: &WorkflowClient, args: &TaskArgs) -> Result<TaskRecor
 }
 
 async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finished> {
-    let client = client(settings)?;
+    let client = existing_client(settings)?;
     let record = find_task(&client, &args).await?;
     if json {
         output::print_json(&record)?;
@@ -407,9 +513,9 @@ async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finis
 }
 
 async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finished> {
-    let client = client(settings)?;
-    bgw::validate::task_id(&args.task.task_id)?;
-    let timeout = args.timeout.map(Duration::from_secs_f64);
+    let client = existing_client(settings)?;
+    bgw::validate::task_id(&args.task.task_id).map_err(usage)?;
+    let timeout = optional_seconds("--timeout", args.timeout)?;
     let record = client
         .wait(&args.task.task_id, args.task.resource.as_deref(), timeout)
         .await?;
@@ -426,7 +532,7 @@ async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finishe
 }
 
 async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Finished> {
-    let client = client(settings)?;
+    let client = existing_client(settings)?;
     let record = find_task(&client, &args.task).await?;
     if let Some(target) = &args.output_blob {
         save_output_blob(&client, &record, target)?;
@@ -509,7 +615,7 @@ async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finishe
         resource_id: args.resource.clone(),
         limit: Some(args.limit),
     };
-    let records = client(settings)?.list(&filter).await?;
+    let records = existing_client(settings)?.list(&filter).await?;
     if json {
         output::print_json(&records)?;
     } else {
@@ -519,7 +625,8 @@ async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finishe
 }
 
 async fn cancel(settings: &Settings, args: TaskArgs) -> Result<Finished> {
-    let client = client(settings)?;
+    bgw::validate::task_id(&args.task_id).map_err(usage)?;
+    let client = existing_client(settings)?;
     match client
         .cancel(&args.task_id, args.resource.as_deref())
         .await?
@@ -551,7 +658,7 @@ async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
     }
     let age = chrono::Duration::milliseconds((args.older_than * 86_400_000.0) as i64);
     let before = chrono::Utc::now() - age;
-    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let backend = existing_backend(settings)?;
     let mut pruned = 0usize;
     loop {
         let records = backend.prune_finished(before, BATCH).await?;
@@ -590,7 +697,7 @@ async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
 }
 
 async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
-    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let backend = existing_backend(settings)?;
     let letters = backend.list_dead_letters().await?;
     if json {
         output::print_json(&letters)?;
@@ -610,7 +717,7 @@ async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
 }
 
 async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
-    let backend = bgw::open_backend(settings).context("failed to open the task store")?;
+    let backend = existing_backend(settings)?;
     if !backend.requeue_dead_letter(&args.id).await? {
         bail!(
             "dead letter {:?} not found: `bgw dead-letters` lists them",
