@@ -584,7 +584,11 @@ fn bad_input_rejected_before_storing() {
             payload,
         ]);
         // Invalid values are bad usage; a file that cannot be read is a failed command.
-        let expected_code = if what == "a missing payload file" { 1 } else { 2 };
+        let expected_code = if what == "a missing payload file" {
+            1
+        } else {
+            2
+        };
         assert_eq!(result.code(), expected_code, "{what}: {result:?}");
         for text in expected {
             assert!(
@@ -1201,4 +1205,57 @@ fn prune_deletes_old_finished_tasks() {
 
     let usage = env.run(&["prune", "--older-than", "-1"]);
     assert_eq!(usage.code(), 2, "a negative age is bad usage");
+}
+
+#[test]
+fn times_are_utc_across_time_zones() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let _utc = env.start_daemon_with_env(&["--concurrency", "2"], &[("TZ", "UTC")]);
+    let _pacific =
+        env.start_daemon_with_env(&["--concurrency", "2"], &[("TZ", "America/Los_Angeles")]);
+
+    let submitted = env
+        .command(&[
+            "submit",
+            "multiply",
+            "--resource",
+            "res-tz",
+            "--payload",
+            r#"{"x": 3}"#,
+            "--count",
+            "40",
+        ])
+        .env("TZ", "Asia/Kolkata")
+        .output()
+        .expect("failed to run `bgw submit`");
+    assert!(submitted.status.success(), "{submitted:?}");
+    let ids: Vec<String> = String::from_utf8_lossy(&submitted.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), 40);
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+
+    for (id, record) in &records {
+        assert_completed(record);
+        let times: Vec<chrono::DateTime<chrono::FixedOffset>> =
+            ["CreatedTime", "StartTime", "EndTime"]
+                .iter()
+                .map(|field| {
+                    let text = record[field].as_str().unwrap_or_default();
+                    assert!(text.ends_with('Z'), "{id}: {field} is UTC with Z: {text:?}");
+                    chrono::DateTime::parse_from_rfc3339(text)
+                        .unwrap_or_else(|error| panic!("{id}: {field} {text:?}: {error}"))
+                })
+                .collect();
+        assert!(
+            times[1] >= times[0],
+            "{id}: started after it was created: {record:#}"
+        );
+        assert!(
+            times[2] >= times[1],
+            "{id}: ended after it started: {record:#}"
+        );
+    }
 }

@@ -319,6 +319,11 @@ impl TestEnv {
     /// Its stderr goes to `daemon-N.log` in the data directory, and its shutdown grace is
     /// 2 s unless `args` sets `--shutdown-grace`.
     pub fn start_daemon(&self, args: &[&str]) -> Daemon<'_> {
+        self.start_daemon_with_env(args, &[])
+    }
+
+    /// Starts `bgw daemon` as `start_daemon` does, with extra environment variables.
+    pub fn start_daemon_with_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Daemon<'_> {
         let log_path = {
             let mut logs = self.daemon_logs.lock().unwrap_or_else(|e| e.into_inner());
             let path = self
@@ -337,6 +342,7 @@ impl TestEnv {
         let mut command = self.command(&all);
         command
             .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(log);
         kill_with_parent(&mut command);
