@@ -164,6 +164,19 @@ pub fn result(text: &str) -> Result<()> {
         .map_err(|error| invalid(format!("result {} is not valid JSON: {error}", quote(text))))
 }
 
+/// Checks the names a backend is opened with: two SQL-safe table names that differ, and an
+/// Azure queue name.
+pub fn backend_names(active_table: &str, finished_table: &str, queue_name: &str) -> Result<()> {
+    table_name(active_table)?;
+    table_name(finished_table)?;
+    if active_table.eq_ignore_ascii_case(finished_table) {
+        return Err(Error::Invalid(format!(
+            "the active and the finished table must differ, but both are {active_table:?}"
+        )));
+    }
+    azure_name("queue name", queue_name)
+}
+
 /// Checks a table name, which SQL statements interpolate: 1 to 63 ASCII letters, digits or
 /// underscores, starting with a letter.
 pub fn table_name(value: &str) -> Result<()> {

@@ -119,18 +119,11 @@ impl AzureBackend {
     /// Checks the names and parses the connection string. Creates no resource: tables,
     /// the queue and the containers are created by the first operation that needs them.
     pub fn open(options: AzureOptions) -> Result<Self> {
-        validate::table_name(&options.active_table)?;
-        validate::table_name(&options.finished_table)?;
-        if options
-            .active_table
-            .eq_ignore_ascii_case(&options.finished_table)
-        {
-            return Err(Error::Invalid(format!(
-                "the active and the finished table must differ, but both are {:?}",
-                options.active_table
-            )));
-        }
-        validate::azure_name("queue name", &options.queue_name)?;
+        validate::backend_names(
+            &options.active_table,
+            &options.finished_table,
+            &options.queue_name,
+        )?;
 
         let endpoints = Endpoints::parse(&options.connection_string)?;
         let tables = TableServiceClient::new_with_location(&endpoints);

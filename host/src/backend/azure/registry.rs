@@ -22,11 +22,12 @@ use super::store::{conflict_error, MAX_CONFLICT_RETRIES};
 use super::table::{self, equals, Write};
 use super::{azure_error, status_of, AzureBackend, Shared, COMPONENT_CONTAINER};
 use crate::backend::sqlite::registry::{
-    artifact_path, validate_digest, validate_engine_hash, wasm_path, write_atomically,
+    artifact_path, check_registration, validate_digest, validate_engine_hash, wasm_path,
+    write_atomically,
 };
 use crate::backend::{ComponentRegistry, ComponentVersion, Limits, RetryPolicy};
 use crate::record::{format_time, parse_time};
-use crate::{validate, Error, Result};
+use crate::{Error, Result};
 
 const GENERATION_PARTITION: &str = "_registry";
 const GENERATION_ROW: &str = "generation";
@@ -43,17 +44,8 @@ impl ComponentRegistry for AzureBackend {
         artifact: &[u8],
         limits: Limits,
     ) -> Result<ComponentVersion> {
-        validate::activity_type(activity_type)?;
-        validate_digest(digest)?;
-        validate_engine_hash(engine_hash)?;
+        check_registration(activity_type, digest, engine_hash, wasm)?;
         check_limits(&limits)?;
-        let actual = hex::encode(Sha256::digest(wasm));
-        if actual != digest {
-            return Err(Error::Invalid(format!(
-                "component digest {digest:?} does not match the SHA-256 of the .wasm \
-                 bytes, which is {actual:?}"
-            )));
-        }
         let shared = self.ready().await?;
 
         // Files first, so that a stored version always has its files.

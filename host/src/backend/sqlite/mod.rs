@@ -148,18 +148,11 @@ impl SqliteBackend {
     /// This blocks on file I/O and may wait for other processes' locks, so call it at
     /// startup or from a blocking thread.
     pub fn open(options: SqliteOptions) -> Result<Self> {
-        validate::table_name(&options.active_table)?;
-        validate::table_name(&options.finished_table)?;
-        if options
-            .active_table
-            .eq_ignore_ascii_case(&options.finished_table)
-        {
-            return Err(Error::Invalid(format!(
-                "the active and the finished table must differ, but both are {:?}",
-                options.active_table
-            )));
-        }
-        validate::azure_name("queue name", &options.queue_name)?;
+        validate::backend_names(
+            &options.active_table,
+            &options.finished_table,
+            &options.queue_name,
+        )?;
 
         let db = Database::open(&options.db_path, options.synchronous, options.busy_timeout)?;
         db.write(|connection| {

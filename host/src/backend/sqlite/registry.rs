@@ -37,9 +37,7 @@ impl ComponentRegistry for SqliteBackend {
         artifact: &[u8],
         limits: Limits,
     ) -> Result<ComponentVersion> {
-        validate::activity_type(activity_type)?;
-        validate_digest(digest)?;
-        validate_engine_hash(engine_hash)?;
+        check_registration(activity_type, digest, engine_hash, wasm)?;
         let limit_values = limit_values(&limits)?;
         let retry_values = [limits.retry.backoff_ms, limits.retry.max_backoff_ms]
             .map(|value| i64::try_from(value).unwrap_or(i64::MAX));
@@ -48,13 +46,6 @@ impl ComponentRegistry for SqliteBackend {
         let (digest, engine_hash) = (digest.to_owned(), engine_hash.to_owned());
         let (wasm, artifact) = (wasm.to_vec(), artifact.to_vec());
         self.run(move |shared| {
-            let actual = hex::encode(Sha256::digest(&wasm));
-            if actual != digest {
-                return Err(Error::Invalid(format!(
-                    "component digest {digest:?} does not match the SHA-256 of the .wasm \
-                     bytes, which is {actual:?}"
-                )));
-            }
             let dir = &shared.component_dir;
             let wasm_path = wasm_path(dir, &digest);
             if !wasm_path.is_file() {
@@ -319,6 +310,28 @@ fn limit_values(limits: &Limits) -> Result<[i64; 4]> {
         })?;
     }
     Ok(values)
+}
+
+/// Checks the arguments of a registration that every backend checks alike: the activity
+/// type, the digest and engine hash (used in file names), and that the digest is the
+/// SHA-256 of the `.wasm` bytes.
+pub(in crate::backend) fn check_registration(
+    activity_type: &str,
+    digest: &str,
+    engine_hash: &str,
+    wasm: &[u8],
+) -> Result<()> {
+    validate::activity_type(activity_type)?;
+    validate_digest(digest)?;
+    validate_engine_hash(engine_hash)?;
+    let actual = hex::encode(Sha256::digest(wasm));
+    if actual != digest {
+        return Err(Error::Invalid(format!(
+            "component digest {digest:?} does not match the SHA-256 of the .wasm bytes, \
+             which is {actual:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that a digest is 64 lower-case hex digits, the form of a SHA-256 digest.
