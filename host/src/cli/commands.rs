@@ -204,6 +204,9 @@ async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Re
         .registry()
         .versions(args.activity_type.as_deref())
         .await?;
+    if let (Some(activity_type), true) = (&args.activity_type, versions.is_empty()) {
+        bail!("activity type {activity_type:?} is not registered: `bgw activities` lists the registered ones");
+    }
     if args.activity_type.is_none() && !json {
         versions.retain(|version| version.current);
     }

@@ -27,6 +27,7 @@ struct Cli {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Global options")]
 struct GlobalArgs {
     /// Data directory holding the SQLite file, blobs and components [env: BGW_DATA_DIR]
     #[arg(long, global = true, value_name = "DIR")]
@@ -78,6 +79,7 @@ struct DaemonArgs {
     #[arg(long, value_name = "N")]
     concurrency: Option<usize>,
     /// Seconds a leased message stays hidden before another worker may take it over
+    /// [default: 30, or the configuration's daemon.visibility_timeout_secs]
     #[arg(long, value_name = "SECS")]
     visibility_timeout: Option<u64>,
     /// Seconds running tasks get to finish after SIGTERM or SIGINT
@@ -95,25 +97,27 @@ struct RegisterArgs {
     activity_type: String,
     /// Component file built for wasm32-wasip2 with the bgw guest SDK
     file: PathBuf,
-    /// Fuel budget of one attempt, roughly one unit per wasm instruction
+    /// Fuel budget of one attempt, roughly one unit per wasm instruction [default:
+    /// 10000000000, or the configuration's limits.fuel]
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
-    /// Maximum linear memory of one attempt, in MiB
+    /// Maximum linear memory of one attempt, in MiB [default: 512]
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
-    /// Wall-clock deadline of one attempt, in seconds
+    /// Wall-clock deadline of one attempt, in seconds [default: 60]
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
-    /// Maximum size of the output blob, in bytes
+    /// Maximum size of the output blob, in bytes [default: 268435456]
     #[arg(long, value_name = "BYTES")]
     max_output: Option<u64>,
-    /// Attempts in all before a failing task ends ERROR; 1 means no retry
+    /// Attempts in all before a failing task ends ERROR; 1 means no retry [default: 3]
     #[arg(long, value_name = "N")]
     max_attempts: Option<u32>,
     /// Delay before the first retry in seconds, doubled for each later one, with jitter
+    /// [default: 1]
     #[arg(long, value_name = "SECS")]
     backoff: Option<f64>,
-    /// Maximum delay between attempts, in seconds
+    /// Maximum delay between attempts, in seconds [default: 60]
     #[arg(long, value_name = "SECS")]
     max_backoff: Option<f64>,
 }

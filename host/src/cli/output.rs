@@ -88,12 +88,12 @@ pub fn print_summary(records: &[TaskRecord]) {
 /// Prints component versions as a table.
 pub fn print_versions(versions: &[ComponentVersion]) {
     println!(
-        "{:<20}  {:>7}  {:<12}  {:>14}  {:>10}  {:>8}  {:>12}  REGISTERED",
-        "TYPE", "VERSION", "DIGEST", "FUEL", "MEMORY", "TIMEOUT", "MAX OUTPUT"
+        "{:<20}  {:>7}  {:<12}  {:>14}  {:>10}  {:>8}  {:>12}  {:>8}  REGISTERED",
+        "TYPE", "VERSION", "DIGEST", "FUEL", "MEMORY", "TIMEOUT", "MAX OUTPUT", "ATTEMPTS"
     );
     for version in versions {
         println!(
-            "{:<20}  {:>7}  {:<12}  {:>14}  {:>6} MiB  {:>6} s  {:>12}  {}{}",
+            "{:<20}  {:>7}  {:<12}  {:>14}  {:>6} MiB  {:>6} s  {:>12}  {:>8}  {}{}",
             version.activity_type,
             version.version,
             &version.digest[..12],
@@ -101,6 +101,7 @@ pub fn print_versions(versions: &[ComponentVersion]) {
             version.limits.memory_mib,
             version.limits.timeout_secs,
             version.limits.max_output_bytes,
+            version.limits.retry.max_attempts,
             format_time(&version.registered_at),
             if version.current { "  (current)" } else { "" }
         );
