@@ -582,10 +582,11 @@ impl Controller {
         self.finish(lease, record).await
     }
 
-    /// Handles a task whose activity type has no component: within the grace period after
-    /// the message was first enqueued, the task waits for a registration and is looked at
-    /// again; after it, the task ends ERROR and its message is dead-lettered, so that
-    /// `bgw requeue` can send it again once a component is registered.
+    /// Handles a task whose activity type has no component.
+    ///
+    /// Within the grace period after its message was first enqueued, the task waits for a
+    /// registration and is looked at again. After it, the task ends ERROR and its message
+    /// is dead-lettered, so that `bgw requeue` can send it again once a component exists.
     async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
         let activity_type = record.task_type.clone();
         let grace = self.options.missing_component_grace;

@@ -3,7 +3,7 @@
 //! Registration checks and compiles a component once. The compiled artifact is stored
 //! beside the `.wasm` by digest and engine hash, so a daemon loads it in microseconds. The
 //! [`ComponentCache`] follows the registry's generation counter and swaps in new versions
-//! while tasks run: a task holds the `Arc` of the version it started with.
+//! while tasks run: a task keeps the `Arc` of the version it started with.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -55,7 +55,7 @@ pub fn check_limits(limits: &Limits) -> Result<()> {
     }
     if limits.memory_mib == 0 || limits.memory_mib > 4096 {
         return Err(Error::Invalid(format!(
-            "invalid memory limit {} MiB: it must be between 1 and 4096 MiB (a wasm32 memory holds at most 4 GiB)",
+            "invalid memory limit {} MiB: it must be between 1 and 4096 MiB (a wasm32 memory is at most 4 GiB)",
             limits.memory_mib
         )));
     }
