@@ -2,7 +2,7 @@
 //!
 //! A batcher task takes whatever requests queued up while the previous batch ran, up to a
 //! maximum, and hands them to one backend call, so that on SQLite one transaction carries
-//! many tasks' writes. Under light load a batch holds one request and adds no delay.
+//! many tasks' writes. Under light load a batch has one request and adds no delay.
 
 use std::future::Future;
 

@@ -31,7 +31,7 @@ pub struct StartOptions {
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Longest pause of `wait` between two reads of a task whose store shows no change.
+/// Maximum pause of `wait` between two reads of a task whose store shows no change.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Maximum length of an idempotency key, in bytes.

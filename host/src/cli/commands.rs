@@ -154,6 +154,7 @@ async fn shutdown_signal() {
 async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result<Finished> {
     let wasm = std::fs::read(&args.file)
         .with_context(|| format!("failed to read {}", args.file.display()))?;
+
     let defaults = settings.limits;
     let limits = Limits {
         fuel: args.fuel.unwrap_or(defaults.fuel),
@@ -170,6 +171,7 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
     };
     bgw::validate::activity_type(&args.activity_type).map_err(usage)?;
     bgw::registry::check_limits(&limits).map_err(usage)?;
+
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
     let sandbox = sandbox()?;
     let version = bgw::registry::register(
@@ -187,6 +189,7 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
             args.activity_type
         )
     })?;
+
     if json {
         output::print_json(&version)?;
     } else {

@@ -73,7 +73,6 @@ impl Host for TaskState {
         let written = self.output_written.load(Ordering::Relaxed);
         let total = written + data.len() as u64;
         if total > self.max_output_bytes {
-            self.output_limit_hit = true;
             return Err(format!(
                 "output limit exceeded: writing {} more bytes would make the output blob {total} bytes, over the limit of {} bytes (set with `bgw register --max-output`)",
                 data.len(),

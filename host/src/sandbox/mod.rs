@@ -14,7 +14,7 @@
 mod host_api;
 mod output;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -200,9 +200,7 @@ impl Sandbox {
             .allow_ip_name_lookup(false)
             .build();
 
-        let cancelled = task.cancelled.clone();
         let interrupt = task.interrupt.clone();
-        let output_written = task.output_written.clone();
         let state = TaskState::new(task, wasi, limits, self.settings.max_wasm_stack);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
@@ -252,8 +250,6 @@ impl Sandbox {
             duration: started.elapsed(),
             task_log,
             output,
-            output_bytes: output_written.load(Ordering::Relaxed),
-            was_cancelled: cancelled.load(Ordering::Relaxed),
         }
     }
 }
@@ -296,7 +292,6 @@ pub struct TaskState {
     output: Option<Box<dyn BlobWriter>>,
     output_written: Arc<AtomicU64>,
     max_output_bytes: u64,
-    output_limit_hit: bool,
     cancelled: Arc<AtomicBool>,
     progress: Arc<Mutex<Option<(u8, String)>>>,
     log: BoundedText,
@@ -323,7 +318,6 @@ impl TaskState {
             output: None,
             output_written: task.output_written,
             max_output_bytes: limits.max_output_bytes,
-            output_limit_hit: false,
             cancelled: task.cancelled,
             progress: task.progress,
             log: BoundedText::new(MAX_LOG_BYTES),
@@ -425,8 +419,6 @@ pub struct AttemptReport {
     pub task_log: String,
     /// The output blob, not yet committed, when the guest wrote one.
     pub output: Option<Box<dyn BlobWriter>>,
-    pub output_bytes: u64,
-    pub was_cancelled: bool,
 }
 
 /// Marker error of the epoch deadline callback.
@@ -532,7 +524,7 @@ fn check_component_header(wasm: &[u8]) -> Result<(), String> {
 }
 
 /// Sizes the pooling allocator for `instances` attempts at once. A Rust guest component
-/// holds a few core instances, memories and tables, so each attempt gets several of each.
+/// has a few core instances, memories and tables, so each attempt gets several of each.
 /// Memory slots are reserved at 4 GiB, the most a wasm32 memory can use, so any memory
 /// limit an activity sets fits; the reservation is address space, not resident memory.
 fn pooling_config(instances: u32) -> wasmtime::PoolingAllocationConfig {

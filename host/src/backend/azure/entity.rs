@@ -25,7 +25,7 @@ use crate::{Error, Result};
 /// An entity's properties, with their `@odata.type` annotations.
 pub(super) type Entity = Map<String, Value>;
 
-/// Longest string value kept in a property, in UTF-16 code units. The service limit is
+/// Maximum string value kept in a property, in UTF-16 code units. The service limit is
 /// 32,768 (64 KiB); a longer value goes to a blob.
 pub(super) const MAX_PROPERTY_UTF16: usize = 32_000;
 
@@ -372,6 +372,7 @@ mod tests {
     fn unknown_status_names_task() {
         let entity = entity_of(&[("RowKey", "abc".into()), ("Status", "DONE".into())]);
         let error = from_entity(&entity, "ActiveTasks").unwrap_err().to_string();
-        assert!(error.contains("abc") && error.contains("DONE"), "{error}");
+        assert!(error.contains("abc"), "names the task: {error}");
+        assert!(error.contains("DONE"), "names the status: {error}");
     }
 }

@@ -294,7 +294,7 @@ impl FromEndpoints for BlobServiceClient {
     }
 }
 
-/// Returns the HTTP status of a failed Azure request, if the service answered.
+/// Returns the HTTP status of a failed Azure request, if the service responded.
 fn status_of(error: &azure_core::Error) -> Option<u16> {
     match error.kind() {
         azure_core::error::ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),

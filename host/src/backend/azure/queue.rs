@@ -30,10 +30,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Largest number of messages one get returns.
 const MAX_MESSAGES_PER_GET: usize = 32;
 
-/// Visibility that a finishing write holds the message for while it writes the tables.
+/// Visibility that a finishing write keeps the message hidden for while it writes the tables.
 pub(super) const FINISH_VISIBILITY: Duration = Duration::from_secs(60);
 
-/// Longest pause of `wait_for_change` between polls of an empty queue.
+/// Maximum pause of `wait_for_change` between polls of an empty queue.
 const MAX_IDLE_PAUSE: Duration = Duration::from_secs(1);
 
 #[async_trait]
@@ -350,7 +350,7 @@ async fn reopen_failed_task(
     Ok(())
 }
 
-/// Returns true for the answers to a stale or unknown pop receipt: 404 when the message is
+/// Returns true for the responses to a stale or unknown pop receipt: 404 when the message is
 /// gone, 400 when the receipt does not match.
 fn lease_lost(error: &azure_core::Error) -> bool {
     matches!(status_of(error), Some(400 | 404))

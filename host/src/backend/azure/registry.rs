@@ -231,7 +231,7 @@ impl ComponentRegistry for AzureBackend {
     }
 }
 
-/// How `point_current_to` may move the current version.
+/// Direction in which `point_current_to` may move the current version.
 #[derive(Clone, Copy)]
 enum PointerMove {
     /// To a newly registered version: only forward, so that of two registrations racing
