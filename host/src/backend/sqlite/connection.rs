@@ -16,8 +16,17 @@ use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use super::Synchronous;
 use crate::{Error, Result};
 
-/// Time SQLite's own busy handler waits inside one call before the retry loop takes over.
-const BUSY_HANDLER_TIMEOUT: Duration = Duration::from_secs(1);
+/// First pause of the busy handler. A write transaction of this backend usually holds the
+/// lock for tens to hundreds of microseconds, so a waiter that sleeps SQLite's default
+/// first pause of 1 ms waits many times longer than the holder needs.
+const BUSY_HANDLER_FIRST_PAUSE: Duration = Duration::from_micros(20);
+
+/// Longest pause of the busy handler between two tries.
+const BUSY_HANDLER_MAX_PAUSE: Duration = Duration::from_millis(1);
+
+/// Tries of the busy handler inside one call before the retry loop takes over: about 1 s
+/// of waiting, since all but the first few pauses are [`BUSY_HANDLER_MAX_PAUSE`].
+const BUSY_HANDLER_TRIES: i32 = 1_000;
 
 /// Maximum pause between two retries of a busy call.
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
@@ -180,10 +189,25 @@ fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection> 
             path.display()
         ))
     })?;
-    connection.busy_timeout(BUSY_HANDLER_TIMEOUT)?;
+    connection.busy_handler(Some(wait_while_busy))?;
     connection.pragma_update(None, "synchronous", synchronous.pragma_value())?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_SIZE);
     Ok(connection)
+}
+
+/// SQLite's busy handler: pauses before another try of a locked database, starting short
+/// and doubling up to [`BUSY_HANDLER_MAX_PAUSE`], and gives up after [`BUSY_HANDLER_TRIES`].
+///
+/// SQLite has no way to block until another process releases its lock, so a waiter
+/// polls, and the pauses bound how late it notices the release.
+fn wait_while_busy(tries: i32) -> bool {
+    if tries >= BUSY_HANDLER_TRIES {
+        return false;
+    }
+    let doublings = u32::try_from(tries).unwrap_or(0).min(10);
+    let pause = (BUSY_HANDLER_FIRST_PAUSE * (1 << doublings)).min(BUSY_HANDLER_MAX_PAUSE);
+    thread::sleep(pause);
+    true
 }
 
 /// Locks a mutex, recovering it after a panic of another holder. A panic inside a
