@@ -1,5 +1,5 @@
-//! The connections to one SQLite file: a write connection, a pool of read connections and
-//! a watcher that notices commits of other connections.
+//! The connections to one SQLite file: the writer thread with the write connection, a pool
+//! of read connections and a watcher that notices commits of other connections.
 //!
 //! Every call retries while the database is busy or locked, with backoff, for up to a
 //! bounded time. Several processes sharing the file then wait for each other, and a caller
@@ -11,8 +11,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode};
 
+use super::writer::Writer;
 use super::Synchronous;
 use crate::{Error, Result};
 
@@ -45,10 +46,10 @@ pub(super) struct Database {
     path: PathBuf,
     synchronous: Synchronous,
     busy_limit: Duration,
-    /// The only connection of this process that writes. Every write transaction starts with
-    /// `BEGIN IMMEDIATE`, so it takes the write lock before it reads anything and cannot
-    /// fail with SQLITE_BUSY halfway through a read-then-write.
-    writer: Mutex<Connection>,
+    /// The thread with the only connection of this process that writes. Every write
+    /// transaction starts with `BEGIN IMMEDIATE`, so it takes the write lock before it reads
+    /// anything and cannot fail with SQLITE_BUSY halfway through a read-then-write.
+    writer: Writer,
     readers: Mutex<Vec<Connection>>,
     /// Connection used only for `PRAGMA data_version`. That value changes only for
     /// commits of other connections, so this connection must never write.
@@ -91,7 +92,7 @@ impl Database {
             path: path.to_owned(),
             synchronous,
             busy_limit,
-            writer: Mutex::new(writer),
+            writer: Writer::spawn(writer, path, busy_limit)?,
             readers: Mutex::new(Vec::new()),
             watcher: Mutex::new(watcher),
             seen_version: AtomicI64::new(0),
@@ -105,20 +106,27 @@ impl Database {
         &self.path
     }
 
-    /// Runs `op` in a `BEGIN IMMEDIATE` transaction on the write connection and commits.
+    /// Runs `op` in a `BEGIN IMMEDIATE` transaction on the writer thread and waits until it
+    /// has committed, possibly together with other requests (see [`Writer`]).
     ///
     /// A busy or locked error anywhere rolls the transaction back and runs `op` again,
-    /// which is why `op` may be called more than once. Any other error rolls back and is
-    /// returned.
-    pub(super) fn write<T>(&self, mut op: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
-        let mut connection = lock(&self.writer);
-        retry_busy(&self.path, self.busy_limit, || {
-            let transaction =
-                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let value = op(&transaction)?;
-            transaction.commit()?;
-            Ok(value)
-        })
+    /// which is why `op` may be called more than once. Any other error undoes the writes of
+    /// `op` and is returned.
+    pub(super) async fn write<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.writer.write(op).await
+    }
+
+    /// Like [`Database::write`], but blocks the calling thread.
+    pub(super) fn write_blocking<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.writer.write_blocking(op)
     }
 
     /// Runs `op` in a read transaction on a pooled read connection, so that all its
@@ -192,6 +200,8 @@ fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection> 
     connection.busy_handler(Some(wait_while_busy))?;
     connection.pragma_update(None, "synchronous", synchronous.pragma_value())?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_SIZE);
+    // Savepoints of the writer's batches keep their undo pages here instead of in a file.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(connection)
 }
 
@@ -225,7 +235,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// tries, so a connection that commits in a tight loop can keep another waiting for most
 /// of `limit`. Tests saw one of two processes lease nothing while the other leased 400
 /// messages in a loop.
-fn retry_busy<T>(path: &Path, limit: Duration, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+pub(super) fn retry_busy<T>(
+    path: &Path,
+    limit: Duration,
+    mut op: impl FnMut() -> Result<T>,
+) -> Result<T> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(1);
     let mut retries = 0u32;
@@ -249,7 +263,7 @@ fn retry_busy<T>(path: &Path, limit: Duration, mut op: impl FnMut() -> Result<T>
     }
 }
 
-fn is_busy(error: &rusqlite::Error) -> bool {
+pub(super) fn is_busy(error: &rusqlite::Error) -> bool {
     matches!(
         error.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)

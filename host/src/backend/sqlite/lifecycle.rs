@@ -28,17 +28,15 @@ impl Backend for SqliteBackend {
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted> {
         let record = record.clone();
         let message = message.clone();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                if let Some(key) = &record.idempotency_key {
-                    if let Some(existing) = find_by_idempotency_key(connection, shared, key)? {
-                        return Ok(existing);
-                    }
+        self.write(move |shared, connection| {
+            if let Some(key) = &record.idempotency_key {
+                if let Some(existing) = find_by_idempotency_key(connection, shared, key)? {
+                    return Ok(existing);
                 }
-                insert_new_task(connection, shared, &record)?;
-                insert_message(connection, &shared.queue, &message.body, message.delay)?;
-                Ok(Submitted::Created)
-            })
+            }
+            insert_new_task(connection, shared, &record)?;
+            insert_message(connection, &shared.queue, &message.body, message.delay)?;
+            Ok(Submitted::Created)
         })
         .await
     }
@@ -46,30 +44,28 @@ impl Backend for SqliteBackend {
     async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced> {
         let lease = lease.clone();
         let record = record.clone();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                if cancel_was_requested(connection, shared, &record)? {
-                    // A cancellation arrived while the failed attempt ran: it wins over the
-                    // retry, so the task ends CANCELLED instead of running again.
-                    if !delete_message(connection, &shared.queue, &lease)? {
-                        return Ok(Fenced::LeaseLost);
-                    }
-                    let mut cancelled = record.clone();
-                    cancelled.status = Status::Cancelled;
-                    cancelled.cancel_requested = true;
-                    cancelled.error_message = Some(format!(
-                        "cancelled while running; the attempt ended with: {}",
-                        record.error_message.as_deref().unwrap_or_default()
-                    ));
-                    move_to_finished(connection, shared, &cancelled)?;
-                    return Ok(Fenced::Written);
-                }
-                if !release_message(connection, &shared.queue, &lease, delay)? {
+        self.write(move |shared, connection| {
+            if cancel_was_requested(connection, shared, &record)? {
+                // A cancellation arrived while the failed attempt ran: it wins over the
+                // retry, so the task ends CANCELLED instead of running again.
+                if !delete_message(connection, &shared.queue, &lease)? {
                     return Ok(Fenced::LeaseLost);
                 }
-                write_task(connection, &shared.active, &record, true)?;
-                Ok(Fenced::Written)
-            })
+                let mut cancelled = record.clone();
+                cancelled.status = Status::Cancelled;
+                cancelled.cancel_requested = true;
+                cancelled.error_message = Some(format!(
+                    "cancelled while running; the attempt ended with: {}",
+                    record.error_message.as_deref().unwrap_or_default()
+                ));
+                move_to_finished(connection, shared, &cancelled)?;
+                return Ok(Fenced::Written);
+            }
+            if !release_message(connection, &shared.queue, &lease, delay)? {
+                return Ok(Fenced::LeaseLost);
+            }
+            write_task(connection, &shared.active, &record, true)?;
+            Ok(Fenced::Written)
         })
         .await
     }
@@ -77,52 +73,40 @@ impl Backend for SqliteBackend {
     async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced> {
         let lease = lease.clone();
         let start = start.clone();
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| begin_attempt(connection, shared, &lease, &start))
-        })
-        .await
+        self.write(move |shared, connection| begin_attempt(connection, shared, &lease, &start))
+            .await
     }
 
     async fn begin_attempts(&self, items: &[(Lease, AttemptStart)]) -> Result<Vec<Result<Fenced>>> {
         let items = items.to_vec();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                let mut results = Vec::with_capacity(items.len());
-                for (lease, start) in &items {
-                    results.push(match begin_attempt(connection, shared, lease, start) {
-                        Err(Error::NotFound(message)) => Err(Error::NotFound(message)),
-                        other => Ok(other?),
-                    });
-                }
-                Ok(results)
-            })
+        self.write(move |shared, connection| {
+            let mut results = Vec::with_capacity(items.len());
+            for (lease, start) in &items {
+                results.push(match begin_attempt(connection, shared, lease, start) {
+                    Err(Error::NotFound(message)) => Err(Error::NotFound(message)),
+                    other => Ok(other?),
+                });
+            }
+            Ok(results)
         })
         .await
     }
 
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
         let finishes = finishes.to_vec();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                finishes
-                    .iter()
-                    .map(|finish| finish_one(connection, shared, finish))
-                    .collect()
-            })
+        self.write(move |shared, connection| {
+            finishes
+                .iter()
+                .map(|finish| finish_one(connection, shared, finish))
+                .collect()
         })
         .await
     }
 
     async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()> {
         let record = record.clone();
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| move_to_finished(connection, shared, &record))
-        })
-        .await
+        self.write(move |shared, connection| move_to_finished(connection, shared, &record))
+            .await
     }
 
     fn blobs(&self) -> &dyn BlobStore {

@@ -6,8 +6,9 @@
 //! component versions. Because they share a file, [`Backend::submit`] and
 //! [`Backend::finish`] write the store and the queue in one transaction.
 //!
-//! Writes go through a single write connection per process and start with
-//! `BEGIN IMMEDIATE`. Reads use a small pool of read connections. Busy and locked errors
+//! Writes go through a single write connection per process, owned by a writer thread that
+//! commits the requests queued up meanwhile in one `BEGIN IMMEDIATE` transaction (group
+//! commit, `writer.rs`). Reads use a small pool of read connections. Busy and locked errors
 //! are retried with backoff for up to [`SqliteOptions::busy_timeout`], so processes that
 //! share the file wait for each other instead of failing.
 
@@ -19,11 +20,13 @@ mod schema;
 mod store;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rusqlite::Connection;
 use serde::Deserialize;
 
 use self::connection::Database;
@@ -155,9 +158,8 @@ impl SqliteBackend {
         )?;
 
         let db = Database::open(&options.db_path, options.synchronous, options.busy_timeout)?;
-        db.write(|connection| {
-            schema::create(connection, &options.active_table, &options.finished_table)
-        })?;
+        let (active, finished) = (options.active_table.clone(), options.finished_table.clone());
+        db.write_blocking(move |connection| schema::create(connection, &active, &finished))?;
         Ok(SqliteBackend {
             shared: Arc::new(Shared {
                 db,
@@ -178,6 +180,21 @@ impl SqliteBackend {
     /// Returns the local blob store as its concrete type.
     pub fn local_blobs(&self) -> &LocalBlobStore {
         &self.blobs
+    }
+
+    /// Runs `op` in a write transaction on the writer thread and waits for its commit
+    /// without blocking the async worker. `op` may run more than once (see
+    /// [`connection::Database::write`]).
+    async fn write<T, F>(&self, mut op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&Shared, &Connection) -> Result<T> + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        self.shared
+            .db
+            .write(move |connection| op(&shared, connection))
+            .await
     }
 
     /// Runs blocking SQLite work on tokio's blocking thread pool.

@@ -20,13 +20,11 @@ const NEW_RECEIPT: &str = "lower(hex(randomblob(16)))";
 impl TaskQueue for SqliteBackend {
     async fn enqueue(&self, messages: &[OutgoingMessage]) -> Result<()> {
         let messages = messages.to_vec();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                for message in &messages {
-                    insert_message(connection, &shared.queue, &message.body, message.delay)?;
-                }
-                Ok(())
-            })
+        self.write(move |shared, connection| {
+            for message in &messages {
+                insert_message(connection, &shared.queue, &message.body, message.delay)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -35,68 +33,58 @@ impl TaskQueue for SqliteBackend {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| lease(connection, shared, max, visibility))
-        })
-        .await
+        self.write(move |shared, connection| lease(connection, shared, max, visibility))
+            .await
     }
 
     async fn extend(&self, lease: &Lease, visibility: Duration) -> Result<Option<Lease>> {
         let lease = lease.clone();
-        self.run(move |shared| {
-            let sql = format!(
-                "UPDATE bgw_queue SET pop_receipt = {NEW_RECEIPT}, visible_at_ms = ?1
-                 WHERE id = ?2 AND pop_receipt = ?3 AND queue_name = ?4
-                 RETURNING pop_receipt, visible_at_ms"
-            );
-            let Some(id) = message_id(&lease) else {
-                return Ok(None);
-            };
-            shared.db.write(|connection| {
-                let visible_at = now_ms().saturating_add(duration_ms(visibility));
-                let renewed = connection
-                    .prepare_cached(&sql)?
-                    .query_row(
-                        rusqlite::params![visible_at, id, lease.pop_receipt, shared.queue],
-                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
-                    )
-                    .optional()?;
-                Ok(renewed.map(|(pop_receipt, visible_at_ms)| Lease {
-                    pop_receipt,
-                    visible_at: time_from_ms(visible_at_ms),
-                    ..lease.clone()
-                }))
-            })
+        let sql = format!(
+            "UPDATE bgw_queue SET pop_receipt = {NEW_RECEIPT}, visible_at_ms = ?1
+             WHERE id = ?2 AND pop_receipt = ?3 AND queue_name = ?4
+             RETURNING pop_receipt, visible_at_ms"
+        );
+        let Some(id) = message_id(&lease) else {
+            return Ok(None);
+        };
+        self.write(move |shared, connection| {
+            let visible_at = now_ms().saturating_add(duration_ms(visibility));
+            let renewed = connection
+                .prepare_cached(&sql)?
+                .query_row(
+                    rusqlite::params![visible_at, id, lease.pop_receipt, shared.queue],
+                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+                )
+                .optional()?;
+            Ok(renewed.map(|(pop_receipt, visible_at_ms)| Lease {
+                pop_receipt,
+                visible_at: time_from_ms(visible_at_ms),
+                ..lease.clone()
+            }))
         })
         .await
     }
 
     async fn release(&self, lease: &Lease, delay: Duration) -> Result<Fenced> {
         let lease = lease.clone();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                Ok(fenced(release_message(
-                    connection,
-                    &shared.queue,
-                    &lease,
-                    delay,
-                )?))
-            })
+        self.write(move |shared, connection| {
+            Ok(fenced(release_message(
+                connection,
+                &shared.queue,
+                &lease,
+                delay,
+            )?))
         })
         .await
     }
 
     async fn delete(&self, leases: &[Lease]) -> Result<Vec<Fenced>> {
         let leases = leases.to_vec();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                leases
-                    .iter()
-                    .map(|lease| Ok(fenced(delete_message(connection, &shared.queue, lease)?)))
-                    .collect()
-            })
+        self.write(move |shared, connection| {
+            leases
+                .iter()
+                .map(|lease| Ok(fenced(delete_message(connection, &shared.queue, lease)?)))
+                .collect()
         })
         .await
     }
@@ -104,10 +92,8 @@ impl TaskQueue for SqliteBackend {
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<Fenced> {
         let lease = lease.clone();
         let reason = reason.to_owned();
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| dead_letter(connection, &shared.queue, &lease, &reason))
+        self.write(move |shared, connection| {
+            dead_letter(connection, &shared.queue, &lease, &reason)
         })
         .await
     }
@@ -143,12 +129,8 @@ impl TaskQueue for SqliteBackend {
         let Ok(id) = id.parse::<i64>() else {
             return Ok(false);
         };
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| requeue_dead_letter(connection, shared, id))
-        })
-        .await
+        self.write(move |shared, connection| requeue_dead_letter(connection, shared, id))
+            .await
     }
 
     async fn queue_length(&self) -> Result<u64> {

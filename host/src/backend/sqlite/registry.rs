@@ -45,56 +45,58 @@ impl ComponentRegistry for SqliteBackend {
         let activity_type = activity_type.to_owned();
         let (digest, engine_hash) = (digest.to_owned(), engine_hash.to_owned());
         let (wasm, artifact) = (wasm.to_vec(), artifact.to_vec());
+        let files_digest = digest.clone();
         self.run(move |shared| {
             let dir = &shared.component_dir;
-            let wasm_path = wasm_path(dir, &digest);
+            let wasm_path = wasm_path(dir, &files_digest);
             if !wasm_path.is_file() {
                 write_atomically(&wasm_path, &wasm)?;
             }
-            write_atomically(&artifact_path(dir, &digest, &engine_hash), &artifact)?;
+            write_atomically(&artifact_path(dir, &files_digest, &engine_hash), &artifact)
+        })
+        .await?;
 
-            let registered_at = parse_time(&format_time(&Utc::now())).map_err(Error::Invalid)?;
-            shared.db.write(|connection| {
-                let version: u32 = connection
-                    .prepare_cached(
-                        "SELECT coalesce(max(version), 0) + 1 FROM bgw_components
-                         WHERE activity_type = ?1",
-                    )?
-                    .query_row([&activity_type], |row| row.get(0))?;
-                connection
-                    .prepare_cached(
-                        "UPDATE bgw_components SET current = 0
-                         WHERE activity_type = ?1 AND current = 1",
-                    )?
-                    .execute([&activity_type])?;
-                let [fuel, memory_mib, timeout_secs, max_output_bytes] = limit_values;
-                connection
-                    .prepare_cached(&format!(
-                        "INSERT INTO bgw_components ({VERSION_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11)"
-                    ))?
-                    .execute(rusqlite::params![
-                        activity_type,
-                        version,
-                        digest,
-                        fuel,
-                        memory_mib,
-                        timeout_secs,
-                        max_output_bytes,
-                        format_time(&registered_at),
-                        limits.retry.max_attempts,
-                        retry_values[0],
-                        retry_values[1],
-                    ])?;
-                bump_generation(connection)?;
-                Ok(ComponentVersion {
-                    activity_type: activity_type.clone(),
+        let registered_at = parse_time(&format_time(&Utc::now())).map_err(Error::Invalid)?;
+        self.write(move |_, connection| {
+            let version: u32 = connection
+                .prepare_cached(
+                    "SELECT coalesce(max(version), 0) + 1 FROM bgw_components
+                     WHERE activity_type = ?1",
+                )?
+                .query_row([&activity_type], |row| row.get(0))?;
+            connection
+                .prepare_cached(
+                    "UPDATE bgw_components SET current = 0
+                     WHERE activity_type = ?1 AND current = 1",
+                )?
+                .execute([&activity_type])?;
+            let [fuel, memory_mib, timeout_secs, max_output_bytes] = limit_values;
+            connection
+                .prepare_cached(&format!(
+                    "INSERT INTO bgw_components ({VERSION_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11)"
+                ))?
+                .execute(rusqlite::params![
+                    activity_type,
                     version,
-                    digest: digest.clone(),
-                    limits,
-                    registered_at,
-                    current: true,
-                })
+                    digest,
+                    fuel,
+                    memory_mib,
+                    timeout_secs,
+                    max_output_bytes,
+                    format_time(&registered_at),
+                    limits.retry.max_attempts,
+                    retry_values[0],
+                    retry_values[1],
+                ])?;
+            bump_generation(connection)?;
+            Ok(ComponentVersion {
+                activity_type: activity_type.clone(),
+                version,
+                digest: digest.clone(),
+                limits,
+                registered_at,
+                current: true,
             })
         })
         .await
@@ -131,12 +133,8 @@ impl ComponentRegistry for SqliteBackend {
 
     async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion> {
         let activity_type = activity_type.to_owned();
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| rollback(connection, &activity_type))
-        })
-        .await
+        self.write(move |_, connection| rollback(connection, &activity_type))
+            .await
     }
 
     async fn generation(&self) -> Result<u64> {

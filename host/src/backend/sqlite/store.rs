@@ -15,21 +15,15 @@ use crate::{Error, Result};
 impl TaskStore for SqliteBackend {
     async fn insert_task(&self, record: &TaskRecord) -> Result<()> {
         let record = record.clone();
-        self.run(move |shared| {
-            shared
-                .db
-                .write(|connection| insert_new_task(connection, shared, &record))
-        })
-        .await
+        self.write(move |shared, connection| insert_new_task(connection, shared, &record))
+            .await
     }
 
     async fn delete_task(&self, resource_id: &str, task_id: &str) -> Result<()> {
         let (resource_id, task_id) = (resource_id.to_owned(), task_id.to_owned());
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                delete_from(connection, &shared.active, &resource_id, &task_id)?;
-                Ok(())
-            })
+        self.write(move |shared, connection| {
+            delete_from(connection, &shared.active, &resource_id, &task_id)?;
+            Ok(())
         })
         .await
     }
@@ -93,34 +87,32 @@ impl TaskStore for SqliteBackend {
     ) -> Result<CancelOutcome> {
         let resource_id = resource_id.map(str::to_owned);
         let task_id = task_id.to_owned();
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                if let Some(mut record) =
-                    find_task(connection, &shared.active, resource_id.as_deref(), &task_id)?
-                {
-                    if record.status == Status::Running {
-                        let sql = format!(
-                            "UPDATE {} SET cancel_requested = 1 WHERE resource_id = ?1 AND row_key = ?2",
-                            shared.active
-                        );
-                        connection
-                            .prepare_cached(&sql)?
-                            .execute([&record.partition_key, &record.row_key])?;
-                        return Ok(CancelOutcome::Requested);
-                    }
-                    // Queued or waiting for a retry: it never starts again. Its message is
-                    // acknowledged as a duplicate delivery when it is next leased.
-                    record.status = Status::Cancelled;
-                    record.end_time = Some(Utc::now());
-                    record.error_message = Some("cancelled before it started".to_owned());
-                    move_to_finished(connection, shared, &record)?;
-                    return Ok(CancelOutcome::Cancelled);
+        self.write(move |shared, connection| {
+            if let Some(mut record) =
+                find_task(connection, &shared.active, resource_id.as_deref(), &task_id)?
+            {
+                if record.status == Status::Running {
+                    let sql = format!(
+                        "UPDATE {} SET cancel_requested = 1 WHERE resource_id = ?1 AND row_key = ?2",
+                        shared.active
+                    );
+                    connection
+                        .prepare_cached(&sql)?
+                        .execute([&record.partition_key, &record.row_key])?;
+                    return Ok(CancelOutcome::Requested);
                 }
-                match find_task(connection, &shared.finished, resource_id.as_deref(), &task_id)? {
-                    Some(record) => Ok(CancelOutcome::AlreadyFinished(record.status)),
-                    None => Ok(CancelOutcome::NotFound),
-                }
-            })
+                // Queued or waiting for a retry: it never starts again. Its message is
+                // acknowledged as a duplicate delivery when it is next leased.
+                record.status = Status::Cancelled;
+                record.end_time = Some(Utc::now());
+                record.error_message = Some("cancelled before it started".to_owned());
+                move_to_finished(connection, shared, &record)?;
+                return Ok(CancelOutcome::Cancelled);
+            }
+            match find_task(connection, &shared.finished, resource_id.as_deref(), &task_id)? {
+                Some(record) => Ok(CancelOutcome::AlreadyFinished(record.status)),
+                None => Ok(CancelOutcome::NotFound),
+            }
         })
         .await
     }
@@ -147,53 +139,49 @@ impl TaskStore for SqliteBackend {
     async fn prune_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<TaskRecord>> {
         let cutoff = format_time(&before);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(move |shared| {
-            shared.db.write(|connection| {
-                // Times are stored as RFC 3339 UTC text of one width, so text order is time order.
-                let sql = format!(
-                    "SELECT {TASK_COLUMNS} FROM {} WHERE end_time < ?1 ORDER BY end_time LIMIT ?2",
-                    shared.finished
-                );
-                let mut statement = connection.prepare_cached(&sql)?;
-                let mut rows = statement.query(rusqlite::params![cutoff, limit])?;
-                let mut pruned = Vec::new();
-                while let Some(row) = rows.next()? {
-                    pruned.push(task_from_row(row, &shared.finished)?);
-                }
-                for record in &pruned {
-                    delete_from(
-                        connection,
-                        &shared.finished,
-                        &record.partition_key,
-                        &record.row_key,
-                    )?;
-                }
-                Ok(pruned)
-            })
+        self.write(move |shared, connection| {
+            // Times are stored as RFC 3339 UTC text of one width, so text order is time order.
+            let sql = format!(
+                "SELECT {TASK_COLUMNS} FROM {} WHERE end_time < ?1 ORDER BY end_time LIMIT ?2",
+                shared.finished
+            );
+            let mut statement = connection.prepare_cached(&sql)?;
+            let mut rows = statement.query(rusqlite::params![cutoff, limit])?;
+            let mut pruned = Vec::new();
+            while let Some(row) = rows.next()? {
+                pruned.push(task_from_row(row, &shared.finished)?);
+            }
+            for record in &pruned {
+                delete_from(
+                    connection,
+                    &shared.finished,
+                    &record.partition_key,
+                    &record.row_key,
+                )?;
+            }
+            Ok(pruned)
         })
         .await
     }
 
     async fn update_progress(&self, updates: &[ProgressUpdate]) -> Result<()> {
         let updates = updates.to_vec();
-        self.run(move |shared| {
-            let sql = format!(
-                "UPDATE {} SET progress = ?1, progress_message = ?2
-                 WHERE resource_id = ?3 AND row_key = ?4",
-                shared.active
-            );
-            shared.db.write(|connection| {
-                let mut statement = connection.prepare_cached(&sql)?;
-                for update in &updates {
-                    statement.execute(rusqlite::params![
-                        update.percent.min(100),
-                        update.message,
-                        update.resource_id,
-                        update.task_id,
-                    ])?;
-                }
-                Ok(())
-            })
+        let sql = format!(
+            "UPDATE {} SET progress = ?1, progress_message = ?2
+             WHERE resource_id = ?3 AND row_key = ?4",
+            self.shared.active
+        );
+        self.write(move |_, connection| {
+            let mut statement = connection.prepare_cached(&sql)?;
+            for update in &updates {
+                statement.execute(rusqlite::params![
+                    update.percent.min(100),
+                    update.message,
+                    update.resource_id,
+                    update.task_id,
+                ])?;
+            }
+            Ok(())
         })
         .await
     }
