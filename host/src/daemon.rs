@@ -115,6 +115,7 @@ pub async fn run(
 ) -> Result<()> {
     let components = Arc::new(ComponentCache::new(sandbox.clone(), backend.clone()));
     components.refresh().await?;
+    backend.listen_for_wakeups();
 
     let reads_backend = backend.clone();
     let (reader, reader_task) = Batcher::spawn(

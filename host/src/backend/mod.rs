@@ -233,6 +233,12 @@ pub trait TaskQueue: Send + Sync {
     /// Waits until the queue may have changed or `timeout` passes. A backend without a
     /// cheap change signal just sleeps.
     async fn wait_for_change(&self, timeout: Duration);
+
+    /// Asks the backend to end this process's `wait_for_change` as soon as another process
+    /// enqueues a message, where it has a way to. A daemon calls it once before it leases;
+    /// clients do not, so that they never take a wake-up meant for a daemon. The default
+    /// does nothing.
+    fn listen_for_wakeups(&self) {}
 }
 
 /// Operations that span the store and the queue.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode};
 
+use super::wake::{self, Listener, Poker};
 use super::writer::Writer;
 use super::Synchronous;
 use crate::{Error, Result};
@@ -49,6 +50,10 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// Interval between two reads of `PRAGMA data_version` while waiting for a change.
 const CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
+/// The same interval while this process listens on the wake-up socket, where polling
+/// only catches pokes that were lost.
+const LISTENING_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 pub(super) struct Database {
     path: PathBuf,
     synchronous: Synchronous,
@@ -63,6 +68,10 @@ pub(super) struct Database {
     watcher: Mutex<Connection>,
     /// `data_version` when a waiter last saw it change.
     seen_version: AtomicI64,
+    /// Sends a wake-up to the process listening for this file after a commit of new work.
+    poker: Poker,
+    /// Set in the one process (a daemon) that listens for other processes' wake-ups.
+    listener: Mutex<Option<Listener>>,
 }
 
 impl Database {
@@ -103,6 +112,8 @@ impl Database {
             readers: Mutex::new(Vec::new()),
             watcher: Mutex::new(watcher),
             seen_version: AtomicI64::new(0),
+            poker: Poker::new(wake::socket_path(path)),
+            listener: Mutex::new(None),
         };
         let version = database.data_version()?;
         database.seen_version.store(version, Ordering::Relaxed);
@@ -167,6 +178,8 @@ impl Database {
     pub(super) fn wait_for_change(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let seen = self.seen_version.load(Ordering::Relaxed);
+        let listener = self.listener.try_lock().ok();
+        let listener = listener.as_ref().and_then(|guard| guard.as_ref());
         loop {
             match self.data_version() {
                 Ok(version) if version != seen => {
@@ -184,8 +197,47 @@ impl Database {
             if remaining.is_zero() {
                 return;
             }
-            thread::sleep(CHANGE_POLL_INTERVAL.min(remaining));
+            // A poke is followed by another read of data_version, which ends the wait only
+            // if something was committed.
+            match listener {
+                Some(listener) => {
+                    listener.wait(LISTENING_POLL_INTERVAL.min(remaining));
+                }
+                None => thread::sleep(CHANGE_POLL_INTERVAL.min(remaining)),
+            }
         }
+    }
+
+    /// Starts listening on the wake-up socket, so that other processes' commits of new
+    /// work end [`Database::wait_for_change`] at once. Returns false when another process
+    /// listens already or the socket cannot be bound; waits then keep polling.
+    pub(super) fn listen_for_wakeups(&self) -> bool {
+        let mut listener = lock(&self.listener);
+        if listener.is_some() {
+            return true;
+        }
+        let path = wake::socket_path(&self.path);
+        match Listener::bind(&path) {
+            Ok(Some(bound)) => {
+                tracing::debug!(path = %path.display(), "listening for wake-ups");
+                *listener = Some(bound);
+                true
+            }
+            Ok(None) => {
+                tracing::info!(path = %path.display(), "another process listens for wake-ups on this database: polling for new tasks instead");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "failed to bind the wake-up socket: polling for new tasks instead");
+                false
+            }
+        }
+    }
+
+    /// Wakes the process that listens for this file, if any. Call it after a commit that
+    /// made a message visible.
+    pub(super) fn poke(&self) {
+        self.poker.poke();
     }
 
     fn data_version(&self) -> Result<i64> {

@@ -28,7 +28,7 @@ impl Backend for SqliteBackend {
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted> {
         let record = record.clone();
         let message = message.clone();
-        self.write(move |shared, connection| {
+        self.write_then_wake(move |shared, connection| {
             if let Some(key) = &record.idempotency_key {
                 if let Some(existing) = find_by_idempotency_key(connection, shared, key)? {
                     return Ok(existing);
@@ -44,7 +44,7 @@ impl Backend for SqliteBackend {
     async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced> {
         let lease = lease.clone();
         let record = record.clone();
-        self.write(move |shared, connection| {
+        self.write_then_wake(move |shared, connection| {
             if cancel_was_requested(connection, shared, &record)? {
                 // A cancellation arrived while the failed attempt ran: it wins over the
                 // retry, so the task ends CANCELLED instead of running again.

@@ -20,6 +20,7 @@ mod schema;
 mod store;
 #[cfg(test)]
 mod tests;
+mod wake;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -195,6 +196,18 @@ impl SqliteBackend {
             .db
             .write(move |connection| op(&shared, connection))
             .await
+    }
+
+    /// Runs `op` like [`SqliteBackend::write`], then wakes the daemon listening for this
+    /// file: for writes that can make a message visible.
+    async fn write_then_wake<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&Shared, &Connection) -> Result<T> + Send + 'static,
+    {
+        let value = self.write(op).await?;
+        self.shared.db.poke();
+        Ok(value)
     }
 
     /// Runs blocking SQLite work on tokio's blocking thread pool.

@@ -20,7 +20,7 @@ const NEW_RECEIPT: &str = "lower(hex(randomblob(16)))";
 impl TaskQueue for SqliteBackend {
     async fn enqueue(&self, messages: &[OutgoingMessage]) -> Result<()> {
         let messages = messages.to_vec();
-        self.write(move |shared, connection| {
+        self.write_then_wake(move |shared, connection| {
             for message in &messages {
                 insert_message(connection, &shared.queue, &message.body, message.delay)?;
             }
@@ -67,7 +67,7 @@ impl TaskQueue for SqliteBackend {
 
     async fn release(&self, lease: &Lease, delay: Duration) -> Result<Fenced> {
         let lease = lease.clone();
-        self.write(move |shared, connection| {
+        self.write_then_wake(move |shared, connection| {
             Ok(fenced(release_message(
                 connection,
                 &shared.queue,
@@ -129,7 +129,7 @@ impl TaskQueue for SqliteBackend {
         let Ok(id) = id.parse::<i64>() else {
             return Ok(false);
         };
-        self.write(move |shared, connection| requeue_dead_letter(connection, shared, id))
+        self.write_then_wake(move |shared, connection| requeue_dead_letter(connection, shared, id))
             .await
     }
 
@@ -143,6 +143,10 @@ impl TaskQueue for SqliteBackend {
             })
         })
         .await
+    }
+
+    fn listen_for_wakeups(&self) {
+        self.shared.db.listen_for_wakeups();
     }
 
     async fn wait_for_change(&self, timeout: Duration) {
