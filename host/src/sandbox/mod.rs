@@ -527,6 +527,16 @@ fn check_component_header(wasm: &[u8]) -> Result<(), String> {
 /// has a few core instances, memories and tables, so each attempt gets several of each.
 /// Memory slots are reserved at 4 GiB, the most a wasm32 memory can use, so any memory
 /// limit an activity sets fits; the reservation is address space, not resident memory.
+/// Bytes of each pooled linear memory kept resident between attempts. This bounds the
+/// memory a warm slot holds while unused.
+const KEEP_RESIDENT_MEMORY: usize = 1024 * 1024;
+
+/// Bytes of each pooled table kept resident between attempts.
+const KEEP_RESIDENT_TABLE: usize = 64 * 1024;
+
+/// Bytes of each pooled async stack kept resident between attempts.
+const KEEP_RESIDENT_STACK: usize = 128 * 1024;
+
 fn pooling_config(instances: u32) -> wasmtime::PoolingAllocationConfig {
     let mut pool = wasmtime::PoolingAllocationConfig::new();
     pool.total_component_instances(instances)
@@ -539,7 +549,16 @@ fn pooling_config(instances: u32) -> wasmtime::PoolingAllocationConfig {
         .max_memories_per_module(2)
         .max_tables_per_module(4)
         .table_elements(100_000)
-        .max_memory_size(4 * 1024 * 1024 * 1024);
+        .max_memory_size(4 * 1024 * 1024 * 1024)
+        // Reset a slot's dirty pages with memset instead of giving them back with madvise,
+        // up to these sizes. madvise made the next attempt fault every page in again, and
+        // with two threads each madvise also flushed the other CPU's TLB. The PAGEMAP_SCAN
+        // ioctl (Linux 6.7 and later; without it, `Auto` resets the lowest addresses)
+        // finds the dirty pages, so small guests reset only what they touched.
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .async_stack_keep_resident(KEEP_RESIDENT_STACK);
     pool
 }
 
