@@ -115,7 +115,7 @@ pub async fn run(
 ) -> Result<()> {
     let components = Arc::new(ComponentCache::new(sandbox.clone(), backend.clone()));
     components.refresh().await?;
-    backend.listen_for_wakeups();
+    backend.serve_daemon();
 
     let reads_backend = backend.clone();
     let (reader, reader_task) = Batcher::spawn(

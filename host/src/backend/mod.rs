@@ -234,11 +234,12 @@ pub trait TaskQueue: Send + Sync {
     /// cheap change signal just sleeps.
     async fn wait_for_change(&self, timeout: Duration);
 
-    /// Asks the backend to end this process's `wait_for_change` as soon as another process
-    /// enqueues a message, where it has a way to. A daemon calls it once before it leases;
-    /// clients do not, so that they never take a wake-up meant for a daemon. The default
-    /// does nothing.
-    fn listen_for_wakeups(&self) {}
+    /// Prepares the backend for a long-running daemon in this process, which a daemon calls
+    /// once before it leases. On SQLite the daemon then listens for other processes'
+    /// wake-ups, so that `wait_for_change` ends as soon as a message is enqueued, and
+    /// checkpoints the WAL on a background thread, so that submitters rarely do. Clients do
+    /// not call it: they must not take wake-ups meant for a daemon. The default does nothing.
+    fn serve_daemon(&self) {}
 }
 
 /// Operations that span the store and the queue.

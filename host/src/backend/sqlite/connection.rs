@@ -6,8 +6,8 @@
 //! sees an error only when that time runs out. The error names the SQLite code.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,9 @@ const READ_POOL_SIZE: usize = 4;
 
 /// Prepared statements cached per connection.
 const STATEMENT_CACHE_SIZE: usize = 64;
+
+/// Interval of the background checkpointer's passive checkpoints.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(20);
 
 /// WAL size, in pages, at which a commit copies the WAL back into the database file.
 /// SQLite's default is 1,000. The same queue and index pages change in every commit, and a
@@ -72,6 +75,8 @@ pub(super) struct Database {
     poker: Poker,
     /// Set in the one process (a daemon) that listens for other processes' wake-ups.
     listener: Mutex<Option<Listener>>,
+    /// Set once a background checkpointer runs; set to true again to stop it.
+    checkpointer: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl Database {
@@ -114,6 +119,7 @@ impl Database {
             seen_version: AtomicI64::new(0),
             poker: Poker::new(wake::socket_path(path)),
             listener: Mutex::new(None),
+            checkpointer: Mutex::new(None),
         };
         let version = database.data_version()?;
         database.seen_version.store(version, Ordering::Relaxed);
@@ -234,6 +240,37 @@ impl Database {
         }
     }
 
+    /// Starts a thread that runs a passive checkpoint every [`CHECKPOINT_INTERVAL`], on a
+    /// connection of its own.
+    ///
+    /// Otherwise the commit that crosses [`WAL_AUTOCHECKPOINT_PAGES`] copies the WAL into
+    /// the database file and syncs it, which stalls a submitter or the writer thread for
+    /// tens of milliseconds. A passive checkpoint takes no write lock, so writers go on
+    /// meanwhile, and the automatic checkpoint stays as a backstop for when the thread
+    /// falls behind or no daemon runs.
+    pub(super) fn start_checkpointer(&self) {
+        let mut running = lock(&self.checkpointer);
+        if running.is_some() {
+            return;
+        }
+        let connection = match open_connection(&self.path, self.synchronous) {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, "failed to open a connection for background checkpoints");
+                return;
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let spawned = thread::Builder::new()
+            .name("bgw-checkpoint".into())
+            .spawn(move || run_checkpoints(&connection, &stopped));
+        match spawned {
+            Ok(_) => *running = Some(stop),
+            Err(error) => tracing::warn!(%error, "failed to start the checkpoint thread"),
+        }
+    }
+
     /// Wakes the process that listens for this file, if any. Call it after a commit that
     /// made a message visible.
     pub(super) fn poke(&self) {
@@ -246,6 +283,29 @@ impl Database {
             let mut statement = watcher.prepare_cached("PRAGMA data_version")?;
             Ok(statement.query_row([], |row| row.get(0))?)
         })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if let Some(stop) = lock(&self.checkpointer).take() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+fn run_checkpoints(connection: &Connection, stop: &AtomicBool) {
+    let mut failures = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        thread::sleep(CHECKPOINT_INTERVAL);
+        let checkpoint = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(error) = checkpoint {
+            failures += 1;
+            // Logged on the first failure and then every thousandth, about every 20 s.
+            if failures % 1000 == 1 {
+                tracing::warn!(%error, failures, "background checkpoint failed");
+            }
+        }
     }
 }
 

@@ -145,8 +145,9 @@ impl TaskQueue for SqliteBackend {
         .await
     }
 
-    fn listen_for_wakeups(&self) {
+    fn serve_daemon(&self) {
         self.shared.db.listen_for_wakeups();
+        self.shared.db.start_checkpointer();
     }
 
     async fn wait_for_change(&self, timeout: Duration) {
