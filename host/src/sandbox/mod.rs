@@ -528,7 +528,7 @@ fn check_component_header(wasm: &[u8]) -> Result<(), String> {
 /// Memory slots are reserved at 4 GiB, the most a wasm32 memory can use, so any memory
 /// limit an activity sets fits; the reservation is address space, not resident memory.
 /// Bytes of each pooled linear memory kept resident between attempts. This bounds the
-/// memory a warm slot holds while unused.
+/// memory that an unused warm slot keeps.
 const KEEP_RESIDENT_MEMORY: usize = 1024 * 1024;
 
 /// Bytes of each pooled table kept resident between attempts.
@@ -553,8 +553,8 @@ fn pooling_config(instances: u32) -> wasmtime::PoolingAllocationConfig {
         // Reset a slot's dirty pages with memset instead of giving them back with madvise,
         // up to these sizes. madvise made the next attempt fault every page in again, and
         // with two threads each madvise also flushed the other CPU's TLB. The PAGEMAP_SCAN
-        // ioctl (Linux 6.7 and later; without it, `Auto` resets the lowest addresses)
-        // finds the dirty pages, so small guests reset only what they touched.
+        // ioctl (Linux 6.7 and later) finds the dirty pages, so small guests reset only
+        // what they touched. Without the ioctl, `Auto` resets the lowest addresses.
         .pagemap_scan(wasmtime::Enabled::Auto)
         .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
         .table_keep_resident(KEEP_RESIDENT_TABLE)

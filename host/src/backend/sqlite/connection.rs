@@ -23,7 +23,7 @@ use crate::{Error, Result};
 /// first pause of 1 ms waits many times longer than the holder needs.
 const BUSY_HANDLER_FIRST_PAUSE: Duration = Duration::from_micros(20);
 
-/// Longest pause of the busy handler between two tries.
+/// Maximum pause of the busy handler between two tries.
 const BUSY_HANDLER_MAX_PAUSE: Duration = Duration::from_millis(1);
 
 /// Tries of the busy handler inside one call before the retry loop takes over: about 1 s

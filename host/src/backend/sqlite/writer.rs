@@ -2,14 +2,14 @@
 //!
 //! Callers send a request (an operation on the connection) over a channel. The thread takes
 //! every request that queued up while it committed the previous batch, runs them in one
-//! `BEGIN IMMEDIATE` transaction and commits once (group commit), so that concurrent writers
-//! such as the daemon's lease, attempt-start and finish batches and concurrent submits share
-//! the cost of one commit. Each request runs inside its own savepoint: a request that fails
+//! `BEGIN IMMEDIATE` transaction and commits once (group commit). Concurrent writers, such
+//! as the daemon's lease, attempt-start and finish batches and concurrent submits, then
+//! share the cost of one commit. Each request runs inside its own savepoint: a request that fails
 //! is rolled back alone and reports its error, while the others of its batch commit. A
 //! commit that fails is reported to every request of the batch.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::Duration;
@@ -20,11 +20,11 @@ use tokio::sync::oneshot;
 use super::connection::{is_busy, retry_busy};
 use crate::{Error, Result};
 
-/// Most requests committed in one transaction. Requests are small (one submit, or one
-/// batch of the daemon's batchers), so this bounds a transaction to a few milliseconds.
+/// Maximum number of requests committed in one transaction, which keeps a transaction, and
+/// so the wait of its first request, short.
 const MAX_BATCH_REQUESTS: usize = 128;
 
-/// What a request's operation returned, or the panic it raised.
+/// The result of a request's operation, or the panic it raised.
 type Outcome<T> = thread::Result<Result<T>>;
 
 /// Handle to the writer thread. Dropping it lets the thread finish the queued requests
@@ -162,7 +162,7 @@ where
 
 fn run_writer(
     connection: Connection,
-    path: &PathBuf,
+    path: &Path,
     busy_limit: Duration,
     receiver: mpsc::Receiver<Box<dyn Request>>,
 ) {
@@ -291,12 +291,11 @@ mod tests {
         }
     }
 
+    type TestOp = Box<dyn FnMut(&Connection) -> Result<()> + Send>;
+
     /// Queues `ops` behind a request that blocks the writer thread, so that they all go
     /// into the next batch, and returns one reply receiver per op.
-    fn queue_one_batch(
-        writer: &Writer,
-        ops: Vec<Box<dyn FnMut(&Connection) -> Result<()> + Send>>,
-    ) -> Vec<mpsc::Receiver<Outcome<()>>> {
+    fn queue_one_batch(writer: &Writer, ops: Vec<TestOp>) -> Vec<mpsc::Receiver<Outcome<()>>> {
         let (blocked, wait_blocked) = mpsc::channel();
         let (release, wait_release) = mpsc::channel::<()>();
         writer
