@@ -938,6 +938,34 @@ fn two_backends_lease_each_message_once() {
 }
 
 #[test]
+fn end_time_index_only_on_finished_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bgw.db");
+    drop(open(dir.path()));
+    // A file made by an earlier version, which indexed end_time in both tables.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE INDEX ActiveTasks_end_time ON ActiveTasks (end_time)")
+        .unwrap();
+
+    drop(open(dir.path()));
+
+    let check = Connection::open(&path).unwrap();
+    let index_exists = |name: &str| -> bool {
+        check
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [name],
+                |row| row.get::<_, i64>(0),
+            )
+            .unwrap()
+            > 0
+    };
+    assert!(!index_exists("ActiveTasks_end_time"));
+    assert!(index_exists("FinishedTasks_end_time"));
+}
+
+#[test]
 fn python_schema_gains_extra_columns() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bgw.db");
