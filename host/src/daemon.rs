@@ -16,7 +16,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{AttemptStart, Backend, BlobRef, Fenced, Finish, Lease, ProgressUpdate};
+use crate::backend::{
+    AttemptStart, Backend, BeginDecision, BegunAttempt, BlobRef, Fenced, Finish, Lease, LeasedTask,
+    ProgressUpdate,
+};
 use crate::batch::Batcher;
 use crate::record::{format_time, QueueMessage, Status, TaskRecord};
 use crate::registry::{ComponentCache, LoadedComponent};
@@ -142,6 +145,7 @@ pub async fn run(
             async move { backend.finish(&items).await }
         });
     let watcher = tokio::spawn(watch_registry(components.clone(), options.registry_poll));
+    let decide = begin_decision(components.clone(), options.clone());
 
     let controller = Arc::new(Controller {
         backend: backend.clone(),
@@ -176,11 +180,15 @@ pub async fn run(
                 _ = controller.pipeline.changed() => continue,
             }
         }
-        let leases = match backend
-            .lease(room.min(MAX_BATCH), options.visibility_timeout)
-            .await
-        {
-            Ok(leases) => leases,
+        let leased = backend
+            .lease_and_begin(
+                room.min(MAX_BATCH),
+                options.visibility_timeout,
+                decide.clone(),
+            )
+            .await;
+        let tasks = match leased {
+            Ok(tasks) => tasks,
             Err(error) => {
                 tracing::error!(%error, "failed to lease messages, retrying in 1 s");
                 tokio::select! {
@@ -189,17 +197,17 @@ pub async fn run(
                 }
             }
         };
-        if leases.is_empty() {
+        if tasks.is_empty() {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = backend.wait_for_change(options.idle_poll) => continue,
             }
         }
 
-        for lease in leases {
+        for task in tasks {
             let ticket = controller.pipeline.enter();
             let controller = controller.clone();
-            workers.spawn(async move { controller.process(lease, ticket).await });
+            workers.spawn(async move { controller.process(task, ticket).await });
         }
     }
 
@@ -233,7 +241,8 @@ impl Controller {
     /// Processes one leased message to a recorded outcome. Every failure is logged here.
     /// The worker slot is given back as soon as the guest has run, so that the next
     /// message can start while this outcome is committed.
-    async fn process(&self, lease: Lease, slot: Ticket) {
+    async fn process(&self, task: LeasedTask, slot: Ticket) {
+        let LeasedTask { lease, begun } = task;
         let message = match QueueMessage::parse(&lease.body) {
             Ok(message) => message,
             Err(reason) => {
@@ -250,7 +259,11 @@ impl Controller {
             digest = tracing::field::Empty,
         );
         async {
-            if let Err(error) = self.process_message(lease, message, slot).await {
+            let processed = match begun {
+                Some(begun) => self.run_begun(lease, begun, slot).await,
+                None => self.process_message(lease, message, slot).await,
+            };
+            if let Err(error) = processed {
                 tracing::error!(%error, "failed to process task");
             }
         }
@@ -342,14 +355,28 @@ impl Controller {
             tracing::warn!("lease lost before the attempt started: another worker has the task");
             return Ok(());
         }
-        record.status = Status::Running;
-        record.start_time = Some(start.start_time);
-        record.attempt = start.attempt;
-        record.component_digest = Some(start.component_digest.clone());
-        record.component_version = Some(start.component_version);
-        record.host_id = Some(start.host_id.clone());
-        record.error_message = None;
-        record.end_time = None;
+        mark_running(&mut record, &start);
+
+        self.run_attempt(lease, record, component, slot).await
+    }
+
+    /// Runs an attempt that began when its message was leased (see [`begin_decision`]).
+    async fn run_begun(&self, lease: Lease, begun: BegunAttempt, slot: Ticket) -> Result<()> {
+        let BegunAttempt {
+            mut record,
+            start,
+            token,
+        } = begun;
+        let component = match token.downcast::<Arc<LoadedComponent>>() {
+            Ok(component) => *component,
+            Err(_) => {
+                return Err(crate::Error::Invalid(
+                    "begun attempt carries no component version".to_owned(),
+                ))
+            }
+        };
+        tracing::Span::current().record("digest", component.version.digest.as_str());
+        mark_running(&mut record, &start);
 
         self.run_attempt(lease, record, component, slot).await
     }
@@ -755,6 +782,61 @@ impl Pipeline {
 
 /// Most leased tasks a daemon holds beyond its worker slots.
 const MAX_PREFETCH: usize = 256;
+
+/// Builds the decision that lets the backend begin an attempt when it leases the message.
+///
+/// It accepts only the common case: an active record that is not terminal, has not reached
+/// the delivery limit or its deadline, and whose activity type has a component. Anything
+/// else is left to [`Controller::process_message`], which checks every case again and
+/// handles it. The component version chosen here travels with the attempt, so the task
+/// runs the version its record names even if a new one is registered meanwhile.
+fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Arc<BeginDecision> {
+    Arc::new(
+        move |lease: &Lease, message: &QueueMessage, record: &TaskRecord| {
+            if record.status.is_terminal() {
+                return None;
+            }
+            let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
+            let lost_deliveries = lease
+                .dequeue_count
+                .saturating_sub(1)
+                .saturating_sub(recorded);
+            if lost_deliveries >= options.max_deliveries {
+                return None;
+            }
+            if record
+                .deadline_time
+                .is_some_and(|deadline| deadline <= Utc::now())
+            {
+                return None;
+            }
+            let component = components.get(&message.task_type)?;
+            let start = AttemptStart {
+                resource_id: record.partition_key.clone(),
+                task_id: record.row_key.clone(),
+                attempt: attempt_number(lease, record),
+                component_digest: component.version.digest.clone(),
+                component_version: component.version.version,
+                host_id: options.host_id.clone(),
+                start_time: Utc::now(),
+            };
+            let token: Box<dyn std::any::Any + Send> = Box::new(component);
+            Some((start, token))
+        },
+    )
+}
+
+/// Updates a record in memory as `begin_attempt` stored it.
+fn mark_running(record: &mut TaskRecord, start: &AttemptStart) {
+    record.status = Status::Running;
+    record.start_time = Some(start.start_time);
+    record.attempt = start.attempt;
+    record.component_digest = Some(start.component_digest.clone());
+    record.component_version = Some(start.component_version);
+    record.host_id = Some(start.host_id.clone());
+    record.error_message = None;
+    record.end_time = None;
+}
 
 /// Returns the number of the attempt a delivery starts: its dequeue count, which also
 /// counts attempts a stopped worker never recorded, but at least one more than the

@@ -8,8 +8,10 @@
 pub mod azure;
 pub mod sqlite;
 
+use std::any::Any;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -91,6 +93,29 @@ pub struct AttemptStart {
     pub component_version: u32,
     pub host_id: String,
     pub start_time: DateTime<Utc>,
+}
+
+/// Decides whether the attempt of a freshly leased task begins at once. Returns the attempt
+/// start and the caller's own data for it (the daemon passes the component version it
+/// chose), or `None` to leave every check to the caller.
+pub type BeginDecision = dyn Fn(&Lease, &QueueMessage, &TaskRecord) -> Option<(AttemptStart, Box<dyn Any + Send>)>
+    + Send
+    + Sync;
+
+/// A message leased by [`Backend::lease_and_begin`].
+pub struct LeasedTask {
+    pub lease: Lease,
+    /// The attempt begun under the lease, or `None` when none was.
+    pub begun: Option<BegunAttempt>,
+}
+
+/// An attempt that [`Backend::lease_and_begin`] began: the record is RUNNING under the lease.
+pub struct BegunAttempt {
+    /// The record as read before the attempt began.
+    pub record: TaskRecord,
+    pub start: AttemptStart,
+    /// The data that the decision returned with `start`, handed back untouched.
+    pub token: Box<dyn Any + Send>,
 }
 
 /// Progress of a running task, written periodically while it runs.
@@ -274,6 +299,24 @@ pub trait Backend: TaskStore + TaskQueue {
             });
         }
         Ok(results)
+    }
+
+    /// Leases up to `max` messages like [`TaskQueue::lease`] and begins, for each whose active
+    /// record `decide` accepts, the attempt it returns, as `begin_attempt` would. A backend
+    /// that can do all of it in one transaction overrides the default, which only leases
+    /// and leaves every attempt to the caller.
+    async fn lease_and_begin(
+        &self,
+        max: usize,
+        visibility: Duration,
+        decide: Arc<BeginDecision>,
+    ) -> Result<Vec<LeasedTask>> {
+        let _ = decide;
+        let leases = self.lease(max, visibility).await?;
+        Ok(leases
+            .into_iter()
+            .map(|lease| LeasedTask { lease, begun: None })
+            .collect())
     }
 
     /// Stores each terminal record in the finished table, removes it from the active one and

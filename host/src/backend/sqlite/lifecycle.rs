@@ -3,16 +3,17 @@
 use async_trait::async_trait;
 use rusqlite::Connection;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::queue::{delete_message, fenced, insert_message, lease_holds, release_message};
-use super::store::{insert_new_task, move_to_finished, write_task};
+use super::queue::{delete_message, fenced, insert_message, lease, lease_holds, release_message};
+use super::store::{find_task, insert_new_task, move_to_finished, write_task};
 use super::{Shared, SqliteBackend};
 use crate::backend::{
-    AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
-    Submitted,
+    AttemptStart, Backend, BeginDecision, BegunAttempt, BlobStore, ComponentRegistry, Fenced,
+    Finish, Lease, LeasedTask, OutgoingMessage, Submitted,
 };
-use crate::record::{format_time, Status, TaskRecord};
+use crate::record::{format_time, QueueMessage, Status, TaskRecord};
 use crate::{Error, Result};
 
 #[async_trait]
@@ -92,6 +93,27 @@ impl Backend for SqliteBackend {
         .await
     }
 
+    async fn lease_and_begin(
+        &self,
+        max: usize,
+        visibility: Duration,
+        decide: Arc<BeginDecision>,
+    ) -> Result<Vec<LeasedTask>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.write(move |shared, connection| {
+            let leases = lease(connection, shared, max, visibility)?;
+            let mut tasks = Vec::with_capacity(leases.len());
+            for lease in leases {
+                let begun = begin_leased(connection, shared, &lease, &*decide)?;
+                tasks.push(LeasedTask { lease, begun });
+            }
+            Ok(tasks)
+        })
+        .await
+    }
+
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
         let finishes = finishes.to_vec();
         self.write(move |shared, connection| {
@@ -154,6 +176,40 @@ fn begin_attempt(
         )));
     }
     Ok(Fenced::Written)
+}
+
+/// Begins the attempt of a message leased in this transaction when its record is in the
+/// active table and `decide` accepts it. Leaves a message that does not parse, or names
+/// no active record, to the caller, which dead-letters it or acknowledges a duplicate.
+fn begin_leased(
+    connection: &Connection,
+    shared: &Shared,
+    lease: &Lease,
+    decide: &BeginDecision,
+) -> Result<Option<BegunAttempt>> {
+    let Ok(message) = QueueMessage::parse(&lease.body) else {
+        return Ok(None);
+    };
+    let found = find_task(
+        connection,
+        &shared.active,
+        Some(&message.resource_id),
+        &message.row_key,
+    )?;
+    let Some(record) = found else {
+        return Ok(None);
+    };
+    let Some((start, token)) = decide(lease, &message, &record) else {
+        return Ok(None);
+    };
+    match begin_attempt(connection, shared, lease, &start)? {
+        Fenced::Written => Ok(Some(BegunAttempt {
+            record,
+            start,
+            token,
+        })),
+        Fenced::LeaseLost => Ok(None),
+    }
 }
 
 /// Deletes the message, and only if that lease still held, stores the record in the

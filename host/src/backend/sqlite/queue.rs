@@ -240,7 +240,7 @@ pub(super) fn fenced(written: bool) -> Fenced {
 
 /// Leases the oldest visible messages in one statement, so that two connections can never
 /// lease the same message: the write lock of `BEGIN IMMEDIATE` orders them.
-fn lease(
+pub(super) fn lease(
     connection: &Connection,
     shared: &Shared,
     max: usize,

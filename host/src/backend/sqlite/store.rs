@@ -266,7 +266,7 @@ pub(super) fn delete_from(
     Ok(deleted > 0)
 }
 
-fn find_task(
+pub(super) fn find_task(
     connection: &Connection,
     table: &str,
     resource_id: Option<&str>,

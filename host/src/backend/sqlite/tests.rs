@@ -937,6 +937,53 @@ fn two_backends_lease_each_message_once() {
     assert!(twice.is_empty(), "leased more than once: {twice:?}");
 }
 
+#[tokio::test]
+async fn lease_and_begin_starts_accepted_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    let accepted = submit_new(&backend, "res-0001").await;
+    let declined = submit_new(&backend, "res-0001").await;
+    backend
+        .enqueue(&[plain_message("not a task message")])
+        .await
+        .unwrap();
+
+    let accepted_id = accepted.row_key.clone();
+    let decide: std::sync::Arc<crate::backend::BeginDecision> = std::sync::Arc::new(
+        move |_: &Lease, message: &QueueMessage, record: &TaskRecord| {
+            let token: Box<dyn std::any::Any + Send> = Box::new(7u32);
+            (message.row_key == accepted_id).then(|| (attempt_of(record, 1), token))
+        },
+    );
+    let tasks = backend
+        .lease_and_begin(10, VISIBILITY, decide)
+        .await
+        .unwrap();
+
+    assert_eq!(tasks.len(), 3);
+    let begun: Vec<_> = tasks
+        .iter()
+        .filter_map(|task| task.begun.as_ref())
+        .collect();
+    assert_eq!(begun.len(), 1);
+    assert_eq!(begun[0].record.row_key, accepted.row_key);
+    assert_eq!(begun[0].start.attempt, 1);
+    assert_eq!(begun[0].token.downcast_ref::<u32>(), Some(&7));
+    let stored = backend
+        .get_task(None, &accepted.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, Status::Running);
+    assert_eq!(stored.host_id.as_deref(), Some("host-a"));
+    let untouched = backend
+        .get_task(None, &declined.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(untouched.status, Status::Created);
+}
+
 #[test]
 fn end_time_index_only_on_finished_table() {
     let dir = tempfile::tempdir().unwrap();
