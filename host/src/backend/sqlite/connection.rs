@@ -6,8 +6,8 @@
 //! sees an error only when that time runs out. The error names the SQLite code.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -75,8 +75,8 @@ pub(super) struct Database {
     poker: Poker,
     /// Set in the one process (a daemon) that listens for other processes' wake-ups.
     listener: Mutex<Option<Listener>>,
-    /// Set once a background checkpointer runs; set to true again to stop it.
-    checkpointer: Mutex<Option<Arc<AtomicBool>>>,
+    /// The background checkpointer, once started: dropping the sender stops it.
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, thread::JoinHandle<()>)>>,
 }
 
 impl Database {
@@ -260,13 +260,12 @@ impl Database {
                 return;
             }
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
+        let (stop, stopped) = mpsc::channel();
         let spawned = thread::Builder::new()
             .name("bgw-checkpoint".into())
             .spawn(move || run_checkpoints(&connection, &stopped));
         match spawned {
-            Ok(_) => *running = Some(stop),
+            Ok(thread) => *running = Some((stop, thread)),
             Err(error) => tracing::warn!(%error, "failed to start the checkpoint thread"),
         }
     }
@@ -287,17 +286,20 @@ impl Database {
 }
 
 impl Drop for Database {
+    /// Stops the checkpointer and waits for it, so that its connection is closed with the
+    /// others. The last connection to close checkpoints the WAL and deletes it.
     fn drop(&mut self) {
-        if let Some(stop) = lock(&self.checkpointer).take() {
-            stop.store(true, Ordering::Relaxed);
+        if let Some((stop, thread)) = lock(&self.checkpointer).take() {
+            drop(stop);
+            let _ = thread.join();
         }
     }
 }
 
-fn run_checkpoints(connection: &Connection, stop: &AtomicBool) {
+/// Runs a passive checkpoint every [`CHECKPOINT_INTERVAL`] until `stop` is disconnected.
+fn run_checkpoints(connection: &Connection, stop: &mpsc::Receiver<()>) {
     let mut failures = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        thread::sleep(CHECKPOINT_INTERVAL);
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
         let checkpoint = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         if let Err(error) = checkpoint {
             failures += 1;
