@@ -1035,7 +1035,12 @@ fn task_waits_for_late_registration() {
     let env = TestEnv::new();
     let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "30"]);
     let early = env.submit("late-type", r#"{"x": 4}"#, &[]);
-    let waiting = env.wait_for_status(&early, "CREATED", TASK_TIMEOUT);
+    // A new task is CREATED too, so wait until the daemon has looked at it.
+    let waiting = env.wait_for("the task to wait for a component", TASK_TIMEOUT, || {
+        let record = env.status_json(&early);
+        let looked_at = status_of(&record) == "CREATED" && !error_of(&record).is_empty();
+        looked_at.then_some(record)
+    });
     assert!(
         error_of(&waiting).contains("waiting up to 30 s"),
         "the record says it waits: {waiting:#}"
