@@ -23,6 +23,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A bulk submit that stored only its first tasks, because a later write failed. The
+    /// input blobs of the tasks that were not stored have been deleted.
+    #[error("stored the first {} of {total} tasks, then failed: {source}", task_ids.len())]
+    PartlySubmitted {
+        /// Ids of the stored tasks, in request order.
+        task_ids: Vec<String>,
+        /// Number of tasks in the request.
+        total: usize,
+        #[source]
+        source: Box<Error>,
+    },
     /// Any other failure, with its context.
     #[error(transparent)]
     Other(#[from] anyhow::Error),

@@ -224,6 +224,17 @@ pub enum Submitted {
     },
 }
 
+/// Outcome of [`Backend::submit_many`].
+#[derive(Debug)]
+pub struct SubmittedBatch {
+    /// The outcome of each stored item, in request order. The stored items are always the
+    /// first ones of the request.
+    pub submitted: Vec<Submitted>,
+    /// Why the items from index `submitted.len()` on were not stored; `None` when every
+    /// item was.
+    pub error: Option<Error>,
+}
+
 /// A queue with the semantics of Azure Storage Queues.
 #[async_trait]
 pub trait TaskQueue: Send + Sync {
@@ -282,6 +293,32 @@ pub trait Backend: TaskStore + TaskQueue {
     /// Stores the record and enqueues its message, both or neither. When the record has an
     /// idempotency key that an existing task has, nothing is written.
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted>;
+
+    /// Stores many records and enqueues their messages, each item as [`Backend::submit`]
+    /// would, in order. An idempotency key that an earlier item of the same call used
+    /// returns that item's task. Stops at the first failure, so the stored items are the
+    /// first ones of `items`.
+    ///
+    /// A backend that can write many items in one transaction overrides the default, which
+    /// calls `submit` for each item.
+    async fn submit_many(&self, items: Vec<(TaskRecord, OutgoingMessage)>) -> SubmittedBatch {
+        let mut submitted = Vec::with_capacity(items.len());
+        for (record, message) in &items {
+            match self.submit(record, message).await {
+                Ok(outcome) => submitted.push(outcome),
+                Err(error) => {
+                    return SubmittedBatch {
+                        submitted,
+                        error: Some(error),
+                    }
+                }
+            }
+        }
+        SubmittedBatch {
+            submitted,
+            error: None,
+        }
+    }
 
     /// Marks a leased task RUNNING for a new attempt, unless the lease was lost.
     async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced>;

@@ -1529,3 +1529,293 @@ async fn begin_attempts_batch_reports_each_item() {
         .unwrap();
     assert_eq!(stored.status, Status::Running);
 }
+
+// ---- bulk submit through the client ----
+
+/// A client on the backend in `dir`, so that bulk tests go through validation and blobs.
+fn bulk_client(dir: &Path) -> crate::client::WorkflowClient {
+    crate::client::WorkflowClient::new(std::sync::Arc::new(open(dir)), "bgw.db")
+}
+
+/// Number of files under the blob folder of `dir`, in every container.
+fn count_blobs(dir: &Path) -> usize {
+    fn count(path: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return 0;
+        };
+        entries
+            .map(|entry| entry.unwrap().path())
+            .map(|path| if path.is_dir() { count(&path) } else { 1 })
+            .sum()
+    }
+    count(&dir.join("blobs"))
+}
+
+/// Task ids of the queue's messages, in the order they were enqueued.
+fn queued_task_ids(dir: &Path) -> Vec<String> {
+    let connection = Connection::open(dir.join("bgw.db")).unwrap();
+    let mut statement = connection
+        .prepare("SELECT body FROM bgw_queue ORDER BY id")
+        .unwrap();
+    let bodies: Vec<String> = statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    bodies
+        .iter()
+        .map(|body| QueueMessage::parse(body).unwrap().row_key)
+        .collect()
+}
+
+/// Makes every insert of a queue message whose body contains `"poison"` fail, so that the
+/// transaction that writes it fails after the writes before it in that transaction.
+fn poison_queue(dir: &Path) {
+    let connection = Connection::open(dir.join("bgw.db")).unwrap();
+    connection
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON bgw_queue
+             WHEN NEW.body LIKE '%poison%'
+             BEGIN SELECT RAISE(ABORT, 'poisoned message'); END;",
+        )
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bulk_submit_rejects_invalid_task_by_index() {
+    let long_key = "k".repeat(crate::client::MAX_IDEMPOTENCY_KEY_BYTES + 1);
+    let deep_payload = format!("{}{}", "{\"a\":".repeat(65), "}".repeat(65));
+    // (activity type, resource id, payload, idempotency key, expected part of the message)
+    let cases: [(&str, &str, &str, Option<&str>, &str); 6] = [
+        (
+            "multiply",
+            "res",
+            "{\"x\":",
+            None,
+            "payload is not valid JSON",
+        ),
+        (
+            "multiply",
+            "res",
+            "[1]",
+            None,
+            "payload must be a JSON object",
+        ),
+        ("multiply", "res", &deep_payload, None, "limit of 64 levels"),
+        (
+            "multiply",
+            "a/b",
+            "{}",
+            None,
+            "resource id \"a/b\" contains '/'",
+        ),
+        (
+            "-multiply",
+            "res",
+            "{}",
+            None,
+            "activity type \"-multiply\" starts with '-'",
+        ),
+        (
+            "multiply",
+            "res",
+            "{}",
+            Some(&long_key),
+            "idempotency key of 257 bytes",
+        ),
+    ];
+    for (activity_type, resource_id, payload, key, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let client = bulk_client(dir.path());
+        let mut blobs: Vec<&[u8]> = vec![b"zero", b"one", b"two"];
+        let mut requests = Vec::new();
+        for data in blobs.iter_mut() {
+            let mut request = crate::client::StartRequest::new("multiply", "res", b"{}");
+            request.blob = Some(crate::client::InputBlob {
+                container: None,
+                name: None,
+                data,
+            });
+            requests.push(request);
+        }
+        let mut bad =
+            crate::client::StartRequest::new(activity_type, resource_id, payload.as_bytes());
+        bad.options.idempotency_key = key.map(str::to_owned);
+        requests.insert(2, bad);
+
+        let message = invalid_message(client.start_activities(requests).await);
+
+        assert!(message.contains("index 2 of 4"), "{message}");
+        assert!(message.contains(expected), "{message}");
+        assert_eq!(count_rows(dir.path(), "ActiveTasks"), 0, "{message}");
+        assert_eq!(count_rows(dir.path(), "bgw_queue"), 0, "{message}");
+        assert_eq!(count_blobs(dir.path()), 0, "{message}");
+    }
+}
+
+#[tokio::test]
+async fn bulk_submit_stores_every_record_and_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = bulk_client(dir.path());
+    let payloads: Vec<String> = (0..2_500).map(|x| format!("{{\"x\":{x}}}")).collect();
+    let requests = payloads
+        .iter()
+        .map(|payload| crate::client::StartRequest::new("multiply", "res", payload.as_bytes()))
+        .collect();
+
+    let task_ids = client.start_activities(requests).await.unwrap();
+
+    assert_eq!(task_ids.len(), 2_500);
+    assert_eq!(count_rows(dir.path(), "ActiveTasks"), 2_500);
+    assert_eq!(queued_task_ids(dir.path()), task_ids);
+    for (task_id, payload) in task_ids.iter().zip(&payloads).step_by(499) {
+        let record = client
+            .get_task(task_id, Some("res"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&record.input_payload, payload);
+        assert_eq!(record.status, Status::Created);
+    }
+}
+
+#[tokio::test]
+async fn failed_bulk_transaction_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = bulk_client(dir.path());
+    poison_queue(dir.path());
+    let payloads = ["{\"x\":1}", "{\"x\":2}", "{\"poison\":true}", "{\"x\":4}"];
+    let mut blobs: Vec<&[u8]> = vec![b"a", b"b", b"c", b"d"];
+    let requests = payloads
+        .iter()
+        .zip(blobs.iter_mut())
+        .map(|(payload, data)| {
+            let mut request =
+                crate::client::StartRequest::new("multiply", "res", payload.as_bytes());
+            request.blob = Some(crate::client::InputBlob {
+                container: None,
+                name: None,
+                data,
+            });
+            request
+        })
+        .collect();
+
+    let error = client.start_activities(requests).await.unwrap_err();
+
+    assert!(error.to_string().contains("poisoned message"), "{error}");
+    assert!(!matches!(error, Error::PartlySubmitted { .. }), "{error}");
+    assert_eq!(count_rows(dir.path(), "ActiveTasks"), 0);
+    assert_eq!(count_rows(dir.path(), "bgw_queue"), 0);
+    assert_eq!(count_blobs(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn failed_later_transaction_keeps_earlier_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = bulk_client(dir.path());
+    poison_queue(dir.path());
+    let mut payloads: Vec<String> = (0..1_500).map(|x| format!("{{\"x\":{x}}}")).collect();
+    payloads[1_200] = "{\"poison\":true}".into();
+    let mut blobs: Vec<Vec<u8>> = (0..1_500)
+        .map(|x| format!("blob {x}").into_bytes())
+        .collect();
+    let mut readers: Vec<&[u8]> = blobs.iter_mut().map(|blob| blob.as_slice()).collect();
+    let requests = payloads
+        .iter()
+        .zip(readers.iter_mut())
+        .map(|(payload, data)| {
+            let mut request =
+                crate::client::StartRequest::new("multiply", "res", payload.as_bytes());
+            request.blob = Some(crate::client::InputBlob {
+                container: None,
+                name: None,
+                data,
+            });
+            request
+        })
+        .collect();
+
+    let error = client.start_activities(requests).await.unwrap_err();
+
+    let Error::PartlySubmitted {
+        task_ids,
+        total,
+        source,
+    } = error
+    else {
+        panic!("expected Error::PartlySubmitted, got {error:?}");
+    };
+    assert_eq!(total, 1_500);
+    assert_eq!(task_ids.len(), 1_000);
+    assert!(source.to_string().contains("poisoned message"), "{source}");
+    assert_eq!(count_rows(dir.path(), "ActiveTasks"), 1_000);
+    assert_eq!(queued_task_ids(dir.path()), task_ids);
+    assert_eq!(count_blobs(dir.path()), 1_000);
+    let last = client
+        .get_task(&task_ids[999], Some("res"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.input_payload, "{\"x\":999}");
+}
+
+/// Requests of `multiply` tasks for resource `res`, each with an idempotency key and an input
+/// blob read from its reader.
+fn keyed_requests<'a>(
+    keys: &[&str],
+    readers: &'a mut [&'static [u8]],
+) -> Vec<crate::client::StartRequest<'a>> {
+    keys.iter()
+        .zip(readers.iter_mut())
+        .map(|(key, data)| {
+            let mut request = crate::client::StartRequest::new("multiply", "res", b"{}");
+            request.options.idempotency_key = Some((*key).to_owned());
+            request.blob = Some(crate::client::InputBlob {
+                container: None,
+                name: None,
+                data,
+            });
+            request
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn bulk_idempotency_keys_return_existing_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = bulk_client(dir.path());
+    let mut first_blobs: [&[u8]; 3] = [b"first k1", b"k2", b"second k1"];
+    let mut second_blobs: [&[u8]; 2] = [b"k2 again", b"k3"];
+
+    let first = client
+        .start_activities(keyed_requests(&["k1", "k2", "k1"], &mut first_blobs))
+        .await
+        .unwrap();
+    let second = client
+        .start_activities(keyed_requests(&["k2", "k3"], &mut second_blobs))
+        .await
+        .unwrap();
+
+    assert_eq!(first[2], first[0]);
+    assert_ne!(first[1], first[0]);
+    assert_eq!(second[0], first[1]);
+    assert_eq!(count_rows(dir.path(), "ActiveTasks"), 3);
+    assert_eq!(
+        queued_task_ids(dir.path()),
+        [first[0].clone(), first[1].clone(), second[1].clone()]
+    );
+    // Only the blobs of the three created tasks remain, each with its own data.
+    assert_eq!(count_blobs(dir.path()), 3);
+    let stored = client
+        .get_task(&first[0], Some("res"))
+        .await
+        .unwrap()
+        .unwrap();
+    let blob = crate::backend::BlobRef {
+        container: stored.container_name.unwrap(),
+        name: stored.blob_name.unwrap(),
+    };
+    let path = client.backend().blobs().local_path(&blob).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), b"first k1");
+}
