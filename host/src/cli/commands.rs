@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bgw::backend::{BlobRef, CancelOutcome, Limits, ListFilter, RetryPolicy};
-use bgw::client::{InputBlob, StartOptions, WorkflowClient};
+use bgw::client::{InputBlob, StartOptions, StartRequest, WorkflowClient};
 use bgw::config::{Overrides, Settings};
 use bgw::daemon::DaemonOptions;
 use bgw::record::{Status, TaskRecord};
@@ -272,44 +272,34 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     };
     let total = payloads.count();
     let bulk = total > 1;
-    let bar = output::progress_bar(bulk, total, "submitting");
-    let mut task_ids = Vec::new();
-    for index in 0..total {
-        let payload = payloads.get(index);
-        let mut file;
-        let blob = match &args.blob {
-            Some(path) => {
-                file = std::fs::File::open(path)
-                    .with_context(|| format!("failed to open blob file {}", path.display()))?;
-                Some(InputBlob {
-                    container: None,
-                    name: None,
-                    data: &mut file,
-                })
-            }
-            None => None,
-        };
-        let started = client
-            .start_activity_with(&args.activity_type, &args.resource, payload, blob, &options)
-            .await;
-        let task_id = match started {
-            Ok(task_id) => task_id,
-            Err(error) => {
-                bar.finish_and_clear();
-                for task_id in &task_ids {
-                    println!("{task_id}");
-                }
-                return Err(anyhow::Error::from(error).context(format!(
-                    "failed to submit task {} of {total} of type {:?} ({} started, their ids are printed above)",
-                    index + 1,
-                    args.activity_type,
-                    task_ids.len()
-                )));
-            }
-        };
-        bar.inc(1);
-        task_ids.push(task_id);
+    if let Some(path) = &args.blob {
+        // Fails before any task starts. Each task opens the file again to store its blob.
+        std::fs::File::open(path)
+            .with_context(|| format!("failed to open blob file {}", path.display()))?;
     }
+    let bar = output::progress_bar(bulk, total, "submitting");
+    let started = match bulk {
+        true => submit_in_chunks(&client, &args, &payloads, &options, &bar).await,
+        false => submit_one(&client, &args, payloads.get(0), &options)
+            .await
+            .map(|task_id| vec![task_id])
+            .map_err(|error| (Vec::new(), error)),
+    };
+    let task_ids = match started {
+        Ok(task_ids) => task_ids,
+        Err((task_ids, error)) => {
+            bar.finish_and_clear();
+            for task_id in &task_ids {
+                println!("{task_id}");
+            }
+            return Err(error.context(format!(
+                "failed to submit task {} of {total} of type {:?} ({} started, their ids are printed above)",
+                task_ids.len() + 1,
+                args.activity_type,
+                task_ids.len()
+            )));
+        }
+    };
     bar.finish_and_clear();
 
     if !args.wait {
@@ -412,6 +402,120 @@ fn seconds_to_ms(flag: &str, seconds: Option<f64>) -> Result<Option<u64>> {
 const MAX_SUBMIT_COUNT: u64 = 10_000_000;
 
 /// The payloads of one `bgw submit`: one payload repeated, or the lines of a file.
+/// Number of tasks that `bgw submit` passes to one `start_activities` call, so the
+/// progress bar moves and at most this many blob files are open at once.
+const SUBMIT_CHUNK: u64 = 1_000;
+
+/// Starts the one task of a `bgw submit` without `--count` or `--payloads`.
+async fn submit_one(
+    client: &WorkflowClient,
+    args: &SubmitArgs,
+    payload: &[u8],
+    options: &StartOptions,
+) -> Result<String> {
+    let mut file;
+    let blob = match &args.blob {
+        Some(path) => {
+            file = std::fs::File::open(path)
+                .with_context(|| format!("failed to open blob file {}", path.display()))?;
+            Some(InputBlob {
+                container: None,
+                name: None,
+                data: &mut file,
+            })
+        }
+        None => None,
+    };
+    let task_id = client
+        .start_activity_with(&args.activity_type, &args.resource, payload, blob, options)
+        .await?;
+    Ok(task_id)
+}
+
+/// Starts every task of a `bgw submit --count` or `--payloads` with
+/// `WorkflowClient::start_activities`, [`SUBMIT_CHUNK`] at a time. On failure, returns the
+/// ids of the tasks that were started with the error.
+async fn submit_in_chunks(
+    client: &WorkflowClient,
+    args: &SubmitArgs,
+    payloads: &Payloads,
+    options: &StartOptions,
+    bar: &indicatif::ProgressBar,
+) -> std::result::Result<Vec<String>, (Vec<String>, anyhow::Error)> {
+    let total = payloads.count();
+    let mut task_ids = Vec::with_capacity(total as usize);
+    for first in (0..total).step_by(SUBMIT_CHUNK as usize) {
+        let end = (first + SUBMIT_CHUNK).min(total);
+        let mut files: Vec<BlobFile> = match &args.blob {
+            Some(path) => (first..end).map(|_| BlobFile::new(path)).collect(),
+            None => Vec::new(),
+        };
+        let mut files = files.iter_mut();
+        let requests = (first..end)
+            .map(|index| StartRequest {
+                activity_type: &args.activity_type,
+                resource_id: &args.resource,
+                payload_json: payloads.get(index),
+                blob: files.next().map(|file| InputBlob {
+                    container: None,
+                    name: None,
+                    data: file,
+                }),
+                options: options.clone(),
+            })
+            .collect();
+        match client.start_activities(requests).await {
+            Ok(started) => task_ids.extend(started),
+            Err(bgw::Error::PartlySubmitted {
+                task_ids: started,
+                source,
+                ..
+            }) => {
+                task_ids.extend(started);
+                return Err((task_ids, anyhow::Error::from(*source)));
+            }
+            Err(error) => return Err((task_ids, error.into())),
+        }
+        bar.inc(end - first);
+    }
+    Ok(task_ids)
+}
+
+/// The `--blob` file of one task, opened when its blob is stored and closed at its end.
+struct BlobFile<'a> {
+    path: &'a Path,
+    file: Option<std::fs::File>,
+    finished: bool,
+}
+
+impl<'a> BlobFile<'a> {
+    fn new(path: &'a Path) -> Self {
+        BlobFile {
+            path,
+            file: None,
+            finished: false,
+        }
+    }
+}
+
+impl std::io::Read for BlobFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.finished {
+            return Ok(0);
+        }
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(std::fs::File::open(self.path)?),
+        };
+        let read = file.read(buf)?;
+        if read == 0 && !buf.is_empty() {
+            self.file = None;
+            self.finished = true;
+        }
+        Ok(read)
+    }
+}
+
 enum Payloads {
     Repeated { payload: Vec<u8>, count: u64 },
     Lines(Vec<Vec<u8>>),
