@@ -14,7 +14,7 @@ use bgw::backend::{
     AttemptStart, Backend, BlobRef, CancelOutcome, Fenced, Finish, Lease, Limits, ListFilter,
     OutgoingMessage, RetryPolicy, Submitted,
 };
-use bgw::client::{StartOptions, WorkflowClient};
+use bgw::client::{StartOptions, StartRequest, WorkflowClient};
 use bgw::record::{format_time, parse_time, QueueMessage, Status, TaskRecord};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -122,6 +122,7 @@ conformance!(
     rejected_resource_ids_write_nothing,
     blobs_put_open_and_delete,
     prune_deletes_old_finished_tasks,
+    bulk_submit_stores_tasks_in_order,
 );
 
 // ---- helpers ----
@@ -810,4 +811,50 @@ async fn prune_deletes_old_finished_tasks(subject: &Subject, mode: &str) {
         .await
         .unwrap()
         .is_some());
+}
+
+async fn bulk_submit_stores_tasks_in_order(subject: &Subject, _mode: &str) {
+    let key = format!("batch-{}", uuid::Uuid::new_v4());
+    let payloads: Vec<String> = (0..5).map(|x| format!(r#"{{"x": {x}}}"#)).collect();
+    let mut requests: Vec<StartRequest> = payloads
+        .iter()
+        .map(|payload| StartRequest::new("multiply", "res-0001", payload.as_bytes()))
+        .collect();
+    requests[1].options.idempotency_key = Some(key.clone());
+    requests[3].options.idempotency_key = Some(key.clone());
+
+    let task_ids = subject.client.start_activities(requests).await.unwrap();
+
+    assert_eq!(task_ids.len(), 5);
+    assert_eq!(
+        task_ids[3], task_ids[1],
+        "a repeated key returns the first task"
+    );
+    assert_eq!(subject.backend.queue_length().await.unwrap(), 4);
+    for index in [0, 1, 2, 4] {
+        let stored = subject
+            .backend
+            .get_task(Some("res-0001"), &task_ids[index])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored.input_payload, payloads[index],
+            "task at index {index}"
+        );
+        assert_eq!(stored.status, Status::Created, "task at index {index}");
+    }
+
+    let invalid = vec![
+        StartRequest::new("multiply", "res-0001", b"{}"),
+        StartRequest::new("multiply", "res-0001", b"{\"x\": "),
+    ];
+    let error = subject
+        .client
+        .start_activities(invalid)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("index 1 of 2"), "{error}");
+    assert_eq!(subject.backend.queue_length().await.unwrap(), 4);
 }

@@ -1264,3 +1264,47 @@ fn times_are_utc_across_time_zones() {
         );
     }
 }
+
+#[test]
+fn bulk_submit_tasks_all_complete() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    // More tasks than one `start_activities` call of the CLI takes, so the ids of several
+    // calls must come back in order.
+    let repeated = env.submit_many("multiply", r#"{"x": 4}"#, &["--count", "2100"]);
+    let lines: Vec<String> = (0..1_100).map(|x| json!({"x": x}).to_string()).collect();
+    let payloads = env.data_dir().join("payloads.jsonl");
+    std::fs::write(&payloads, lines.join("\n")).unwrap();
+    let from_file = env.run_ok(&[
+        "submit",
+        "multiply",
+        "--resource",
+        support::DEFAULT_RESOURCE,
+        "--payloads",
+        path_str(&payloads),
+    ]);
+    let from_file: Vec<String> = from_file.lines().map(str::to_owned).collect();
+
+    assert_eq!(repeated.len(), 2_100);
+    assert_eq!(from_file.len(), 1_100);
+    let mut all = repeated.clone();
+    all.extend(from_file.iter().cloned());
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(distinct.len(), all.len(), "every task has its own id");
+    let records = env.wait_all(&all, Duration::from_secs(120));
+    for id in &repeated {
+        assert_completed(&records[id]);
+        assert_eq!(output_of(&records[id]), json!({"product": 8}), "task {id}");
+    }
+    for (x, id) in from_file.iter().enumerate() {
+        assert_completed(&records[id]);
+        assert_eq!(
+            output_of(&records[id]),
+            json!({"product": 2 * x}),
+            "task {id} on line {}",
+            x + 1
+        );
+    }
+}
