@@ -75,11 +75,19 @@ def print_table(results):
         print(f"load average (1 min) during the run: {min(loads):.2f} to {max(loads):.2f}")
 
     print("\nthroughput (tasks/s)")
-    print(f"{'synchronous':<12}{'c':>3}{'enqueue':>10}{'drain':>10}{'end-to-end':>12}{'max RSS MiB':>13}")
-    for row in results.get("throughput", []):
-        print(f"{row['synchronous']:<12}{row['concurrency']:>3}{row['enqueue_rate']:>10.0f}"
-              f"{row['drain_rate']:>10.0f}{row['end_to_end_rate']:>12.0f}"
-              f"{row['max_rss_kib'] / 1024:>13.1f}")
+    rows = results.get("throughput", [])
+    if rows and "submit_api" in rows[0]:
+        print(f"enqueue and end-to-end submit with {rows[0]['submit_api']}, "
+              f"{rows[0]['submit_batch']} tasks per call; 'one by one' is a start_activity "
+              f"call per task")
+    print(f"{'synchronous':<12}{'c':>3}{'one by one':>12}{'enqueue':>10}{'drain':>10}"
+          f"{'end-to-end':>12}{'max RSS MiB':>13}")
+    for row in rows:
+        single = row.get("enqueue_one_at_a_time_rate")
+        single_text = "-" if single is None else f"{single:.0f}"
+        print(f"{row['synchronous']:<12}{row['concurrency']:>3}{single_text:>12}"
+              f"{row['enqueue_rate']:>10.0f}{row['drain_rate']:>10.0f}"
+              f"{row['end_to_end_rate']:>12.0f}{row['max_rss_kib'] / 1024:>13.1f}")
     cli = results.get("cli_submit")
     if cli:
         print(f"CLI submit: {cli['bulk_rate']:.0f} tasks/s with --count, "
@@ -120,12 +128,15 @@ def print_table(results):
               f"VmHWM {memory['running64_hwm_kib'] / 1024:.1f} MiB "
               f"({memory['running_when_listed']} listed RUNNING)")
 
-    print("\npeers (tasks/s)")
+    print("\npeers (tasks/s; the peers submit one task per call)")
     print(f"{'':<36}{'enqueue':>10}{'drain':>10}{'end-to-end':>12}")
     reference = reference_row(results)
     if reference:
         print(f"{'bgw, NORMAL, c=2':<36}{reference['enqueue_rate']:>10.0f}"
               f"{reference['drain_rate']:>10.0f}{reference['end_to_end_rate']:>12.0f}")
+        single = reference.get("enqueue_one_at_a_time_rate")
+        if single is not None:
+            print(f"{'bgw, NORMAL, one call per task':<36}{single:>10.0f}")
     for peer in PEERS:
         if peer in results:
             row = results[peer]

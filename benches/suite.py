@@ -124,7 +124,11 @@ class Suite:
     # --- phases ---------------------------------------------------------------------
 
     def throughput(self):
-        """Enqueue, drain and end-to-end rates per synchronous mode and concurrency."""
+        """Enqueue, drain and end-to-end rates per synchronous mode and concurrency.
+
+        Enqueue and end-to-end submit with `start_activities`, 1,000 tasks per call, while
+        the one-at-a-time enqueue rate uses a `start_activity` call per task.
+        """
         # FULL commits wait for an fsync each, a few hundred a second on this kind of disk.
         counts = {"normal": 2_000, "full": 1_000} if self.quick else {"normal": 20_000, "full": 5_000}
         rows = []
@@ -137,6 +141,10 @@ class Suite:
                     continue
                 self.note_load(phase)
                 data_dir = self.new_data_dir(f"throughput-{synchronous}-{concurrency}", synchronous)
+                # One start_activity call per task, for the record; the daemon drains these
+                # first, before the drain below is measured on the bulk-submitted ones.
+                enqueue_single = self.bench("submit", "--data-dir", data_dir, "--resource",
+                                            "single", "--count", count, "--one-at-a-time")
                 enqueue = self.bench("submit", "--data-dir", data_dir, "--resource", "drain",
                                      "--count", count)
                 daemon, sampler = self.start_daemon(data_dir, concurrency)
@@ -155,7 +163,10 @@ class Suite:
                     "synchronous": synchronous,
                     "concurrency": concurrency,
                     "tasks": count,
+                    "submit_api": submit["api"],
+                    "submit_batch": submit["batch"],
                     "enqueue_rate": enqueue["rate"],
+                    "enqueue_one_at_a_time_rate": enqueue_single["rate"],
                     "drain_rate": drain["rate"],
                     "end_to_end_rate": end_to_end["rate"],
                     "completed": drain["completed"] + end_to_end["completed"],
@@ -242,7 +253,7 @@ class Suite:
         rows = []
         for backlog in backlogs:
             phase = f"scale backlog {backlog}"
-            # Submitting runs at about 5,000 tasks/s on 2 cores; keep a margin for the rest.
+            # Bulk submitting runs at 30,000 tasks/s and more on 2 cores; the margin is wide.
             needed = backlog / 3_000 + window + 30
             if self.remaining() < needed:
                 self.skip(phase, f"needs about {needed:.0f} s, {self.remaining():.0f} s left")

@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Submit tasks in a loop of `WorkflowClient::start_activity` calls
+    /// Submit tasks with `WorkflowClient::start_activities`, or one at a time
     Submit(submit::SubmitArgs),
     /// Wait for N finished tasks of one resource id and report their drain rate
     Drain(store::DrainArgs),
