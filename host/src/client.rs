@@ -155,9 +155,9 @@ impl WorkflowClient {
     /// returns that task's id instead of starting a task.
     ///
     /// When a write fails, the input blobs of the tasks that were not stored are deleted.
-    /// If no task was stored, the write's error is returned; otherwise
-    /// [`Error::PartlySubmitted`], with the ids of the stored tasks, which are the first
-    /// ones of `requests`.
+    /// If no task was stored, the call returns the write's error. Otherwise it returns
+    /// [`Error::PartlySubmitted`] with the ids of the stored tasks, which are the first ones
+    /// of `requests`.
     ///
     /// ```no_run
     /// # async fn example(client: &bgw::client::WorkflowClient) -> bgw::Result<()> {

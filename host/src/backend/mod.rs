@@ -230,8 +230,8 @@ pub struct SubmittedBatch {
     /// The outcome of each stored item, in request order. The stored items are always the
     /// first ones of the request.
     pub submitted: Vec<Submitted>,
-    /// Why the items from index `submitted.len()` on were not stored; `None` when every
-    /// item was.
+    /// The error that stopped the call, so that the items from index `submitted.len()` on
+    /// were not stored. `None` when every item was stored.
     pub error: Option<Error>,
 }
 

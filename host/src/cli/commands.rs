@@ -434,7 +434,7 @@ async fn submit_one(
 
 /// Starts every task of a `bgw submit --count` or `--payloads` with
 /// `WorkflowClient::start_activities`, [`SUBMIT_CHUNK`] at a time. On failure, returns the
-/// ids of the tasks that were started with the error.
+/// error together with the ids of the tasks that were started.
 async fn submit_in_chunks(
     client: &WorkflowClient,
     args: &SubmitArgs,

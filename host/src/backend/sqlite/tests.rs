@@ -1532,7 +1532,8 @@ async fn begin_attempts_batch_reports_each_item() {
 
 // ---- bulk submit through the client ----
 
-/// A client on the backend in `dir`, so that bulk tests go through validation and blobs.
+/// Opens a client on the backend in `dir`, so that bulk tests go through validation and
+/// blobs.
 fn bulk_client(dir: &Path) -> crate::client::WorkflowClient {
     crate::client::WorkflowClient::new(std::sync::Arc::new(open(dir)), "bgw.db")
 }
