@@ -122,22 +122,23 @@ impl WorkflowClient {
         };
 
         let submitted = self.backend.submit(&record, &outgoing).await;
-        let existing = match &submitted {
-            Ok(Submitted::Existing { task_id, .. }) => Some(task_id.clone()),
-            _ => None,
-        };
-        if submitted.is_err() || existing.is_some() {
-            if let Some(blob_ref) = stored_blob {
-                self.delete_unused_blob(&task_id, &blob_ref);
+        match submitted {
+            Err(error) => {
+                if let Some(blob_ref) = &stored_blob {
+                    self.delete_unused_blob(&task_id, blob_ref);
+                }
+                Err(error)
             }
-        }
-        match (submitted, existing) {
-            (Err(error), _) => Err(error),
-            (Ok(_), Some(existing)) => {
+            Ok(Submitted::Existing {
+                task_id: existing,
+                resource_id,
+            }) => {
+                self.discard_duplicate_blob(&task_id, &stored_blob, &existing, &resource_id)
+                    .await;
                 tracing::debug!(task_id = %existing, activity_type, "idempotency key matched an existing task");
                 Ok(existing)
             }
-            (Ok(_), None) => {
+            Ok(Submitted::Created) => {
                 tracing::debug!(task_id = %task_id, activity_type, resource_id, "started activity");
                 Ok(task_id)
             }
@@ -202,8 +203,17 @@ impl WorkflowClient {
         for (index, submitted) in batch.submitted.into_iter().enumerate() {
             match submitted {
                 Submitted::Created => started.push(task_ids[index].clone()),
-                Submitted::Existing { task_id, .. } => {
-                    self.delete_unused_blob_of(&task_ids[index], &stored_blobs[index]);
+                Submitted::Existing {
+                    task_id,
+                    resource_id,
+                } => {
+                    self.discard_duplicate_blob(
+                        &task_ids[index],
+                        &stored_blobs[index],
+                        &task_id,
+                        &resource_id,
+                    )
+                    .await;
                     started.push(task_id);
                 }
             }
@@ -314,6 +324,35 @@ impl WorkflowClient {
             }
         }
         Ok(stored)
+    }
+
+    /// Deletes the blob stored for a submit that matched an existing task by idempotency
+    /// key, unless the existing task uses that same blob: a retried submit that names its
+    /// blob explicitly has just written the existing task's input again, which must stay.
+    async fn discard_duplicate_blob(
+        &self,
+        new_task_id: &str,
+        blob_ref: &Option<BlobRef>,
+        existing_task_id: &str,
+        existing_resource_id: &str,
+    ) {
+        let Some(blob_ref) = blob_ref else { return };
+        let existing = self
+            .backend
+            .get_task(Some(existing_resource_id), existing_task_id)
+            .await;
+        let shared = match &existing {
+            Ok(Some(record)) => {
+                record.container_name.as_deref() == Some(blob_ref.container.as_str())
+                    && record.blob_name.as_deref() == Some(blob_ref.name.as_str())
+            }
+            // Keep the blob when the existing task cannot be read: a leaked blob is better
+            // than a task that lost its input.
+            Ok(None) | Err(_) => true,
+        };
+        if !shared {
+            self.delete_unused_blob(new_task_id, blob_ref);
+        }
     }
 
     fn delete_unused_blob_of(&self, task_id: &str, blob_ref: &Option<BlobRef>) {

@@ -1820,3 +1820,60 @@ async fn bulk_idempotency_keys_return_existing_tasks() {
     let path = client.backend().blobs().local_path(&blob).unwrap();
     assert_eq!(std::fs::read(path).unwrap(), b"first k1");
 }
+
+/// An input blob under the fixed name `orders/order-9.csv`.
+fn named_blob<'a>(data: &'a mut &'static [u8]) -> crate::client::InputBlob<'a> {
+    crate::client::InputBlob {
+        container: None,
+        name: Some("orders/order-9.csv".into()),
+        data,
+    }
+}
+
+#[tokio::test]
+async fn retried_submit_keeps_named_blob_of_existing_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = bulk_client(dir.path());
+    let options = crate::client::StartOptions {
+        idempotency_key: Some("order-9".into()),
+        ..Default::default()
+    };
+    let (mut first_data, mut retry_data, mut bulk_data): (&[u8], &[u8], &[u8]) =
+        (b"order nine", b"order nine", b"order nine");
+
+    let first = client
+        .start_activity_with(
+            "multiply",
+            "res",
+            b"{}",
+            Some(named_blob(&mut first_data)),
+            &options,
+        )
+        .await
+        .unwrap();
+    // A retry of the same submit, as after a timeout: the same key and blob name.
+    let retried = client
+        .start_activity_with(
+            "multiply",
+            "res",
+            b"{}",
+            Some(named_blob(&mut retry_data)),
+            &options,
+        )
+        .await
+        .unwrap();
+    let mut request = crate::client::StartRequest::new("multiply", "res", b"{}");
+    request.options = options.clone();
+    request.blob = Some(named_blob(&mut bulk_data));
+    let bulk = client.start_activities(vec![request]).await.unwrap();
+
+    assert_eq!(retried, first);
+    assert_eq!(bulk, std::slice::from_ref(&first));
+    let stored = client.get_task(&first, Some("res")).await.unwrap().unwrap();
+    let blob = crate::backend::BlobRef {
+        container: stored.container_name.unwrap(),
+        name: stored.blob_name.unwrap(),
+    };
+    let path = client.backend().blobs().local_path(&blob).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), b"order nine");
+}
