@@ -30,9 +30,6 @@ use crate::{Error, Result};
 /// the submit that claimed it has failed, because a submit takes seconds at most.
 const STALE_CLAIM: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
-/// Row key of every idempotency entity; the partition key is the key's SHA-256.
-const IDEMPOTENCY_ROW_KEY: &str = "key";
-
 #[async_trait]
 impl Backend for AzureBackend {
     fn store_mode(&self) -> &str {
@@ -269,14 +266,14 @@ async fn claim_idempotency_key(
     key: &str,
     record: &TaskRecord,
 ) -> Result<Option<Submitted>> {
-    let entity = idempotency_entity(key, record)?;
+    let entity = idempotency_entity(key, &shared.active_name, record)?;
     let partition_key = idempotency_partition(key);
     for _ in 0..MAX_CONFLICT_RETRIES {
         if let Write::Done(_) = table::insert(&shared.idempotency, &entity).await? {
             return Ok(None);
         }
         let Some((claim, etag)) =
-            table::get(&shared.idempotency, &partition_key, IDEMPOTENCY_ROW_KEY).await?
+            table::get(&shared.idempotency, &partition_key, &shared.active_name).await?
         else {
             continue;
         };
@@ -314,7 +311,7 @@ async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
     };
     let partition_key = idempotency_partition(key);
     let Ok(Some((claim, etag))) =
-        table::get(&shared.idempotency, &partition_key, IDEMPOTENCY_ROW_KEY).await
+        table::get(&shared.idempotency, &partition_key, &shared.active_name).await
     else {
         return;
     };
@@ -324,7 +321,7 @@ async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
     let deleted = table::delete(
         &shared.idempotency,
         &partition_key,
-        IDEMPOTENCY_ROW_KEY,
+        &shared.active_name,
         Some(&etag),
     )
     .await;
@@ -333,13 +330,16 @@ async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
     }
 }
 
-fn idempotency_entity(key: &str, record: &TaskRecord) -> Result<Entity> {
+/// Builds the claim of a key. Its partition key is the key's SHA-256 and its row key the
+/// active table's name, so that deployments with other task tables in the same account
+/// never see each other's keys.
+fn idempotency_entity(key: &str, active_table: &str, record: &TaskRecord) -> Result<Entity> {
     let mut entity = Entity::new();
     let mut text = |name: &str, value: &str| {
         entity.insert(name.to_owned(), Value::String(value.to_owned()));
     };
     text("PartitionKey", &idempotency_partition(key));
-    text("RowKey", IDEMPOTENCY_ROW_KEY);
+    text("RowKey", active_table);
     text("TaskId", &record.row_key);
     text("ResourceId", &record.partition_key);
     set_time(&mut entity, "ClaimedAt", &Utc::now())?;

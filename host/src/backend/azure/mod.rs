@@ -46,7 +46,8 @@ pub const COMPONENT_CONTAINER: &str = "bgw-components";
 /// Default table of registered component versions and the registry generation.
 pub const COMPONENT_TABLE: &str = "BgwComponents";
 
-/// Table mapping idempotency keys to the task they created.
+/// Table mapping idempotency keys to the task they created, one entity per key and
+/// active table.
 pub const IDEMPOTENCY_TABLE: &str = "BgwIdempotency";
 
 /// Table of dead letters, partitioned by queue name.
