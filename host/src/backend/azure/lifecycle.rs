@@ -18,7 +18,7 @@ use super::entity::{from_entity, integer, remove_property, set_time, string, Ent
 use super::queue::FINISH_VISIBILITY;
 use super::store::{conflict_error, find_task, insert_new_task, MAX_CONFLICT_RETRIES};
 use super::table::{self, Write};
-use super::{AzureBackend, Shared};
+use super::{concurrently, AzureBackend, Shared};
 use crate::backend::{
     AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
     Submitted,
@@ -99,13 +99,28 @@ impl Backend for AzureBackend {
         Err(conflict_error(&start.task_id))
     }
 
+    async fn begin_attempts(&self, items: &[(Lease, AttemptStart)]) -> Result<Vec<Result<Fenced>>> {
+        let begins: Vec<_> = items
+            .iter()
+            .map(|(lease, start)| self.begin_attempt(lease, start))
+            .collect();
+        concurrently(begins)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Err(Error::NotFound(message)) => Ok(Err(Error::NotFound(message))),
+                other => Ok(Ok(other?)),
+            })
+            .collect()
+    }
+
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
         let shared = self.ready().await?;
-        let mut results = Vec::with_capacity(finishes.len());
-        for finish in finishes {
-            results.push(finish_one(shared, finish).await?);
-        }
-        Ok(results)
+        let writes: Vec<_> = finishes
+            .iter()
+            .map(|finish| finish_one(shared, finish))
+            .collect();
+        concurrently(writes).await.into_iter().collect()
     }
 
     async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced> {

@@ -53,6 +53,23 @@ pub const IDEMPOTENCY_TABLE: &str = "BgwIdempotency";
 /// Table of dead letters, partitioned by queue name.
 pub const DEAD_LETTER_TABLE: &str = "BgwDeadLetters";
 
+/// Requests that one batch operation (reads, attempt starts, outcomes, message deletes)
+/// keeps in flight at once. The service has no batch call that spans partitions and
+/// queue messages, so a batch is many requests, and running them one after another let
+/// the leases of a batch's later messages expire before they were reached.
+const BATCH_CONCURRENCY: usize = 16;
+
+/// Runs futures with at most [`BATCH_CONCURRENCY`] of them at once, returning their outputs
+/// in the order given. It takes a `Vec`, not an iterator, because an async trait method's
+/// future must be `Send`, which rustc cannot show for a lazy `map` over borrowed items.
+async fn concurrently<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    use futures::StreamExt;
+    futures::stream::iter(futures)
+        .buffered(BATCH_CONCURRENCY)
+        .collect()
+        .await
+}
+
 /// Settings of the Azure backend.
 #[derive(Clone)]
 pub struct AzureOptions {

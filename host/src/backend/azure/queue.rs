@@ -19,7 +19,7 @@ use super::entity::{
 };
 use super::store::find_task;
 use super::table;
-use super::{azure_error, status_of, AzureBackend, Shared, PAYLOAD_CONTAINER};
+use super::{azure_error, concurrently, status_of, AzureBackend, Shared, PAYLOAD_CONTAINER};
 use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
 use crate::record::{to_python_json, QueueMessage, Status};
 use crate::{Error, Result};
@@ -97,11 +97,15 @@ impl TaskQueue for AzureBackend {
 
     async fn delete(&self, leases: &[Lease]) -> Result<Vec<Fenced>> {
         let shared = self.ready().await?;
-        let mut results = Vec::with_capacity(leases.len());
-        for lease in leases {
-            results.push(fenced(shared.delete_message(lease).await?));
-        }
-        Ok(results)
+        let deletes: Vec<_> = leases
+            .iter()
+            .map(|lease| shared.delete_message(lease))
+            .collect();
+        concurrently(deletes)
+            .await
+            .into_iter()
+            .map(|deleted| Ok(fenced(deleted?)))
+            .collect()
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<Fenced> {

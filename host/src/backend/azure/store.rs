@@ -10,7 +10,7 @@ use super::entity::{
     delete_payload_blobs, from_entity, load_long_values, to_entity, Entity, MAX_PROPERTY_UTF16,
 };
 use super::table::{self, equals, Write};
-use super::{AzureBackend, Shared};
+use super::{concurrently, AzureBackend, Shared};
 use crate::backend::{CancelOutcome, ListFilter, ProgressUpdate, TaskStore};
 use crate::record::{format_time, Status, TaskRecord};
 use crate::{Error, Result};
@@ -44,6 +44,14 @@ impl TaskStore for AzureBackend {
             }
         }
         Ok(None)
+    }
+
+    async fn get_tasks(&self, keys: &[(String, String)]) -> Result<Vec<Option<TaskRecord>>> {
+        let reads: Vec<_> = keys
+            .iter()
+            .map(|(resource_id, task_id)| self.get_task(Some(resource_id), task_id))
+            .collect();
+        concurrently(reads).await.into_iter().collect()
     }
 
     async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
