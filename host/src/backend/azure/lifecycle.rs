@@ -15,7 +15,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::entity::{from_entity, integer, remove_property, set_time, string, Entity};
-use super::queue::FINISH_VISIBILITY;
+use super::queue::finish_visibility;
 use super::store::{conflict_error, find_task, insert_new_task, MAX_CONFLICT_RETRIES};
 use super::table::{self, Write};
 use super::{concurrently, AzureBackend, Shared};
@@ -182,7 +182,10 @@ impl Backend for AzureBackend {
 async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
     let lease = &finish.lease;
     let record = &finish.record;
-    let Some(held) = shared.update_visibility(lease, FINISH_VISIBILITY).await? else {
+    let Some(held) = shared
+        .update_visibility(lease, finish_visibility(lease))
+        .await?
+    else {
         return Ok(Fenced::LeaseLost);
     };
     let finished = shared.entity_of(record, Some(&lease.message_id)).await?;
