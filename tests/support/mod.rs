@@ -158,6 +158,15 @@ impl TestEnv {
         Some(env)
     }
 
+    /// Creates another deployment: on Azure new task tables, queue and registry table in
+    /// the same account, on SQLite a new data directory.
+    pub fn another_deployment(&self) -> TestEnv {
+        match self.is_azure() {
+            true => TestEnv::azure().expect("the Azure connection string is still set"),
+            false => TestEnv::new(),
+        }
+    }
+
     /// Creates another host: a new data directory on the same store as this one.
     pub fn another_host(&self) -> TestEnv {
         let mut env = TestEnv::new();
@@ -666,6 +675,18 @@ impl TestEnv {
         &self,
         description: &str,
         timeout: Duration,
+        probe: impl FnMut() -> Option<T>,
+    ) -> T {
+        self.wait_for_every(description, timeout, Duration::from_millis(50), probe)
+    }
+
+    /// Polls `probe` as `wait_for` does, every `interval`, for probes too costly to run
+    /// every 50 ms.
+    pub fn wait_for_every<T>(
+        &self,
+        description: &str,
+        timeout: Duration,
+        interval: Duration,
         mut probe: impl FnMut() -> Option<T>,
     ) -> T {
         let started = Instant::now();
@@ -679,7 +700,7 @@ impl TestEnv {
                     self.daemon_log_tails()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(interval);
         }
     }
 
