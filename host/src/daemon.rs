@@ -672,7 +672,7 @@ impl Controller {
 ///
 /// The daemon leases ahead of its slots so that reads, attempt starts and outcomes can be
 /// committed in batches while guests run. How far ahead depends on how long tasks take
-/// and on how fast the backend stores them: every leased task must reach its stored
+/// and on how fast the backend stores them. Every leased task must reach its stored
 /// outcome well within the visibility timeout, so for long tasks, or a slow backend, the
 /// daemon leases little or nothing ahead.
 #[derive(Clone)]

@@ -34,7 +34,7 @@ const MAX_MESSAGES_PER_GET: usize = 32;
 const MIN_FINISH_VISIBILITY: Duration = Duration::from_secs(1);
 
 /// Returns how long a finishing write hides a leased message: the time its lease has left,
-/// but at least [`MIN_FINISH_VISIBILITY`]. A host that dies during the writes so leaves the
+/// but at least [`MIN_FINISH_VISIBILITY`]. A host that dies during the writes leaves the
 /// message hidden no longer than its lease would have, and the duplicate delivery that
 /// follows is acknowledged.
 pub(super) fn finish_visibility(lease: &Lease) -> Duration {
