@@ -141,8 +141,8 @@ impl TestEnv {
     }
 
     /// Creates an environment on the Azurite of `BGW_TEST_AZURE_CONNECTION_STRING`, with
-    /// its own task tables, queue and registry table. Returns `None` when the variable is not set, except under
-    /// `CI=true`, where it panics because CI must run the Azure tests.
+    /// its own task tables, queue and registry table. Returns `None` when the variable is
+    /// not set, except under `CI=true`, where it panics because CI must run the Azure tests.
     pub fn azure() -> Option<TestEnv> {
         let connection = azure_connection_string()?;
         let unique = uuid::Uuid::new_v4().simple().to_string();
