@@ -2,9 +2,9 @@
 //! file and defaults, in that order of precedence.
 //!
 //! Environment variables: `BGW_DATA_DIR`, `BGW_CONFIG`, `STORE_MODE`, `SQLITE_DB_PATH`,
-//! `AZURE_STORAGE_CONNECTION_STRING`, `ACTIVE_TABLE_NAME`, `FINISHED_TABLE_NAME` and
-//! `BGW_QUEUE`. All but the first two and the last have the names `background-workflows`
-//! reads, so both can share one deployment. A variable set to the empty string counts as
+//! `AZURE_STORAGE_CONNECTION_STRING`, `ACTIVE_TABLE_NAME`, `FINISHED_TABLE_NAME`,
+//! `BGW_QUEUE` and `BGW_COMPONENT_TABLE`. Those without the `BGW_` prefix have the names
+//! `background-workflows` reads, so both can share one deployment. A variable set to the empty string counts as
 //! unset. The connection string is read only from the environment, so that the account
 //! key stays out of configuration files.
 //!
@@ -17,6 +17,7 @@
 //! active_table_name = "ActiveTasks"
 //! finished_table_name = "FinishedTasks"
 //! queue = "bgw-tasks"
+//! component_table_name = "BgwComponents"   # the registry table on Azure
 //!
 //! [sqlite]
 //! synchronous = "full"          # default "normal"
@@ -38,7 +39,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::backend::azure::AzureOptions;
+use crate::backend::azure::{AzureOptions, COMPONENT_TABLE};
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
@@ -129,6 +130,8 @@ pub struct Settings {
     pub finished_table_name: String,
     /// Name of the task queue.
     pub queue: String,
+    /// Table of the component registry on Azure; SQLite keeps the registry in its file.
+    pub component_table_name: String,
     pub synchronous: Synchronous,
     /// Maximum number of tasks a daemon runs at once.
     pub concurrency: usize,
@@ -198,6 +201,12 @@ impl Settings {
             DEFAULT_FINISHED_TABLE,
         );
         let queue = text_setting(&overrides.queue, "BGW_QUEUE", file.queue, DEFAULT_QUEUE);
+        let component_table_name = text_setting(
+            &None,
+            "BGW_COMPONENT_TABLE",
+            file.component_table_name,
+            COMPONENT_TABLE,
+        );
 
         let daemon = file.daemon;
         let concurrency = overrides
@@ -218,6 +227,7 @@ impl Settings {
             active_table_name,
             finished_table_name,
             queue,
+            component_table_name,
             synchronous: overrides
                 .synchronous
                 .or(file.sqlite.synchronous)
@@ -260,6 +270,7 @@ impl Settings {
             active_table: self.active_table_name.clone(),
             finished_table: self.finished_table_name.clone(),
             queue_name: self.queue.clone(),
+            component_table: self.component_table_name.clone(),
             ..AzureOptions::new(connection_string.0.clone(), self.component_dir())
         })
     }
@@ -293,6 +304,7 @@ impl Settings {
     fn validate(&self) -> Result<()> {
         validate::table_name(&self.active_table_name)?;
         validate::table_name(&self.finished_table_name)?;
+        validate::table_name(&self.component_table_name)?;
         validate::azure_name("queue name", &self.queue)?;
         let at_least_one = [
             ("daemon.concurrency", self.concurrency as u64),
@@ -334,6 +346,7 @@ struct FileSettings {
     active_table_name: Option<String>,
     finished_table_name: Option<String>,
     queue: Option<String>,
+    component_table_name: Option<String>,
     #[serde(default)]
     sqlite: SqliteSection,
     #[serde(default)]
@@ -771,17 +784,24 @@ mod tests {
                 "AccountName=a;AccountKey=secret",
             ),
             ("BGW_QUEUE", "q-two"),
+            ("BGW_COMPONENT_TABLE", "Registry2"),
         ]);
         let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
         assert!(settings.check_supported().is_ok());
         assert!(!format!("{settings:?}").contains("secret"));
         let options = settings.azure_options().unwrap();
         assert_eq!(options.queue_name, "q-two");
+        assert_eq!(options.component_table, "Registry2");
         assert_eq!(options.component_dir, PathBuf::from("/data/components"));
 
         let env = environment(&[("BGW_DATA_DIR", "/data")]);
         let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
         assert!(settings.check_supported().is_ok());
+        assert_eq!(settings.component_table_name, "BgwComponents");
+
+        let env = environment(&[("BGW_DATA_DIR", "/data"), ("BGW_COMPONENT_TABLE", "1x")]);
+        let error = invalid_message(Settings::resolve_with(&Overrides::default(), &env));
+        assert!(error.contains("invalid table name \"1x\""), "{error}");
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub async fn run(
         reader,
         starter,
         finisher,
-        pipeline: Pipeline::new(options.concurrency.max(1)),
+        pipeline: Pipeline::new(options.concurrency.max(1), options.visibility_timeout),
     });
     tracing::info!(
         concurrency = options.concurrency,
@@ -386,7 +386,9 @@ impl Controller {
         lease: Lease,
         mut record: TaskRecord,
         component: Arc<LoadedComponent>,
-        ticket: Ticket,
+        // Held until this function returns, so the task counts as in flight until its
+        // outcome is stored.
+        _ticket: Ticket,
     ) -> Result<()> {
         let output_ref = BlobRef {
             container: OUTPUT_CONTAINER.to_owned(),
@@ -463,7 +465,6 @@ impl Controller {
         let report = self.sandbox.run(&component.prepared, context, limits).await;
         drop(slot);
         self.pipeline.record_duration(started.elapsed());
-        drop(ticket);
         heartbeat.abort();
         let _ = heartbeat.await;
         let lease = current_lease
@@ -695,12 +696,13 @@ impl Controller {
     }
 }
 
-/// Worker slots, and the count of leased tasks that have not run yet.
+/// Worker slots, and the count of leased tasks whose outcome is not stored yet.
 ///
 /// The daemon leases ahead of its slots so that reads, attempt starts and outcomes can be
-/// committed in batches while guests run. How far ahead depends on how long tasks take:
-/// the tasks waiting for a slot must all start well within the visibility timeout, so for
-/// long tasks the daemon leases no more than it can run at once.
+/// committed in batches while guests run. How far ahead depends on how long tasks take
+/// and on how fast the backend stores them. Every leased task must reach its stored
+/// outcome well within the visibility timeout, so for long tasks, or a slow backend, the
+/// daemon leases little or nothing ahead.
 #[derive(Clone)]
 struct Pipeline {
     slots: Arc<Semaphore>,
@@ -708,27 +710,71 @@ struct Pipeline {
     changed: Arc<Notify>,
     /// Moving average of guest run time, in microseconds; 0 until a task has run.
     average_run_us: Arc<AtomicU64>,
+    /// Tasks that left the pipeline in recent windows of a quarter visibility timeout.
+    exits: Arc<Mutex<ExitWindow>>,
 }
 
-/// Counts one leased task as in flight until it has run or ended early.
+/// Counts of tasks leaving the pipeline, per window of fixed length.
+struct ExitWindow {
+    length: Duration,
+    started: std::time::Instant,
+    current: usize,
+    /// Count of the window before the current one, or 0 if that one saw none.
+    previous: usize,
+}
+
+impl ExitWindow {
+    fn record(&mut self) {
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.started);
+        if elapsed >= self.length {
+            self.previous = match elapsed < self.length * 2 {
+                true => self.current,
+                false => 0,
+            };
+            self.current = 0;
+            self.started = now;
+        }
+        self.current += 1;
+    }
+
+    /// Tasks that left in a recent window: the larger of the last full one and the
+    /// current one.
+    fn recent(&self) -> usize {
+        self.previous.max(self.current)
+    }
+}
+
+/// Counts one leased task as in flight until its outcome is stored or it ended early.
 struct Ticket {
     pipeline: Pipeline,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.pipeline
+            .exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record();
         self.pipeline.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.pipeline.changed.notify_one();
     }
 }
 
 impl Pipeline {
-    fn new(concurrency: usize) -> Self {
+    fn new(concurrency: usize, visibility: Duration) -> Self {
         Pipeline {
             slots: Arc::new(Semaphore::new(concurrency)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             changed: Arc::new(Notify::new()),
             average_run_us: Arc::new(AtomicU64::new(0)),
+            exits: Arc::new(Mutex::new(ExitWindow {
+                length: (visibility / 4).max(Duration::from_millis(1)),
+                started: std::time::Instant::now(),
+                current: 0,
+                previous: 0,
+            })),
         }
     }
 
@@ -757,15 +803,22 @@ impl Pipeline {
 
     /// Returns how many leased tasks may be in flight: the worker slots, plus as many more
     /// as the slots can run within a quarter of the visibility timeout at the average run
-    /// time, at most [`MAX_PREFETCH`].
+    /// time, but no more than the daemon stored outcomes for in a recent quarter of the
+    /// visibility timeout, and at most [`MAX_PREFETCH`].
     fn limit(&self, concurrency: usize, visibility: Duration) -> usize {
         let average = self.average_run_us.load(Ordering::Relaxed);
         if average == 0 {
             return concurrency;
         }
         let budget_us = (visibility.as_micros() / 4) as u64;
-        let ahead = (budget_us / average).saturating_mul(concurrency as u64);
-        concurrency + (ahead.min(MAX_PREFETCH as u64) as usize)
+        let runnable = (budget_us / average).saturating_mul(concurrency as u64);
+        let stored = self
+            .exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recent() as u64;
+        let ahead = runnable.min(stored).min(MAX_PREFETCH as u64);
+        concurrency + ahead as usize
     }
 
     fn record_duration(&self, duration: Duration) {

@@ -48,7 +48,7 @@ pub const DEFAULT_RESOURCE: &str = "res-e2e";
 
 /// Environment variables that select a data directory, store or configuration. They are
 /// removed from every `bgw` process, so the developer's shell cannot change a test.
-const ISOLATED_VARIABLES: [&str; 9] = [
+const ISOLATED_VARIABLES: [&str; 10] = [
     "BGW_DATA_DIR",
     "BGW_CONFIG",
     "STORE_MODE",
@@ -57,6 +57,7 @@ const ISOLATED_VARIABLES: [&str; 9] = [
     "ACTIVE_TABLE_NAME",
     "FINISHED_TABLE_NAME",
     "BGW_QUEUE",
+    "BGW_COMPONENT_TABLE",
     "RUST_LOG",
 ];
 
@@ -140,8 +141,8 @@ impl TestEnv {
     }
 
     /// Creates an environment on the Azurite of `BGW_TEST_AZURE_CONNECTION_STRING`, with
-    /// its own tables and queue. Returns `None` when the variable is not set, except under
-    /// `CI=true`, where it panics because CI must run the Azure tests.
+    /// its own task tables, queue and registry table. Returns `None` when the variable is
+    /// not set, except under `CI=true`, where it panics because CI must run the Azure tests.
     pub fn azure() -> Option<TestEnv> {
         let connection = azure_connection_string()?;
         let unique = uuid::Uuid::new_v4().simple().to_string();
@@ -152,8 +153,18 @@ impl TestEnv {
             ("ACTIVE_TABLE_NAME".into(), format!("A{}", &unique[..16])),
             ("FINISHED_TABLE_NAME".into(), format!("F{}", &unique[..16])),
             ("BGW_QUEUE".into(), format!("q-{}", &unique[..16])),
+            ("BGW_COMPONENT_TABLE".into(), format!("C{}", &unique[..16])),
         ];
         Some(env)
+    }
+
+    /// Creates another deployment: on Azure new task tables, queue and registry table in
+    /// the same account, on SQLite a new data directory.
+    pub fn another_deployment(&self) -> TestEnv {
+        match self.is_azure() {
+            true => TestEnv::azure().expect("the Azure connection string is still set"),
+            false => TestEnv::new(),
+        }
     }
 
     /// Creates another host: a new data directory on the same store as this one.
@@ -562,6 +573,72 @@ pub fn test_seed() -> u64 {
 }
 
 impl TestEnv {
+    /// Returns true when this environment stores its tasks in Azure Storage.
+    pub fn is_azure(&self) -> bool {
+        self.store_variable("STORE_MODE") == Some("azure")
+    }
+
+    /// Returns the settings that a `bgw` command of this environment resolves.
+    pub fn settings(&self) -> bgw::config::Settings {
+        let overrides = bgw::config::Overrides {
+            data_dir: Some(self.data_dir().to_owned()),
+            ..Default::default()
+        };
+        let lookup = |name: &str| self.store_variable(name).map(str::to_owned);
+        bgw::config::Settings::resolve_with(&overrides, &lookup)
+            .expect("the test environment's settings are valid")
+    }
+
+    /// Opens the backend of this environment through the library, as another producer in
+    /// the same deployment would.
+    pub fn backend(&self) -> std::sync::Arc<dyn bgw::backend::Backend> {
+        bgw::open_backend(&self.settings()).expect("failed to open the test environment's backend")
+    }
+
+    /// Returns the RowKey of every record in the active or the finished table, one entry
+    /// per row, read from the store itself, so that a task in both tables or twice in one
+    /// cannot hide behind `bgw list`.
+    pub fn row_keys(&self, table: TaskTable) -> Vec<String> {
+        let settings = self.settings();
+        let name = match table {
+            TaskTable::Active => settings.active_table_name.clone(),
+            TaskTable::Finished => settings.finished_table_name.clone(),
+        };
+        if !self.is_azure() {
+            let connection = self.open_db_read_only();
+            let mut statement = connection
+                .prepare(&format!("SELECT row_key FROM {name}"))
+                .unwrap_or_else(|error| panic!("failed to read table {name}: {error}"));
+            let keys = statement
+                .query_map([], |row| row.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
+            return keys.unwrap_or_else(|error| panic!("failed to read table {name}: {error}"));
+        }
+        let service = azure::Service::connect(&self.azure_connection());
+        runtime().block_on(service.row_keys(&name))
+    }
+
+    /// Returns the number of messages in the task queue, visible or not.
+    pub fn queue_length(&self) -> u64 {
+        let backend = self.backend();
+        runtime()
+            .block_on(backend.queue_length())
+            .expect("failed to read the queue length")
+    }
+
+    /// Returns the names of the blobs in a container of the environment's Azure account
+    /// that start with `prefix`.
+    pub fn azure_blob_names(&self, container: &str, prefix: &str) -> Vec<String> {
+        let service = azure::Service::connect(&self.azure_connection());
+        runtime().block_on(service.blob_names(container, prefix))
+    }
+
+    fn azure_connection(&self) -> String {
+        self.store_variable("AZURE_STORAGE_CONNECTION_STRING")
+            .expect("an Azure test environment has a connection string")
+            .to_owned()
+    }
+
     /// Returns the path of the SQLite database file.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir().join("bgw.db")
@@ -592,20 +669,24 @@ impl TestEnv {
             .unwrap_or_else(|error| panic!("query {sql:?} failed: {error}"))
     }
 
-    /// Opens the SQLite backend of this data directory through the library, as another
-    /// producer in the same deployment would.
-    pub fn backend(&self) -> bgw::backend::sqlite::SqliteBackend {
-        let options = bgw::backend::sqlite::SqliteOptions::in_dir(self.data_dir());
-        bgw::backend::sqlite::SqliteBackend::open(options)
-            .expect("failed to open the SQLite backend of the test data directory")
-    }
-
     /// Polls `probe` every 50 ms until it returns a value, and panics after `timeout` with
     /// `description` and the daemon log tails.
     pub fn wait_for<T>(
         &self,
         description: &str,
         timeout: Duration,
+        probe: impl FnMut() -> Option<T>,
+    ) -> T {
+        self.wait_for_every(description, timeout, Duration::from_millis(50), probe)
+    }
+
+    /// Polls `probe` as `wait_for` does, every `interval`, for probes too costly to run
+    /// every 50 ms.
+    pub fn wait_for_every<T>(
+        &self,
+        description: &str,
+        timeout: Duration,
+        interval: Duration,
         mut probe: impl FnMut() -> Option<T>,
     ) -> T {
         let started = Instant::now();
@@ -619,7 +700,7 @@ impl TestEnv {
                     self.daemon_log_tails()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(interval);
         }
     }
 
@@ -679,5 +760,138 @@ impl Daemon<'_> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// One of the two task tables.
+#[derive(Clone, Copy, Debug)]
+pub enum TaskTable {
+    Active,
+    Finished,
+}
+
+/// Defines each listed test body, a `fn(TestEnv)`, as two tests: `sqlite::NAME` on a
+/// temporary SQLite data directory and `azure::NAME` on Azurite. The Azure test returns
+/// at once when `BGW_TEST_AZURE_CONNECTION_STRING` is unset, and panics then under
+/// `CI=true`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::support::TestEnv::new())
+                }
+            )*
+        }
+
+        mod azure {
+            $(
+                #[test]
+                fn $name() {
+                    let Some(env) = $crate::support::TestEnv::azure() else {
+                        return;
+                    };
+                    super::$name(env)
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_backends;
+
+/// Direct reads of an Azure account, for checks that the backend traits cannot make.
+mod azure {
+    use azure_data_tables::prelude::TableServiceClient;
+    use azure_storage::{CloudLocation, ConnectionString};
+    use azure_storage_blobs::prelude::BlobServiceClient;
+    use futures::StreamExt;
+
+    pub struct Service {
+        tables: TableServiceClient,
+        blobs: BlobServiceClient,
+    }
+
+    impl Service {
+        /// Connects with a connection string that names the table and blob endpoints,
+        /// as `tests/azurite` prints it.
+        pub fn connect(connection: &str) -> Service {
+            let parsed =
+                ConnectionString::new(connection).expect("the Azure connection string parses");
+            let account = parsed.account_name.expect("AccountName is set").to_owned();
+            let credentials = parsed
+                .storage_credentials()
+                .expect("the connection string has credentials");
+            let location = |endpoint: Option<&str>| CloudLocation::Custom {
+                account: account.clone(),
+                uri: endpoint
+                    .expect("the connection string names every endpoint")
+                    .trim_end_matches('/')
+                    .to_owned(),
+            };
+            let tables = azure_data_tables::clients::TableServiceClientBuilder::with_location(
+                location(parsed.table_endpoint),
+                credentials.clone(),
+            )
+            .build();
+            let blobs = azure_storage_blobs::prelude::ClientBuilder::with_location(
+                location(parsed.blob_endpoint),
+                credentials,
+            )
+            .blob_service_client();
+            Service { tables, blobs }
+        }
+
+        /// Returns the RowKey of every entity of a table; a missing table has none.
+        pub async fn row_keys(&self, table: &str) -> Vec<String> {
+            let mut pages = self
+                .tables
+                .table_client(table)
+                .query()
+                .select("RowKey")
+                .into_stream::<serde_json::Value>();
+            let mut keys = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = match page {
+                    Ok(page) => page,
+                    Err(error) if is_not_found(&error) => break,
+                    Err(error) => panic!("failed to query table {table}: {error}"),
+                };
+                for entity in page.entities {
+                    let key = entity["RowKey"].as_str().expect("entities have a RowKey");
+                    keys.push(key.to_owned());
+                }
+            }
+            keys
+        }
+
+        /// Returns the names of the blobs in a container that start with `prefix`.
+        pub async fn blob_names(&self, container: &str, prefix: &str) -> Vec<String> {
+            let mut pages = self
+                .blobs
+                .container_client(container)
+                .list_blobs()
+                .prefix(prefix.to_owned())
+                .into_stream();
+            let mut names = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = match page {
+                    Ok(page) => page,
+                    Err(error) if is_not_found(&error) => break,
+                    Err(error) => panic!("failed to list container {container}: {error}"),
+                };
+                names.extend(page.blobs.blobs().map(|blob| blob.name.clone()));
+            }
+            names
+        }
+    }
+
+    fn is_not_found(error: &azure_core::Error) -> bool {
+        matches!(
+            error.kind(),
+            azure_core::error::ErrorKind::HttpResponse { status, .. } if u16::from(*status) == 404
+        )
     }
 }

@@ -18,7 +18,9 @@ use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{azure_error, PAYLOAD_CONTAINER};
+use futures::StreamExt;
+
+use super::{azure_error, status_of, PAYLOAD_CONTAINER};
 use crate::record::{format_time, parse_time, AttemptSummary, Status, TaskRecord};
 use crate::{Error, Result};
 
@@ -185,6 +187,41 @@ pub(super) async fn put_payload_blob(
                 error,
             )
         })?;
+    Ok(())
+}
+
+/// Deletes every blob of a task in the payload container: the long values of its entity
+/// and the payload of a message too large for the queue, all named `<task id>/...`.
+/// A task without such blobs is not an error.
+pub(super) async fn delete_payload_blobs(blobs: &BlobServiceClient, task_id: &str) -> Result<()> {
+    let container = blobs.container_client(PAYLOAD_CONTAINER);
+    let failed = |error| {
+        azure_error(
+            format!(
+                "failed to delete the blobs of task {task_id} in container {PAYLOAD_CONTAINER}"
+            ),
+            error,
+        )
+    };
+    let mut names = Vec::new();
+    let mut pages = container
+        .list_blobs()
+        .prefix(format!("{task_id}/"))
+        .into_stream();
+    while let Some(page) = pages.next().await {
+        match page {
+            Ok(page) => names.extend(page.blobs.blobs().map(|blob| blob.name.clone())),
+            Err(error) if status_of(&error) == Some(404) => break,
+            Err(error) => return Err(failed(error)),
+        }
+    }
+    for name in names {
+        match container.blob_client(&name).delete().await {
+            Ok(_) => {}
+            Err(error) if status_of(&error) == Some(404) => {}
+            Err(error) => return Err(failed(error)),
+        }
+    }
     Ok(())
 }
 

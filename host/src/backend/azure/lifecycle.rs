@@ -15,10 +15,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::entity::{from_entity, integer, remove_property, set_time, string, Entity};
-use super::queue::FINISH_VISIBILITY;
+use super::queue::finish_visibility;
 use super::store::{conflict_error, find_task, insert_new_task, MAX_CONFLICT_RETRIES};
 use super::table::{self, Write};
-use super::{AzureBackend, Shared};
+use super::{concurrently, AzureBackend, Shared};
 use crate::backend::{
     AttemptStart, Backend, BlobStore, ComponentRegistry, Fenced, Finish, Lease, OutgoingMessage,
     Submitted,
@@ -29,9 +29,6 @@ use crate::{Error, Result};
 /// Age after which an idempotency key whose task was never created may be claimed again:
 /// the submit that claimed it has failed, because a submit takes seconds at most.
 const STALE_CLAIM: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
-
-/// Row key of every idempotency entity; the partition key is the key's SHA-256.
-const IDEMPOTENCY_ROW_KEY: &str = "key";
 
 #[async_trait]
 impl Backend for AzureBackend {
@@ -102,13 +99,28 @@ impl Backend for AzureBackend {
         Err(conflict_error(&start.task_id))
     }
 
+    async fn begin_attempts(&self, items: &[(Lease, AttemptStart)]) -> Result<Vec<Result<Fenced>>> {
+        let begins: Vec<_> = items
+            .iter()
+            .map(|(lease, start)| self.begin_attempt(lease, start))
+            .collect();
+        concurrently(begins)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Err(Error::NotFound(message)) => Ok(Err(Error::NotFound(message))),
+                other => Ok(Ok(other?)),
+            })
+            .collect()
+    }
+
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>> {
         let shared = self.ready().await?;
-        let mut results = Vec::with_capacity(finishes.len());
-        for finish in finishes {
-            results.push(finish_one(shared, finish).await?);
-        }
-        Ok(results)
+        let writes: Vec<_> = finishes
+            .iter()
+            .map(|finish| finish_one(shared, finish))
+            .collect();
+        concurrently(writes).await.into_iter().collect()
     }
 
     async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced> {
@@ -170,7 +182,10 @@ impl Backend for AzureBackend {
 async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
     let lease = &finish.lease;
     let record = &finish.record;
-    let Some(held) = shared.update_visibility(lease, FINISH_VISIBILITY).await? else {
+    let Some(held) = shared
+        .update_visibility(lease, finish_visibility(lease))
+        .await?
+    else {
         return Ok(Fenced::LeaseLost);
     };
     let finished = shared.entity_of(record, Some(&lease.message_id)).await?;
@@ -269,14 +284,14 @@ async fn claim_idempotency_key(
     key: &str,
     record: &TaskRecord,
 ) -> Result<Option<Submitted>> {
-    let entity = idempotency_entity(key, record)?;
+    let entity = idempotency_entity(key, &shared.active_name, record)?;
     let partition_key = idempotency_partition(key);
     for _ in 0..MAX_CONFLICT_RETRIES {
         if let Write::Done(_) = table::insert(&shared.idempotency, &entity).await? {
             return Ok(None);
         }
         let Some((claim, etag)) =
-            table::get(&shared.idempotency, &partition_key, IDEMPOTENCY_ROW_KEY).await?
+            table::get(&shared.idempotency, &partition_key, &shared.active_name).await?
         else {
             continue;
         };
@@ -314,7 +329,7 @@ async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
     };
     let partition_key = idempotency_partition(key);
     let Ok(Some((claim, etag))) =
-        table::get(&shared.idempotency, &partition_key, IDEMPOTENCY_ROW_KEY).await
+        table::get(&shared.idempotency, &partition_key, &shared.active_name).await
     else {
         return;
     };
@@ -324,7 +339,7 @@ async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
     let deleted = table::delete(
         &shared.idempotency,
         &partition_key,
-        IDEMPOTENCY_ROW_KEY,
+        &shared.active_name,
         Some(&etag),
     )
     .await;
@@ -333,13 +348,16 @@ async fn release_idempotency_key(shared: &Shared, record: &TaskRecord) {
     }
 }
 
-fn idempotency_entity(key: &str, record: &TaskRecord) -> Result<Entity> {
+/// Builds the claim of a key. Its partition key is the key's SHA-256 and its row key the
+/// active table's name, so that deployments with other task tables in the same account
+/// never see each other's keys.
+fn idempotency_entity(key: &str, active_table: &str, record: &TaskRecord) -> Result<Entity> {
     let mut entity = Entity::new();
     let mut text = |name: &str, value: &str| {
         entity.insert(name.to_owned(), Value::String(value.to_owned()));
     };
     text("PartitionKey", &idempotency_partition(key));
-    text("RowKey", IDEMPOTENCY_ROW_KEY);
+    text("RowKey", active_table);
     text("TaskId", &record.row_key);
     text("ResourceId", &record.partition_key);
     set_time(&mut entity, "ClaimedAt", &Utc::now())?;

@@ -43,14 +43,32 @@ pub const PAYLOAD_CONTAINER: &str = "bgw-payloads";
 /// Container of registered `.wasm` files, named `<digest>.wasm`.
 pub const COMPONENT_CONTAINER: &str = "bgw-components";
 
-/// Table of registered component versions and the registry generation.
+/// Default table of registered component versions and the registry generation.
 pub const COMPONENT_TABLE: &str = "BgwComponents";
 
-/// Table mapping idempotency keys to the task they created.
+/// Table mapping idempotency keys to the task they created, one entity per key and
+/// active table.
 pub const IDEMPOTENCY_TABLE: &str = "BgwIdempotency";
 
 /// Table of dead letters, partitioned by queue name.
 pub const DEAD_LETTER_TABLE: &str = "BgwDeadLetters";
+
+/// Requests that one batch operation (reads, attempt starts, outcomes, message deletes)
+/// keeps in flight at once. The service has no batch call that spans partitions and
+/// queue messages, so a batch is many requests, and running them one after another let
+/// the leases of a batch's later messages expire before they were reached.
+const BATCH_CONCURRENCY: usize = 16;
+
+/// Runs futures with at most [`BATCH_CONCURRENCY`] of them at once, returning their outputs
+/// in the order given. It takes a `Vec`, not an iterator, because an async trait method's
+/// future must be `Send`, which rustc cannot show for a lazy `map` over borrowed items.
+async fn concurrently<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    use futures::StreamExt;
+    futures::stream::iter(futures)
+        .buffered(BATCH_CONCURRENCY)
+        .collect()
+        .await
+}
 
 /// Settings of the Azure backend.
 #[derive(Clone)]
@@ -60,6 +78,10 @@ pub struct AzureOptions {
     pub active_table: String,
     pub finished_table: String,
     pub queue_name: String,
+    /// Table of the component registry. Hosts that share it see each other's
+    /// registrations; deployments in one account that need separate registries set
+    /// different names.
+    pub component_table: String,
     /// Local folder that caches `.wasm` files and keeps compiled artifacts, so that each
     /// host compiles a component once.
     pub component_dir: PathBuf,
@@ -72,6 +94,7 @@ impl std::fmt::Debug for AzureOptions {
             .field("active_table", &self.active_table)
             .field("finished_table", &self.finished_table)
             .field("queue_name", &self.queue_name)
+            .field("component_table", &self.component_table)
             .field("component_dir", &self.component_dir)
             .finish_non_exhaustive()
     }
@@ -85,6 +108,7 @@ impl AzureOptions {
             active_table: DEFAULT_ACTIVE_TABLE.to_owned(),
             finished_table: DEFAULT_FINISHED_TABLE.to_owned(),
             queue_name: DEFAULT_QUEUE.to_owned(),
+            component_table: COMPONENT_TABLE.to_owned(),
             component_dir: component_dir.into(),
         }
     }
@@ -124,6 +148,7 @@ impl AzureBackend {
             &options.finished_table,
             &options.queue_name,
         )?;
+        validate::table_name(&options.component_table)?;
 
         let endpoints = Endpoints::parse(&options.connection_string)?;
         let tables = TableServiceClient::new_with_location(&endpoints);
@@ -137,7 +162,7 @@ impl AzureBackend {
         let shared = Shared {
             active: tables.table_client(&options.active_table),
             finished: tables.table_client(&options.finished_table),
-            components: tables.table_client(COMPONENT_TABLE),
+            components: tables.table_client(&options.component_table),
             idempotency: tables.table_client(IDEMPOTENCY_TABLE),
             dead_letters: tables.table_client(DEAD_LETTER_TABLE),
             queue: queues.queue_client(&options.queue_name),

@@ -19,7 +19,7 @@ use super::entity::{
 };
 use super::store::find_task;
 use super::table;
-use super::{azure_error, status_of, AzureBackend, Shared, PAYLOAD_CONTAINER};
+use super::{azure_error, concurrently, status_of, AzureBackend, Shared, PAYLOAD_CONTAINER};
 use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
 use crate::record::{to_python_json, QueueMessage, Status};
 use crate::{Error, Result};
@@ -30,8 +30,17 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Largest number of messages one get returns.
 const MAX_MESSAGES_PER_GET: usize = 32;
 
-/// Visibility that a finishing write keeps the message hidden for while it writes the tables.
-pub(super) const FINISH_VISIBILITY: Duration = Duration::from_secs(60);
+/// Shortest time a finishing write hides the message for while it writes the tables.
+const MIN_FINISH_VISIBILITY: Duration = Duration::from_secs(1);
+
+/// Returns how long a finishing write hides a leased message: the time its lease has left,
+/// but at least [`MIN_FINISH_VISIBILITY`]. A host that dies during the writes leaves the
+/// message hidden no longer than its lease would have, and the duplicate delivery that
+/// follows is acknowledged.
+pub(super) fn finish_visibility(lease: &Lease) -> Duration {
+    let left = (lease.visible_at - Utc::now()).to_std().unwrap_or_default();
+    left.max(MIN_FINISH_VISIBILITY)
+}
 
 /// Maximum pause of `wait_for_change` between polls of an empty queue.
 const MAX_IDLE_PAUSE: Duration = Duration::from_secs(1);
@@ -97,17 +106,24 @@ impl TaskQueue for AzureBackend {
 
     async fn delete(&self, leases: &[Lease]) -> Result<Vec<Fenced>> {
         let shared = self.ready().await?;
-        let mut results = Vec::with_capacity(leases.len());
-        for lease in leases {
-            results.push(fenced(shared.delete_message(lease).await?));
-        }
-        Ok(results)
+        let deletes: Vec<_> = leases
+            .iter()
+            .map(|lease| shared.delete_message(lease))
+            .collect();
+        concurrently(deletes)
+            .await
+            .into_iter()
+            .map(|deleted| Ok(fenced(deleted?)))
+            .collect()
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<Fenced> {
         let shared = self.ready().await?;
         // Renewing the lease proves it is still held and gives the receipt to delete with.
-        let Some(held) = shared.update_visibility(lease, FINISH_VISIBILITY).await? else {
+        let Some(held) = shared
+            .update_visibility(lease, finish_visibility(lease))
+            .await?
+        else {
             return Ok(Fenced::LeaseLost);
         };
         let id = dead_letter_id();

@@ -1,6 +1,7 @@
 //! The component registry shared by every host of an account.
 //!
-//! Table [`COMPONENT_TABLE`]: one entity per version (PartitionKey the activity type,
+//! The component table ([`COMPONENT_TABLE`] unless `BGW_COMPONENT_TABLE` names another):
+//! one entity per version (PartitionKey the activity type,
 //! RowKey the version zero-padded to ten digits), one `current` entity per activity type
 //! naming its current version, and the generation counter at (`_registry`, `generation`).
 //! No activity type starts with `_`, so the counter never collides with one. The `.wasm`

@@ -6,9 +6,11 @@ use azure_data_tables::prelude::TableClient;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::entity::{from_entity, load_long_values, to_entity, Entity, MAX_PROPERTY_UTF16};
+use super::entity::{
+    delete_payload_blobs, from_entity, load_long_values, to_entity, Entity, MAX_PROPERTY_UTF16,
+};
 use super::table::{self, equals, Write};
-use super::{AzureBackend, Shared};
+use super::{concurrently, AzureBackend, Shared};
 use crate::backend::{CancelOutcome, ListFilter, ProgressUpdate, TaskStore};
 use crate::record::{format_time, Status, TaskRecord};
 use crate::{Error, Result};
@@ -27,7 +29,7 @@ impl TaskStore for AzureBackend {
     async fn delete_task(&self, resource_id: &str, task_id: &str) -> Result<()> {
         let shared = self.ready().await?;
         table::delete(&shared.active, resource_id, task_id, None).await?;
-        Ok(())
+        delete_payload_blobs(&shared.blob_service, task_id).await
     }
 
     async fn get_task(
@@ -42,6 +44,14 @@ impl TaskStore for AzureBackend {
             }
         }
         Ok(None)
+    }
+
+    async fn get_tasks(&self, keys: &[(String, String)]) -> Result<Vec<Option<TaskRecord>>> {
+        let reads: Vec<_> = keys
+            .iter()
+            .map(|(resource_id, task_id)| self.get_task(Some(resource_id), task_id))
+            .collect();
+        concurrently(reads).await.into_iter().collect()
     }
 
     async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
@@ -73,7 +83,8 @@ impl TaskStore for AzureBackend {
         Ok(records)
     }
 
-    /// NOTE: blobs in `bgw-payloads` that held this record's long values are not deleted.
+    /// Also deletes each pruned task's blobs in `bgw-payloads`, after its entity, so that a
+    /// failure leaves unreferenced blobs behind, never an entity whose blobs are gone.
     async fn prune_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<TaskRecord>> {
         let shared = self.ready().await?;
         // EndTime is an Edm.DateTime, written so by bgw and by the Python library.
@@ -92,6 +103,9 @@ impl TaskStore for AzureBackend {
                 None,
             )
             .await?;
+            if let Err(error) = delete_payload_blobs(&shared.blob_service, &record.row_key).await {
+                tracing::warn!(task_id = %record.row_key, error = %error, "pruned task left blobs");
+            }
         }
         Ok(pruned)
     }
