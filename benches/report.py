@@ -48,9 +48,16 @@ def targets(results):
             rows.append((f"drain with {row['backlog']} queued / with {scale[0]['backlog']}",
                          ratio, ">= 0.8 (at 1M)", ratio >= 0.8))
         if "history_drain_rate" in scale[0]:
-            ratio = scale[0]["history_drain_rate"] / base
+            reference = scale[0]["history_drain_rate"]
+            ratio = reference / base
             rows.append((f"drain with {scale[0]['history_finished']} finished / empty history",
                          ratio, ">= 0.8 (at 1M)", ratio >= 0.8))
+            for row in scale[1:]:
+                if "history_drain_rate" in row:
+                    ratio = row["history_drain_rate"] / reference
+                    rows.append((f"drain with {row['history_finished']} finished / with "
+                                 f"{scale[0]['history_finished']} finished",
+                                 ratio, ">= 0.8", ratio >= 0.8))
     memory = results.get("memory")
     if memory:
         idle = memory["idle_rss_kib"] / 1024
@@ -140,8 +147,10 @@ def print_table(results):
     for peer in PEERS:
         if peer in results:
             row = results[peer]
+            lost = row.get("never_completed")
+            note = f"  ({lost} of {row['tasks']} never completed)" if lost else ""
             print(f"{peer:<36}{row['enqueue_rate']:>10.1f}{row['drain_rate']:>10.1f}"
-                  f"{row['end_to_end_rate']:>12.1f}")
+                  f"{row['end_to_end_rate']:>12.1f}{note}")
 
     print("\ntargets")
     for name, figure, target, met in targets(results):
