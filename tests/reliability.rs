@@ -590,10 +590,6 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
             },
         ))
         .expect("failed to submit the raw case message");
-    let encoded = case_file("C03-message-base64.txt");
-    let encoded = encoded.trim_end();
-    enqueue_raw(&env, &[encoded]);
-
     let _daemon = env.start_daemon(&["--concurrency", "1"]);
     let record = env.wait_one(task_id, TASK_TIMEOUT);
     assert_eq!(
@@ -603,6 +599,11 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
     );
     assert_eq!(output_of(&record), json!({"product": 42}));
     assert_eq!(record["Attempt"], 1, "{record:#}");
+
+    // The base64 copy of the same message arrives after the task finished.
+    let encoded = case_file("C03-message-base64.txt");
+    let encoded = encoded.trim_end();
+    enqueue_raw(&env, &[encoded]);
 
     let letter = env.wait_for(
         "the base64 message to be dead-lettered",
@@ -631,6 +632,29 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         "COMPLETED",
         "the base64 copy changed nothing: {after:#}"
     );
+
+    // A task whose only message is base64 ends ERROR instead of staying CREATED.
+    let other_id = "00000000-0000-4000-8000-000000000002";
+    insert_record(&env, other_id, resource_id, "multiply", r#"{"x": 5}"#);
+    let mut other = message.clone();
+    other["row_key"] = json!(other_id);
+    let other_encoded = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(other.to_string())
+    };
+    enqueue_raw(&env, &[&other_encoded]);
+    let failed = env.wait_one(other_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&failed), "ERROR", "{failed:#}");
+    assert!(
+        error_of(&failed).contains("base64"),
+        "the error names the encoding: {failed:#}"
+    );
+    let other_letter = env.wait_for(
+        "the second base64 message to be dead-lettered",
+        TASK_TIMEOUT,
+        || dead_letter_with_body(&env, &other_encoded),
+    );
+    assert_eq!(other_letter["DequeueCount"], 1, "{other_letter:#}");
 }
 
 // Cancellation

@@ -247,6 +247,8 @@ impl Controller {
             Ok(message) => message,
             Err(reason) => {
                 tracing::warn!(message_id = %lease.message_id, %reason, "dead-lettering a message that does not parse");
+                self.fail_task_of_encoded_message(&lease.body, &reason)
+                    .await;
                 self.dead_letter(&lease, &reason).await;
                 return;
             }
@@ -654,6 +656,37 @@ impl Controller {
         self.backend.finish_without_lease(&record).await?;
         self.dead_letter(&lease, &reason).await;
         Ok(())
+    }
+
+    /// Ends ERROR the task that a base64-encoded message names, if its record exists and
+    /// has not ended, so that it does not stay CREATED after its message is dead-lettered.
+    async fn fail_task_of_encoded_message(&self, body: &str, reason: &str) {
+        let Some(message) = QueueMessage::parse_base64(body) else {
+            return;
+        };
+        let task_id = message.row_key.clone();
+        let found = self
+            .reader
+            .call((message.resource_id, message.row_key))
+            .await;
+        let mut record = match found {
+            Ok(Some(record)) if !record.status.is_terminal() => record,
+            Ok(_) => return,
+            Err(error) => {
+                tracing::error!(task_id = %task_id, %error, "failed to read the task of a base64 message");
+                return;
+            }
+        };
+        record.status = Status::Error;
+        record.error_message = Some(format!(
+            "{reason}; its message body was base64 and was dead-lettered: resubmit the task, \
+             or requeue the message as plain JSON text"
+        ));
+        record.end_time = Some(Utc::now());
+        record.attempt_history.push(record.current_attempt());
+        if let Err(error) = self.backend.finish_without_lease(&record).await {
+            tracing::error!(task_id = %task_id, %error, "failed to record the error of a task with a base64 message");
+        }
     }
 
     /// Ends a task ERROR with `reason` before its component ran.

@@ -229,6 +229,17 @@ impl QueueMessage {
         })
     }
 
+    /// Decodes a body that is the base64 of a message, as producers that encode queue
+    /// messages write it. Returns `None` for anything else. The daemon does not run such
+    /// a message; it only uses it to find the task it names.
+    pub fn parse_base64(body: &str) -> Option<Self> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(body.trim())
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Serializes the message as Python's `json.dumps` does with its defaults: `", "` and `": "`
     /// separators and every non-ASCII character escaped as `\uXXXX`.
     pub fn to_python_json(&self) -> String {
