@@ -91,13 +91,26 @@ impl BlobStore for LocalBlobStore {
     fn delete(&self, blob: &BlobRef) -> Result<()> {
         let path = self.path_of(blob)?;
         match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(error) => Err(Error::io(
-                format!("failed to delete blob {}", describe(blob)),
-                error,
-            )),
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => {
+                return Err(Error::io(
+                    format!("failed to delete blob {}", describe(blob)),
+                    error,
+                ))
+            }
         }
+        // Remove the folders of the name that are now empty, so that pruning leaves none
+        // behind. `remove_dir` fails on a folder that still has entries, which ends the walk.
+        let container = self.root.join(&blob.container);
+        let mut folder = path.parent();
+        while let Some(current) = folder.filter(|current| *current != container) {
+            if fs::remove_dir(current).is_err() {
+                break;
+            }
+            folder = current.parent();
+        }
+        Ok(())
     }
 
     fn local_path(&self, blob: &BlobRef) -> Option<PathBuf> {
@@ -186,12 +199,21 @@ impl BlobWriter for LocalBlobWriter {
         self.file
             .sync_all()
             .map_err(|error| Error::io(format!("failed to sync {}", temp_path.display()), error))?;
-        if let Some(parent) = destination.parent() {
-            fs::create_dir_all(parent).map_err(|error| {
-                Error::io(format!("failed to create {}", parent.display()), error)
-            })?;
+        let mut renamed = Err(io::Error::from(io::ErrorKind::NotFound));
+        // A delete of another blob in the same folder may remove the folder between its
+        // creation and the rename, so a missing folder is created again, up to three times.
+        for _ in 0..3 {
+            if let Some(parent) = destination.parent() {
+                fs::create_dir_all(parent).map_err(|error| {
+                    Error::io(format!("failed to create {}", parent.display()), error)
+                })?;
+            }
+            renamed = fs::rename(&temp_path, &destination);
+            if !matches!(&renamed, Err(error) if error.kind() == io::ErrorKind::NotFound) {
+                break;
+            }
         }
-        fs::rename(&temp_path, &destination).map_err(|error| {
+        renamed.map_err(|error| {
             let context = format!(
                 "failed to move blob into place at {}",
                 destination.display()
@@ -338,6 +360,24 @@ mod tests {
         store.put(&target, &mut &b"x"[..]).unwrap();
         store.delete(&target).unwrap();
         assert!(matches!(store.open(&target), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn delete_removes_emptied_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::new(dir.path());
+        let remaining = blob("inputs", "a/kept");
+        let deleted = blob("inputs", "a/b/c/deleted");
+        store.put(&remaining, &mut &b"x"[..]).unwrap();
+        store.put(&deleted, &mut &b"y"[..]).unwrap();
+
+        store.delete(&deleted).unwrap();
+
+        assert!(!dir.path().join("inputs/a/b").exists());
+        assert!(dir.path().join("inputs/a/kept").is_file());
+        store.delete(&remaining).unwrap();
+        assert!(!dir.path().join("inputs/a").exists());
+        assert!(dir.path().join("inputs").is_dir());
     }
 
     #[test]
