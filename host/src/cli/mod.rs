@@ -76,18 +76,28 @@ enum Command {
 #[derive(Args, Debug)]
 struct DaemonArgs {
     /// Tasks run at once [default: number of cores, or the configuration's daemon.concurrency]
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     concurrency: Option<usize>,
     /// Seconds a leased message stays hidden before another worker may take it over
     /// [default: 30, or the configuration's daemon.visibility_timeout_secs]
-    #[arg(long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     visibility_timeout: Option<u64>,
     /// Seconds running tasks get to finish after SIGTERM or SIGINT
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(
+        allow_negative_numbers = true,
+        long,
+        value_name = "SECS",
+        default_value_t = 30
+    )]
     shutdown_grace: u64,
     /// Seconds a task whose activity type has no component waits for a registration
     /// before it ends ERROR and is dead-lettered
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(
+        allow_negative_numbers = true,
+        long,
+        value_name = "SECS",
+        default_value_t = 30
+    )]
     missing_component_grace: u64,
 }
 
@@ -99,26 +109,26 @@ struct RegisterArgs {
     file: PathBuf,
     /// Fuel budget of one attempt, roughly one unit per wasm instruction [default:
     /// 10000000000, or the configuration's limits.fuel]
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     fuel: Option<u64>,
     /// Maximum linear memory of one attempt, in MiB [default: 512]
-    #[arg(long, value_name = "MIB")]
+    #[arg(allow_negative_numbers = true, long, value_name = "MIB")]
     memory: Option<u64>,
     /// Wall-clock deadline of one attempt, in seconds [default: 60]
-    #[arg(long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     timeout: Option<u64>,
     /// Maximum size of the output blob, in bytes [default: 268435456]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(allow_negative_numbers = true, long, value_name = "BYTES")]
     max_output: Option<u64>,
     /// Attempts in all before a failing task ends ERROR; 1 means no retry [default: 3]
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     max_attempts: Option<u32>,
     /// Delay before the first retry in seconds, doubled for each later one, with jitter
     /// [default: 1]
-    #[arg(long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     backoff: Option<f64>,
     /// Maximum delay between attempts, in seconds [default: 60]
-    #[arg(long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     max_backoff: Option<f64>,
 }
 
@@ -148,19 +158,29 @@ struct SubmitArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "count")]
     payloads: Option<PathBuf>,
     /// Start N tasks with the same payload
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        allow_negative_numbers = true,
+        long,
+        value_name = "N",
+        default_value_t = 1
+    )]
     count: u64,
     /// Input blob for the task
     #[arg(long, value_name = "FILE")]
     blob: Option<PathBuf>,
     /// Delay before the task may start, in seconds
-    #[arg(long, value_name = "SECS", conflicts_with = "at")]
+    #[arg(
+        allow_negative_numbers = true,
+        long,
+        value_name = "SECS",
+        conflicts_with = "at"
+    )]
     delay: Option<f64>,
     /// Time before which the task may not start, in RFC 3339 (2026-12-24T18:00:00Z)
     #[arg(long, value_name = "TIME")]
     at: Option<String>,
     /// Seconds from now after which the task must not start or go on running
-    #[arg(long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     deadline: Option<f64>,
     /// Key that makes a retried submit return the task the first submit created
     #[arg(long, value_name = "KEY", conflicts_with_all = ["count", "payloads"])]
@@ -169,7 +189,12 @@ struct SubmitArgs {
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this many seconds
-    #[arg(long, value_name = "SECS", requires = "wait")]
+    #[arg(
+        allow_negative_numbers = true,
+        long,
+        value_name = "SECS",
+        requires = "wait"
+    )]
     wait_timeout: Option<f64>,
 }
 
@@ -187,7 +212,7 @@ struct WaitArgs {
     #[command(flatten)]
     task: TaskArgs,
     /// Give up after this many seconds
-    #[arg(long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     timeout: Option<f64>,
 }
 
@@ -212,14 +237,19 @@ struct ListArgs {
     #[arg(long, value_name = "ID")]
     resource: Option<String>,
     /// Show at most N tasks
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(
+        allow_negative_numbers = true,
+        long,
+        value_name = "N",
+        default_value_t = 100
+    )]
     limit: usize,
 }
 
 #[derive(Args, Debug)]
 struct PruneArgs {
     /// Delete finished tasks whose EndTime is more than this many days ago
-    #[arg(long, value_name = "DAYS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "DAYS")]
     older_than: f64,
 }
 
