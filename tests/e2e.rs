@@ -725,7 +725,7 @@ fn corrupt_component_keeps_old_version(env: TestEnv) {
 }
 
 fn usage_errors_exit_with_code_2(env: TestEnv) {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (&["submit", "multiply"], "--resource"),
         (&["register", "multiply"], "<FILE>"),
@@ -735,6 +735,12 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         ),
         (&["list", "--status", "DONE"], "invalid status"),
         (&["status"], "<TASK_ID>"),
+        // A negative number is read as a value, so the message names the range.
+        (
+            &["submit", "multiply", "--resource", "r", "--delay", "-5"],
+            "invalid --delay -5: it must be between 0 and",
+        ),
+        (&["prune", "--older-than", "-1"], "invalid --older-than -1"),
     ];
     for (args, expected) in cases {
         let result = env.run(args);
@@ -1367,5 +1373,33 @@ fn bulk_submit_tasks_all_complete() {
             "task {id} on line {}",
             x + 1
         );
+    }
+}
+
+#[test]
+fn bulk_submit_wait_prints_each_task() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+
+    let printed = env.run_ok(&[
+        "submit",
+        "multiply",
+        "--resource",
+        support::DEFAULT_RESOURCE,
+        "--payload",
+        r#"{"x": 5}"#,
+        "--count",
+        "3",
+        "--wait",
+    ]);
+
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 4, "three tasks and a summary: {printed}");
+    assert_eq!(lines[3], "COMPLETED: 3", "{printed}");
+    for line in &lines[..3] {
+        let (task_id, status) = line.split_once("  ").expect("an id and a status");
+        assert_eq!(status, "COMPLETED", "{printed}");
+        assert_completed(&env.status_json(task_id));
     }
 }

@@ -326,11 +326,23 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     let timeout = wait_timeout;
     let bar = output::progress_bar(true, task_ids.len() as u64, "waiting");
     let mut records = Vec::with_capacity(task_ids.len());
-    for task_id in &task_ids {
+    for (index, task_id) in task_ids.iter().enumerate() {
         let record = client
             .wait(task_id, lookup_resource, timeout)
             .await
-            .with_context(|| format!("failed to wait for task {task_id}"))?;
+            .with_context(|| {
+                let mut context = format!("failed to wait for task {task_id}");
+                if bulk {
+                    context.push_str(&format!(
+                        " ({} of {} started tasks not seen finished; `bgw list --resource {}` \
+                         lists them all)",
+                        task_ids.len() - index,
+                        task_ids.len(),
+                        args.resource
+                    ));
+                }
+                context
+            })?;
         bar.inc(1);
         records.push(record);
     }
@@ -345,6 +357,9 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             output::print_json(&records[0])?;
         }
     } else if bulk {
+        for record in &records {
+            println!("{}  {}", record.row_key, record.status);
+        }
         output::print_summary(&records);
     } else {
         output::print_record(&records[0]);
