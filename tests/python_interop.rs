@@ -5,54 +5,18 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{guest, output_of, TestEnv};
 
-const PYTHON_LIBRARY: &str = "background-workflows==0.3.0";
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python_interop.py");
 const TASK_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Returns the venv's Python, creating the venv and installing the library if needed.
-fn python() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let venv = target.join("py-venv");
-    let python = venv.join("bin/python");
-    let installed = Command::new(&python)
-        .args(["-c", "import background_workflows"])
-        .status()
-        .is_ok_and(|status| status.success());
-    if !installed {
-        let created = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status();
-        assert!(
-            created.is_ok_and(|status| status.success()),
-            "failed to create the virtual environment {}",
-            venv.display()
-        );
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", PYTHON_LIBRARY])
-            .status();
-        assert!(
-            pip.is_ok_and(|status| status.success()),
-            "pip install {PYTHON_LIBRARY} into {} failed",
-            venv.display()
-        );
-    }
-    python
-}
-
 /// Runs the driver script with the environment's Azure settings and parses its output.
 fn run_python(env: &TestEnv, args: &[&str]) -> Value {
-    let mut command = Command::new(python());
+    let mut command = Command::new(support::python_with_library());
     command.arg(SCRIPT).args(args);
     for name in [
         "AZURE_STORAGE_CONNECTION_STRING",

@@ -7,9 +7,8 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bgw::backend::OutgoingMessage;
@@ -46,9 +45,6 @@ const CANCEL_GRACE: Duration = bgw::daemon::CANCEL_GRACE;
 
 /// Directory of the failure-case data: inputs that broke similar systems.
 const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
-
-/// Version of the Python library whose records `bgw` must stay readable by.
-const PYTHON_LIBRARY: &str = "background-workflows==0.3.0";
 
 /// Reads a case data file. Panics when it is missing, so a case never passes without it.
 fn case_file(name: &str) -> String {
@@ -751,56 +747,6 @@ fn cancel_queued_running_finished_and_unknown(env: TestEnv) {
     assert!(result.stderr.contains("not found"), "{}", result.stderr);
 }
 
-/// Returns the Python interpreter of a virtual environment with the Python library
-/// installed: `target/py-venv`, created once and reused while it imports the library.
-/// Panics with pip's output when the installation fails.
-fn python_with_library() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        let venv = target.join("py-venv");
-        let python = venv.join("bin/python");
-        let has_library = || {
-            Command::new(&python)
-                .args([
-                    "-c",
-                    "import importlib.metadata as m; assert m.version('background-workflows') == '0.3.0'",
-                ])
-                .output()
-                .is_ok_and(|output| output.status.success())
-        };
-        if has_library() {
-            return python;
-        }
-
-        let _ = std::fs::remove_dir_all(&venv);
-        let created = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .output()
-            .expect("failed to start python3 to create a virtual environment");
-        assert!(
-            created.status.success(),
-            "`python3 -m venv {}` failed:\n{}",
-            venv.display(),
-            String::from_utf8_lossy(&created.stderr)
-        );
-        let installed = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", PYTHON_LIBRARY])
-            .output()
-            .expect("failed to start pip");
-        assert!(
-            installed.status.success() && has_library(),
-            "`pip install {PYTHON_LIBRARY}` failed:\n{}{}",
-            String::from_utf8_lossy(&installed.stdout),
-            String::from_utf8_lossy(&installed.stderr)
-        );
-        python
-    })
-}
-
 /// Reads one task's record with the Python library's `SqliteTaskStore` and the result
 /// with its `WorkflowClient.get_result`, and prints both as JSON.
 const PYTHON_READER: &str = r#"
@@ -823,7 +769,7 @@ store.close()
 "#;
 
 fn read_with_python(env: &TestEnv, resource_id: &str, task_id: &str) -> Value {
-    let output = Command::new(python_with_library())
+    let output = Command::new(support::python_with_library())
         .arg("-c")
         .arg(PYTHON_READER)
         .arg(env.db_path())

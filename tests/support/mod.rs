@@ -38,7 +38,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::marker::PhantomData;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -894,4 +894,57 @@ mod azure {
             azure_core::error::ErrorKind::HttpResponse { status, .. } if u16::from(*status) == 404
         )
     }
+}
+
+/// The Python library that the interop tests install, at the version `bgw` follows.
+const PYTHON_LIBRARY: &str = "background-workflows==0.3.0";
+
+/// Returns the Python interpreter of a virtual environment with the Python library
+/// installed: `target/py-venv`, created once and reused while it imports the library.
+/// Panics with pip's output when the installation fails.
+pub fn python_with_library() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        let venv = target.join("py-venv");
+        let python = venv.join("bin/python");
+        let has_library = || {
+            Command::new(&python)
+                .args([
+                    "-c",
+                    "import importlib.metadata as m; assert m.version('background-workflows') == '0.3.0'",
+                ])
+                .output()
+                .is_ok_and(|output| output.status.success())
+        };
+        if has_library() {
+            return python;
+        }
+
+        let _ = std::fs::remove_dir_all(&venv);
+        let created = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .output()
+            .expect("failed to start python3 to create a virtual environment");
+        assert!(
+            created.status.success(),
+            "`python3 -m venv {}` failed:\n{}",
+            venv.display(),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let installed = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", PYTHON_LIBRARY])
+            .output()
+            .expect("failed to start pip");
+        assert!(
+            installed.status.success() && has_library(),
+            "`pip install {PYTHON_LIBRARY}` failed:\n{}{}",
+            String::from_utf8_lossy(&installed.stdout),
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        python
+    })
 }
