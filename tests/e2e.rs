@@ -1402,4 +1402,27 @@ fn bulk_submit_wait_prints_each_task() {
         assert_eq!(status, "COMPLETED", "{printed}");
         assert_completed(&env.status_json(task_id));
     }
+
+    // An unknown type never runs, so the wait times out and says how many are left.
+    let timed_out = env.run(&[
+        "submit",
+        "no-such-type",
+        "--resource",
+        support::DEFAULT_RESOURCE,
+        "--payload",
+        "{}",
+        "--count",
+        "2",
+        "--wait",
+        "--wait-timeout",
+        "0.2",
+    ]);
+    assert_eq!(timed_out.code(), 1, "{timed_out:?}");
+    assert!(
+        timed_out
+            .stderr
+            .contains("2 of 2 started tasks not seen finished"),
+        "{}",
+        timed_out.stderr
+    );
 }

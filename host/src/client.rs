@@ -327,8 +327,8 @@ impl WorkflowClient {
     }
 
     /// Deletes the blob stored for a submit that matched an existing task by idempotency
-    /// key, unless the existing task uses that same blob: a retried submit that names its
-    /// blob explicitly has just written the existing task's input again, which must stay.
+    /// key, unless the existing task uses that same blob. A retried submit that names its
+    /// blob explicitly has just written the existing task's input again, so it must stay.
     async fn discard_duplicate_blob(
         &self,
         new_task_id: &str,

@@ -658,8 +658,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Ends ERROR the task that a base64-encoded message names, if its record exists and
-    /// has not ended, so that it does not stay CREATED after its message is dead-lettered.
+    /// Ends ERROR the unfinished task that a base64-encoded message names, so that the task
+    /// does not stay CREATED once its only message is dead-lettered.
     async fn fail_task_of_encoded_message(&self, body: &str, reason: &str) {
         let Some(message) = QueueMessage::parse_base64(body) else {
             return;

@@ -17,9 +17,9 @@ use crate::record::{format_time, QueueMessage, Status, TaskRecord};
 use crate::{Error, Result};
 
 /// Maximum number of items that [`Backend::submit_many`] writes in one transaction, which
-/// bounds how long one transaction holds the write lock while the daemon's leases and
-/// finishes wait. `bgw-bench submit` stored 80,000 to 90,000 tasks/s in bulk on a 2-core
-/// virtual machine, about 12 µs per task, so a full transaction holds it for about 12 ms.
+/// bounds how long the daemon's leases and finishes wait for the write lock. `bgw-bench
+/// submit` stored 80,000 to 90,000 tasks/s in bulk on a 2-core virtual machine, about
+/// 12 µs per task, so a full transaction keeps the lock for about 12 ms.
 const MAX_SUBMIT_TRANSACTION: usize = 1_000;
 
 #[async_trait]

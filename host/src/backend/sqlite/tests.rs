@@ -1821,7 +1821,7 @@ async fn bulk_idempotency_keys_return_existing_tasks() {
     assert_eq!(std::fs::read(path).unwrap(), b"first k1");
 }
 
-/// An input blob under the fixed name `orders/order-9.csv`.
+/// Returns an input blob named `orders/order-9.csv` that reads `data`.
 fn named_blob<'a>(data: &'a mut &'static [u8]) -> crate::client::InputBlob<'a> {
     crate::client::InputBlob {
         container: None,
