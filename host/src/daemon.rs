@@ -207,7 +207,11 @@ pub async fn run(
         for task in tasks {
             let ticket = controller.pipeline.enter();
             let controller = controller.clone();
-            workers.spawn(async move { controller.process(task, ticket).await });
+            // Boxed, because tokio moves a spawned future several times, and a worker's
+            // future is over 10 KB.
+            workers.spawn(Box::pin(
+                async move { controller.process(task, ticket).await },
+            ));
         }
     }
 
@@ -241,7 +245,7 @@ impl Controller {
     /// Processes one leased message to a recorded outcome. Every failure is logged here.
     /// The worker slot is given back as soon as the guest has run, so that the next
     /// message can start while this outcome is committed.
-    async fn process(&self, task: LeasedTask, slot: Ticket) {
+    async fn process(&self, task: LeasedTask, ticket: Ticket) {
         let LeasedTask { lease, begun } = task;
         let message = match QueueMessage::parse(&lease.body) {
             Ok(message) => message,
@@ -262,8 +266,8 @@ impl Controller {
         );
         async {
             let processed = match begun {
-                Some(begun) => self.run_begun(lease, begun, slot).await,
-                None => self.process_message(lease, message, slot).await,
+                Some(begun) => self.run_begun(lease, begun, ticket).await,
+                None => self.process_message(lease, message, ticket).await,
             };
             if let Err(error) = processed {
                 tracing::error!(%error, "failed to process task");
@@ -277,7 +281,7 @@ impl Controller {
         &self,
         lease: Lease,
         message: QueueMessage,
-        slot: Ticket,
+        ticket: Ticket,
     ) -> Result<()> {
         let record = self
             .reader
@@ -359,11 +363,11 @@ impl Controller {
         }
         mark_running(&mut record, &start);
 
-        self.run_attempt(lease, record, component, slot).await
+        self.run_attempt(lease, record, component, ticket).await
     }
 
     /// Runs an attempt that began when its message was leased (see [`begin_decision`]).
-    async fn run_begun(&self, lease: Lease, begun: BegunAttempt, slot: Ticket) -> Result<()> {
+    async fn run_begun(&self, lease: Lease, begun: BegunAttempt, ticket: Ticket) -> Result<()> {
         let BegunAttempt {
             mut record,
             start,
@@ -380,7 +384,7 @@ impl Controller {
         tracing::Span::current().record("digest", component.version.digest.as_str());
         mark_running(&mut record, &start);
 
-        self.run_attempt(lease, record, component, slot).await
+        self.run_attempt(lease, record, component, ticket).await
     }
 
     async fn run_attempt(
@@ -451,24 +455,25 @@ impl Controller {
         };
 
         let current_lease = Arc::new(Mutex::new(lease));
-        let heartbeat = tokio::spawn(keep_alive(
+        let stop_keep_alive = CancellationToken::new();
+        let heartbeat = keep_alive(
             self.backend.clone(),
             current_lease.clone(),
             watch.clone(),
+            stop_keep_alive.clone(),
             record.partition_key.clone(),
             record.row_key.clone(),
             self.options.visibility_timeout,
-        ));
+        );
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
         let slot = self.pipeline.execution_slot().await;
         record.start_time = Some(Utc::now());
         let started = std::time::Instant::now();
-        let report = self.sandbox.run(&component.prepared, context, limits).await;
+        let run = self.sandbox.run(&component.prepared, context, limits);
+        let report = run_beside_keep_alive(run, heartbeat, &stop_keep_alive).await;
         drop(slot);
         self.pipeline.record_duration(started.elapsed());
-        heartbeat.abort();
-        let _ = heartbeat.await;
         let lease = current_lease
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -968,15 +973,42 @@ impl AttemptWatch {
     }
 }
 
-/// Keeps a running attempt's lease alive and its record current.
+/// Runs an attempt and polls its keep-alive in the same task, so that a short attempt costs
+/// no spawned task. When the attempt ends, the keep-alive is stopped at its next pause and
+/// awaited. A lease extension already sent is then never abandoned, because the outcome
+/// must be stored with the receipt that the extension returns.
+async fn run_beside_keep_alive<T>(
+    run: impl Future<Output = T>,
+    keep_alive: impl Future<Output = ()>,
+    stop: &CancellationToken,
+) -> T {
+    tokio::pin!(run);
+    tokio::pin!(keep_alive);
+    let mut keep_alive_ended = false;
+    let output = loop {
+        tokio::select! {
+            biased;
+            output = &mut run => break output,
+            () = &mut keep_alive, if !keep_alive_ended => keep_alive_ended = true,
+        }
+    };
+    if !keep_alive_ended {
+        stop.cancel();
+        keep_alive.await;
+    }
+    output
+}
+
+/// Keeps a running attempt's lease alive and its record current until `stop` is cancelled.
 ///
 /// Every third of the visibility timeout it extends the lease with the newest receipt and
 /// stores new progress. A cancellation request sets the guest's flag at once and becomes
-/// an interrupt after [`CANCEL_GRACE`].
+/// an interrupt after [`CANCEL_GRACE`]. `stop` is only looked at between these steps.
 async fn keep_alive(
     backend: Arc<dyn Backend>,
     lease: Arc<Mutex<Lease>>,
     watch: AttemptWatch,
+    stop: CancellationToken,
     resource_id: String,
     task_id: String,
     visibility: Duration,
@@ -986,7 +1018,10 @@ async fn keep_alive(
     let mut last_progress = None;
     let mut cancel_seen_at: Option<tokio::time::Instant> = None;
     loop {
-        tokio::time::sleep(CANCEL_POLL).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(CANCEL_POLL) => {}
+        }
 
         if last_renewal.elapsed() >= renew_every {
             let held = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
