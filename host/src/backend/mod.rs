@@ -502,10 +502,22 @@ pub trait ComponentRegistry: Send + Sync {
     /// Returns all versions of all types (or of one type), oldest first.
     async fn versions(&self, activity_type: Option<&str>) -> Result<Vec<ComponentVersion>>;
 
-    /// Makes the version before the current one current again. Returns the new current version.
+    /// Makes the version before the current one current again. After [`unregister`], makes
+    /// the version current that was current when the type was unregistered. Returns the new
+    /// current version.
+    ///
+    /// [`unregister`]: ComponentRegistry::unregister
     async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion>;
 
-    /// Returns a counter that changes whenever any registration or rollback happens.
+    /// Takes an activity type out of service: no version of it stays current, so daemons
+    /// treat its tasks as those of a type never registered. Every version and its files
+    /// are kept. `rollback` makes the version that was current until now current again,
+    /// and `register` adds a new current one. Returns the version that was current, with
+    /// `current` false. Fails when the type has no version, or none is current.
+    async fn unregister(&self, activity_type: &str) -> Result<ComponentVersion>;
+
+    /// Returns a counter that changes whenever any registration, rollback or
+    /// unregistration happens.
     async fn generation(&self) -> Result<u64>;
 
     /// Reads the `.wasm` bytes of a digest.
