@@ -174,3 +174,53 @@ fn azure_three_hosts_survive_a_killed_host() {
     );
     drop(killed);
 }
+
+/// Runs two daemons on one queue, where only one has the activity type. The other puts
+/// each task it leases back in the queue to wait for a component instead of dropping it.
+#[test]
+fn azure_host_without_type_leaves_task_queued() {
+    let Some(client) = TestEnv::azure() else {
+        return;
+    };
+    client.register("multiply", &guest("multiply"), &[]);
+    let lacking = client.another_host_with_own_registry();
+    let _lacking_daemon = lacking.start_daemon(&["--concurrency", "2"]);
+
+    let ids = client.submit_many("multiply", r#"{"x": 5}"#, &["--count", "6"]);
+    let waited = client.wait_for(
+        "the host without the type to lease a task",
+        TASK_TIMEOUT,
+        || {
+            let records = client.list_json();
+            records.into_iter().find(|r| {
+                r["ErrorMessage"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("waiting up to 30 s")
+            })
+        },
+    );
+    assert_eq!(status_of(&waited), "CREATED", "{waited:#}");
+
+    let host = client.another_host();
+    let daemon = host.start_daemon(&["--concurrency", "2"]);
+    let host_id_suffix = format!(":{}", daemon.pid());
+    let records = client.wait_all(&ids, TASK_TIMEOUT);
+    for (id, record) in &records {
+        assert_eq!(status_of(record), "COMPLETED", "{id}: {record:#}");
+        assert_eq!(
+            output_of(record),
+            json!({"product": 10}),
+            "{id}: {record:#}"
+        );
+        let host_id = record["HostId"].as_str().unwrap_or("");
+        assert!(
+            host_id.ends_with(&host_id_suffix),
+            "{id} ran on the host that has the type: {record:#}"
+        );
+    }
+    assert!(
+        client.dead_letters_json().is_empty(),
+        "nothing is dead-lettered"
+    );
+}

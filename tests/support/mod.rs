@@ -174,6 +174,23 @@ impl TestEnv {
         env
     }
 
+    /// Creates another Azure host that shares the task tables and queue of this one but has
+    /// an empty registry table of its own, so it has no component of any activity type.
+    pub fn another_host_with_own_registry(&self) -> TestEnv {
+        assert!(
+            self.is_azure(),
+            "only Azure can give one host its own registry"
+        );
+        let mut env = self.another_host();
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        for (name, value) in &mut env.store_env {
+            if name == "BGW_COMPONENT_TABLE" {
+                *value = format!("C{}", &unique[..16]);
+            }
+        }
+        env
+    }
+
     /// Returns the value of a store variable this environment sets.
     pub fn store_variable(&self, name: &str) -> Option<&str> {
         self.store_env
