@@ -12,7 +12,7 @@ use std::any::Any;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -35,8 +35,13 @@ pub struct Lease {
     pub body: String,
     /// When the message was first enqueued.
     pub inserted_at: DateTime<Utc>,
-    /// When this lease expires unless it is extended.
+    /// When this lease expires unless it is extended, by the queue's clock.
     pub visible_at: DateTime<Utc>,
+    /// When this lease expires by this host's monotonic clock: the visibility timeout counted
+    /// from just before the request that took or last extended it, so no later than
+    /// `visible_at`. Unlike `visible_at`, it can be compared with this host's time even when
+    /// this host's wall clock differs from the queue's.
+    pub held_until: Instant,
 }
 
 /// A message to enqueue.
