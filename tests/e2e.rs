@@ -622,7 +622,15 @@ fn unregister_finishes_running_fails_queued(env: TestEnv) {
     assert_eq!(unregistered["current"], json!(false), "{unregistered:#}");
     std::thread::sleep(SETTLE);
     let after: Vec<Value> = env.list_json();
+    // `submit` accepts the type as any other, and the task fails as the queued ones do.
+    let submitted_later = env.submit("sleeper", r#"{"mode": "sleep", "ms": 10}"#, &[]);
+    let mut ids = ids;
+    ids.push(submitted_later.clone());
     let records = env.wait_all(&ids, TASK_TIMEOUT);
+    assert_failed_with(
+        &records[&submitted_later],
+        "no component registered for activity type \"sleeper\"",
+    );
 
     for id in &first_wave {
         let record = &records[id];
