@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{guest, output_of, path_str, TestEnv};
+use support::{guest, output_of, path_str, skewed_clock_env, TestEnv};
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -173,4 +173,197 @@ fn azure_three_hosts_survive_a_killed_host() {
         "no dead letters: {queue_left}"
     );
     drop(killed);
+}
+
+/// Runs two daemons on one queue, where only one has the activity type. The other puts
+/// each task it leases back in the queue to wait for a component instead of dropping it.
+#[test]
+fn azure_host_without_type_leaves_task_queued() {
+    let Some(client) = TestEnv::azure() else {
+        return;
+    };
+    client.register("multiply", &guest("multiply"), &[]);
+    let lacking = client.another_host_with_own_registry();
+    let _lacking_daemon = lacking.start_daemon(&["--concurrency", "2"]);
+
+    let ids = client.submit_many("multiply", r#"{"x": 5}"#, &["--count", "6"]);
+    let waited = client.wait_for(
+        "the host without the type to lease a task",
+        TASK_TIMEOUT,
+        || {
+            let records = client.list_json();
+            records.into_iter().find(|r| {
+                r["ErrorMessage"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("waiting up to 30 s")
+            })
+        },
+    );
+    assert_eq!(status_of(&waited), "CREATED", "{waited:#}");
+
+    let host = client.another_host();
+    let daemon = host.start_daemon(&["--concurrency", "2"]);
+    let host_id_suffix = format!(":{}", daemon.pid());
+    let records = client.wait_all(&ids, TASK_TIMEOUT);
+    for (id, record) in &records {
+        assert_eq!(status_of(record), "COMPLETED", "{id}: {record:#}");
+        assert_eq!(
+            output_of(record),
+            json!({"product": 10}),
+            "{id}: {record:#}"
+        );
+        let host_id = record["HostId"].as_str().unwrap_or("");
+        assert!(
+            host_id.ends_with(&host_id_suffix),
+            "{id} ran on the host that has the type: {record:#}"
+        );
+    }
+    assert!(
+        client.dead_letters_json().is_empty(),
+        "nothing is dead-lettered"
+    );
+}
+
+/// Returns the time of a record field, which must be UTC with an explicit `Z`.
+fn utc_time_of(id: &str, record: &Value, field: &str) -> chrono::DateTime<chrono::Utc> {
+    let text = record[field].as_str().unwrap_or_default();
+    assert!(text.ends_with('Z'), "{id}: {field} is UTC with Z: {text:?}");
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|error| panic!("{id}: {field} {text:?}: {error}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// Returns the variables of a daemon in time zone `tz` whose clock is shifted by `skew`.
+fn daemon_vars<'a>(tz: &'a str, skew: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    let mut vars = vec![("TZ", tz)];
+    vars.extend(skew.iter().map(|(name, value)| (*name, value.as_str())));
+    vars
+}
+
+/// Runs three daemons whose wall clocks are right, ten minutes ahead and ten minutes
+/// behind, with a visibility timeout of 4 s. The queue service decides when a lease
+/// expires, so no lease expires early and no task runs twice.
+#[test]
+fn azure_skewed_clocks_run_each_task_once() {
+    const TASKS: usize = 40;
+    const SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+    /// Slack for the checks that each host's clock was shifted.
+    const SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+    let Some(client) = TestEnv::azure() else {
+        return;
+    };
+    let (Some(ahead), Some(behind)) = (skewed_clock_env("+10m"), skewed_clock_env("-10m")) else {
+        return;
+    };
+    client.register("sleeper", &guest("hostile"), &[]);
+
+    let hosts: Vec<TestEnv> = (0..3).map(|_| client.another_host()).collect();
+    let args = ["--concurrency", "2", "--visibility-timeout", "4"];
+    let started = chrono::Utc::now();
+    let daemons = [
+        hosts[0].start_daemon_with_env(&args, &[("TZ", "UTC")]),
+        hosts[1].start_daemon_with_env(&args, &daemon_vars("America/Los_Angeles", &ahead)),
+        hosts[2].start_daemon_with_env(&args, &daemon_vars("UTC", &behind)),
+    ];
+    let offsets = [chrono::TimeDelta::zero(), SKEW, -SKEW];
+    let submitted = client
+        .command(&[
+            "submit",
+            "sleeper",
+            "--resource",
+            "res-skew",
+            "--payload",
+            r#"{"mode": "sleep", "ms": 1000}"#,
+            "--count",
+            &TASKS.to_string(),
+        ])
+        .env("TZ", "Asia/Kolkata")
+        .output()
+        .expect("failed to run `bgw submit`");
+    assert!(submitted.status.success(), "{submitted:?}");
+    let ids: Vec<String> = String::from_utf8_lossy(&submitted.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), TASKS);
+    let records = client.wait_all(&ids, TASK_TIMEOUT);
+    let finished = chrono::Utc::now();
+
+    let mut ran = [0; 3];
+    for (id, record) in &records {
+        assert_eq!(status_of(record), "COMPLETED", "{id}: {record:#}");
+        assert_eq!(record["Attempt"], json!(1), "{id} ran once: {record:#}");
+        let history = record["AttemptHistory"].as_array();
+        assert_eq!(history.map(Vec::len), Some(1), "{id}: {record:#}");
+        let start = utc_time_of(id, record, "StartTime");
+        let end = utc_time_of(id, record, "EndTime");
+        assert!(end >= start, "{id}: EndTime before StartTime: {record:#}");
+
+        // Each host stamps the times with its own clock, shifted by its skew.
+        let host_id = record["HostId"].as_str().unwrap_or_default();
+        let host = daemons
+            .iter()
+            .position(|daemon| host_id.ends_with(&format!(":{}", daemon.pid())))
+            .unwrap_or_else(|| panic!("{id} ran on an unknown host {host_id:?}"));
+        ran[host] += 1;
+        let offset = offsets[host];
+        assert!(
+            start > started + offset - SLACK && end < finished + offset + SLACK,
+            "{id}: the times of host {host} are not shifted by {offset}: {record:#}"
+        );
+    }
+    assert!(
+        ran.iter().all(|&count| count > 0),
+        "every host ran a task: {ran:?}"
+    );
+    for daemon in &daemons {
+        assert!(
+            !daemon.log().contains("lease lost"),
+            "no lease was lost{}",
+            daemon.log_tail()
+        );
+    }
+}
+
+/// Runs a daemon ten minutes ahead and one ten minutes behind, each on its own queue, with
+/// a task of a type that is not registered yet. Both count the grace period on the queue
+/// service's clock, so neither gives up ten minutes early or late.
+#[test]
+fn azure_skewed_clocks_wait_whole_component_grace() {
+    let Some(early_env) = TestEnv::azure() else {
+        return;
+    };
+    let (Some(ahead), Some(behind)) = (skewed_clock_env("+10m"), skewed_clock_env("-10m")) else {
+        return;
+    };
+    let late_env = early_env.another_deployment();
+    let _ahead_daemon = early_env.start_daemon_with_env(
+        &["--missing-component-grace", "20"],
+        &daemon_vars("UTC", &ahead),
+    );
+    let _behind_daemon = late_env.start_daemon_with_env(
+        &["--missing-component-grace", "2"],
+        &daemon_vars("UTC", &behind),
+    );
+    let waiting = early_env.submit("late-type", r#"{"x": 4}"#, &[]);
+    let failing = late_env.submit("late-type", r#"{"x": 4}"#, &[]);
+
+    // Ahead: the task waits for its component instead of failing at once.
+    let seen = early_env.wait_for("the task to wait or end", TASK_TIMEOUT, || {
+        let record = early_env.status_json(&waiting);
+        let message = record["ErrorMessage"].as_str().unwrap_or_default();
+        (message.contains("waiting up to") || support::is_terminal(&record)).then_some(record)
+    });
+    assert_eq!(status_of(&seen), "CREATED", "{seen:#}");
+    early_env.register("late-type", &guest("multiply"), &[]);
+    let record = early_env.wait_one(&waiting, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(output_of(&record), json!({"product": 8}));
+
+    // Behind: the task ends ERROR after about 2 s, not 10 minutes later.
+    let record = late_env.wait_one(&failing, Duration::from_secs(30));
+    assert_eq!(status_of(&record), "ERROR", "{record:#}");
+    let message = record["ErrorMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("within 2 s"), "{record:#}");
 }

@@ -117,6 +117,7 @@ conformance!(
     idempotency_key_returns_existing_task,
     cancel_queued_and_running_tasks,
     registry_register_rollback_and_generation,
+    registry_unregister_then_restore,
     timestamps_round_trip,
     case_payloads_reach_record_intact,
     rejected_resource_ids_write_nothing,
@@ -648,6 +649,79 @@ async fn registry_register_rollback_and_generation(subject: &Subject, _mode: &st
         wrong.is_err(),
         "a digest that does not match the bytes must be rejected"
     );
+}
+
+async fn registry_unregister_then_restore(subject: &Subject, _mode: &str) {
+    let registry = subject.backend.registry();
+    // The Azure registry table is shared by every test on one Azurite.
+    let activity_type = format!("gone-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let register = |wasm: &'static [u8]| {
+        let digest = hex::encode(Sha256::digest(wasm));
+        let activity_type = activity_type.clone();
+        async move {
+            registry
+                .register(&activity_type, &digest, wasm, "engine1", b"art", LIMITS)
+                .await
+                .unwrap()
+        }
+    };
+    register(b"\0asm one").await;
+    let two = register(b"\0asm two").await;
+
+    let before = registry.generation().await.unwrap();
+    let unregistered = registry.unregister(&activity_type).await.unwrap();
+    assert_eq!(unregistered.version, 2);
+    assert_eq!(unregistered.digest, two.digest);
+    assert!(
+        !unregistered.current,
+        "the returned version is no longer current"
+    );
+    assert!(registry.generation().await.unwrap() > before);
+    assert_eq!(registry.current(&activity_type).await.unwrap(), None);
+    let flags: Vec<(u32, bool)> = registry
+        .versions(Some(&activity_type))
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| (v.version, v.current))
+        .collect();
+    assert_eq!(flags, [(1, false), (2, false)], "the history is kept");
+
+    let again = registry.unregister(&activity_type).await.unwrap_err();
+    assert!(
+        again.to_string().contains("already unregistered"),
+        "{again}"
+    );
+    let unknown_type = format!("{activity_type}-never");
+    let unknown = registry.unregister(&unknown_type).await.unwrap_err();
+    assert!(matches!(unknown, bgw::Error::NotFound(_)), "{unknown:?}");
+    assert!(
+        unknown
+            .to_string()
+            .contains(&format!("{unknown_type:?} is not registered")),
+        "{unknown}"
+    );
+    let unknown = registry.rollback(&unknown_type).await.unwrap_err();
+    assert!(matches!(unknown, bgw::Error::NotFound(_)), "{unknown:?}");
+
+    // Rollback after unregister makes the version current again that was current then.
+    let before = registry.generation().await.unwrap();
+    let restored = registry.rollback(&activity_type).await.unwrap();
+    assert_eq!(restored.version, 2);
+    assert!(restored.current);
+    assert!(registry.generation().await.unwrap() > before);
+    assert_eq!(
+        registry.current(&activity_type).await.unwrap(),
+        Some(restored)
+    );
+
+    // A registration after unregister becomes current, and rollback then goes back from it.
+    registry.unregister(&activity_type).await.unwrap();
+    let three = register(b"\0asm three").await;
+    assert_eq!(three.version, 3);
+    assert_eq!(registry.current(&activity_type).await.unwrap(), Some(three));
+    let rolled = registry.rollback(&activity_type).await.unwrap();
+    assert_eq!(rolled.version, 2, "rollback goes to the version below 3");
 }
 
 async fn timestamps_round_trip(subject: &Subject, mode: &str) {

@@ -22,6 +22,7 @@ support::on_both_backends!(
     hostile_tasks_fail_while_others_complete,
     hot_swap_under_task_stream,
     missing_component_fails_only_its_task,
+    unregister_finishes_running_fails_queued,
     bad_input_rejected_before_storing,
     corrupt_component_keeps_old_version,
     usage_errors_exit_with_code_2,
@@ -140,6 +141,23 @@ fn noise_bytes(length: usize) -> Vec<u8> {
             (state >> 56) as u8
         })
         .collect()
+}
+
+/// Writes a copy of a built guest with a custom section appended, and returns its path:
+/// the same code under another digest, as a rebuild of unchanged source can produce.
+fn rebuilt_guest(env: &TestEnv, name: &str, build: &str) -> PathBuf {
+    let section_name = b"bgw-test-build";
+    let mut body = vec![section_name.len() as u8];
+    body.extend_from_slice(section_name);
+    body.extend_from_slice(build.as_bytes());
+    assert!(body.len() < 128, "the section size fits one LEB128 byte");
+
+    let mut wasm = std::fs::read(guest(name)).expect("failed to read the guest component");
+    // A custom section: id 0, the size, then the name and the contents.
+    wasm.push(0);
+    wasm.push(body.len() as u8);
+    wasm.extend_from_slice(&body);
+    write_file(env, &format!("{name}-build-{build}.wasm"), &wasm)
 }
 
 /// Returns the text of the `"payload"` value of a case payload file, exactly as written.
@@ -553,6 +571,174 @@ fn missing_component_fails_only_its_task(env: TestEnv) {
             "task {id}"
         );
     }
+}
+
+/// Runs a hot swap, then `unregister` while tasks run and others wait. Running tasks
+/// finish on the version they began with, and later ones run the new build. Every task
+/// still queued ends ERROR with a dead letter, so none leaves the queue without an outcome.
+fn unregister_finishes_running_fails_queued(env: TestEnv) {
+    const TASKS: usize = 15;
+    const SLOTS: usize = 3;
+    /// Longer than the daemon's 50 ms registry poll, with room for a loaded machine.
+    const SETTLE: Duration = Duration::from_millis(1000);
+
+    let v1 = env.register("sleeper", &guest("hostile"), &[]);
+    let v2_file = rebuilt_guest(&env, "hostile", "2");
+    let _daemon = env.start_daemon(&[
+        "--concurrency",
+        &SLOTS.to_string(),
+        "--missing-component-grace",
+        "2",
+    ]);
+    let ids = env.submit_many(
+        "sleeper",
+        r#"{"mode": "sleep", "ms": 2000}"#,
+        &["--count", &TASKS.to_string()],
+    );
+    let running_on = |records: &[Value], digest: &Value| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| status_of(r) == "RUNNING" && &r["ComponentDigest"] == digest)
+            .map(|r| r["RowKey"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+
+    // The first tasks run on v1, then v2 replaces it while they run.
+    let first_wave = env.wait_for("every slot to run a v1 task", TASK_TIMEOUT, || {
+        let running = running_on(&env.list_json(), &v1["digest"]);
+        (running.len() == SLOTS).then_some(running)
+    });
+    let v2 = env.register("sleeper", &v2_file, &[]);
+    let swapped_at = chrono::Utc::now();
+    assert_ne!(v1["digest"], v2["digest"], "the rebuild has a new digest");
+    env.wait_for("a task to run on v2", TASK_TIMEOUT, || {
+        (!running_on(&env.list_json(), &v2["digest"]).is_empty()).then_some(())
+    });
+
+    // Unregister while v2 tasks run and others wait in the queue.
+    let before: Vec<Value> = env.list_json();
+    let unregistered = env.run_json(&["unregister", "sleeper"]);
+    assert_eq!(unregistered["version"], json!(2), "{unregistered:#}");
+    assert_eq!(unregistered["current"], json!(false), "{unregistered:#}");
+    std::thread::sleep(SETTLE);
+    let after: Vec<Value> = env.list_json();
+    // `submit` accepts the type as any other, and the task fails as the queued ones do.
+    let submitted_later = env.submit("sleeper", r#"{"mode": "sleep", "ms": 10}"#, &[]);
+    let mut ids = ids;
+    ids.push(submitted_later.clone());
+    let records = env.wait_all(&ids, TASK_TIMEOUT);
+    assert_failed_with(
+        &records[&submitted_later],
+        "no component registered for activity type \"sleeper\"",
+    );
+
+    for id in &first_wave {
+        let record = &records[id];
+        assert_completed(record);
+        assert_eq!(record["ComponentDigest"], v1["digest"], "{id} ran v1");
+        assert_eq!(record["ComponentVersion"], json!(1), "{id}: {record:#}");
+    }
+    for earlier in before.iter().filter(|r| status_of(r) == "RUNNING") {
+        let id = earlier["RowKey"].as_str().unwrap_or("");
+        assert_completed(&records[id]);
+        assert_eq!(
+            records[id]["ComponentDigest"], earlier["ComponentDigest"],
+            "{id} finished on the version it ran on when the type was unregistered"
+        );
+    }
+    let queued: Vec<&str> = after
+        .iter()
+        .filter(|r| matches!(status_of(r), "CREATED" | "ERROR"))
+        .map(|r| r["RowKey"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        !queued.is_empty(),
+        "no task was still queued after the unregistration: {after:#?}"
+    );
+    for id in &queued {
+        assert_failed_with(
+            &records[*id],
+            "no component registered for activity type \"sleeper\"",
+        );
+    }
+
+    let settled_swap = swapped_at + chrono::Duration::from_std(SETTLE).expect("small");
+    let mut failed = Vec::new();
+    let mut ran_v2 = 0;
+    for (id, record) in &records {
+        match status_of(record) {
+            "COMPLETED" if record["ComponentDigest"] == v2["digest"] => {
+                assert_eq!(record["ComponentVersion"], json!(2), "{id}: {record:#}");
+                ran_v2 += 1;
+            }
+            "COMPLETED" => {
+                assert_eq!(record["ComponentDigest"], v1["digest"], "{id}: {record:#}");
+                assert_eq!(record["ComponentVersion"], json!(1), "{id}: {record:#}");
+                let started = record["StartTime"].as_str().unwrap_or("");
+                let started = chrono::DateTime::parse_from_rfc3339(started)
+                    .unwrap_or_else(|error| panic!("{id}: StartTime {started:?}: {error}"));
+                assert!(
+                    started < settled_swap,
+                    "{id} started on v1 after the swap had settled: {record:#}"
+                );
+            }
+            _ => {
+                assert_failed_with(record, "no component registered for activity type");
+                failed.push(id.clone());
+            }
+        }
+    }
+    assert!(ran_v2 > 0, "no task completed on v2");
+
+    // Each failed task has a dead letter, and no message is left in the queue.
+    let letters = env.dead_letters_json();
+    let lettered: HashSet<&str> = letters
+        .iter()
+        .map(|letter| letter["RowKey"].as_str().unwrap_or(""))
+        .collect();
+    for id in &failed {
+        assert!(
+            lettered.contains(id.as_str()),
+            "{id} has no dead letter: {letters:#?}"
+        );
+    }
+    assert_eq!(
+        letters.len(),
+        failed.len(),
+        "one dead letter per failed task: {letters:#?}"
+    );
+    assert_eq!(env.queue_length(), 0, "no message is left in the queue");
+
+    // The history is kept, and rollback makes v2 current again for a requeued task.
+    let versions = env.run_json(&["activities", "sleeper"]);
+    let versions = versions
+        .as_array()
+        .expect("`bgw activities --json` prints an array");
+    assert_eq!(versions.len(), 2, "{versions:#?}");
+    assert!(
+        versions.iter().all(|v| v["current"] == json!(false)),
+        "no version is current: {versions:#?}"
+    );
+    let restored = env.run_json(&["rollback", "sleeper"]);
+    assert_eq!(restored["digest"], v2["digest"], "{restored:#}");
+    std::thread::sleep(SETTLE);
+    let letter_id = letters[0]["Id"].as_str().expect("a dead letter has an Id");
+    env.run_ok(&["requeue", letter_id]);
+    let task_id = letters[0]["RowKey"]
+        .as_str()
+        .expect("the dead letter names its task");
+    let record = env.wait_for_status(task_id, "COMPLETED", TASK_TIMEOUT);
+    assert_eq!(record["ComponentDigest"], v2["digest"], "{record:#}");
+
+    let unknown = env.run(&["unregister", "never-registered"]);
+    assert_eq!(unknown.code(), 1, "{unknown:?}");
+    assert!(
+        unknown
+            .stderr
+            .contains("\"never-registered\" is not registered"),
+        "the error names the type: {}",
+        unknown.stderr
+    );
 }
 
 fn bad_input_rejected_before_storing(env: TestEnv) {

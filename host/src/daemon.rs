@@ -323,12 +323,14 @@ impl Controller {
             tracing::warn!(%reason, "dead-lettering message");
             record.status = Status::Error;
             record.error_message = Some(reason.clone());
-            record.end_time = Some(Utc::now());
+            record.set_end_time_now();
             self.backend.finish_without_lease(&record).await?;
             self.dead_letter(&lease, &reason).await;
             return Ok(());
         }
 
+        // NOTE: a deadline is a time on the submitting client's clock, and every check of it
+        // compares it with this host's clock, so a skew between the two moves it by as much.
         if let Some(deadline) = record
             .deadline_time
             .filter(|deadline| *deadline <= Utc::now())
@@ -468,18 +470,23 @@ impl Controller {
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
         let slot = self.pipeline.execution_slot().await;
-        record.start_time = Some(Utc::now());
+        let start_time = Utc::now();
+        record.start_time = Some(start_time);
         let started = std::time::Instant::now();
         let run = self.sandbox.run(&component.prepared, context, limits);
         let report = run_beside_keep_alive(run, heartbeat, &stop_keep_alive).await;
         drop(slot);
-        self.pipeline.record_duration(started.elapsed());
+        let run_time = started.elapsed();
+        self.pipeline.record_duration(run_time);
         let lease = current_lease
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
 
-        record.end_time = Some(Utc::now());
+        // Measured on the monotonic clock, so that a step of the wall clock during the run
+        // cannot make the attempt end before it started.
+        record.end_time =
+            Some(start_time + chrono::TimeDelta::from_std(run_time).unwrap_or_default());
         record.fuel_used = Some(report.fuel_used);
         record.task_log = Some(report.task_log).filter(|log| !log.is_empty());
         if let Some((percent, message)) = watch
@@ -626,9 +633,7 @@ impl Controller {
     async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
         let activity_type = record.task_type.clone();
         let grace = self.options.missing_component_grace;
-        let waited = (Utc::now() - lease.inserted_at)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
+        let waited = queued_for(&lease, self.options.visibility_timeout);
         record.attempt = attempt_number(&lease, &record);
         record.host_id = Some(self.options.host_id.clone());
         record.start_time = None;
@@ -687,7 +692,7 @@ impl Controller {
             "{reason}; its message body was base64 and was dead-lettered: resubmit the task, \
              or requeue the message as plain JSON text"
         ));
-        record.end_time = Some(Utc::now());
+        record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
         if let Err(error) = self.backend.finish_without_lease(&record).await {
             tracing::error!(task_id = %task_id, %error, "failed to record the error of a task with a base64 message");
@@ -703,7 +708,7 @@ impl Controller {
     ) -> Result<()> {
         record.status = Status::Error;
         record.error_message = Some(reason);
-        record.end_time = Some(Utc::now());
+        record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
         self.finish(lease, record).await
     }
@@ -937,6 +942,20 @@ fn attempt_number(lease: &Lease, record: &TaskRecord) -> u32 {
     lease.dequeue_count.max(recorded.saturating_add(1))
 }
 
+/// Returns how long a message had been in the queue when it was leased, counted on the
+/// queue's clock. Both its enqueue time and its lease time come from the queue, so a host
+/// whose own clock is skewed still counts the right time. On Azure both are whole seconds.
+fn queued_for(lease: &Lease, visibility: Duration) -> Duration {
+    let visibility = chrono::TimeDelta::from_std(visibility).unwrap_or(chrono::TimeDelta::MAX);
+    let leased_at = lease
+        .visible_at
+        .checked_sub_signed(visibility)
+        .unwrap_or(lease.inserted_at);
+    (leased_at - lease.inserted_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO)
+}
+
 /// Formats a guest's own error value for the record.
 fn describe_guest_error(error: &TaskError) -> String {
     match error {
@@ -1092,5 +1111,35 @@ async fn watch_registry(components: Arc<ComponentCache>, period: Duration) {
             Ok(false) => {}
             Err(error) => tracing::warn!(%error, "failed to check the component registry"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease_at(inserted_after_secs: i64, visible_after_secs: i64) -> Lease {
+        let epoch = chrono::DateTime::from_timestamp(0, 0).expect("the epoch is a valid time");
+        Lease {
+            message_id: "m".to_owned(),
+            pop_receipt: "p".to_owned(),
+            dequeue_count: 1,
+            body: String::new(),
+            inserted_at: epoch + chrono::TimeDelta::seconds(inserted_after_secs),
+            visible_at: epoch + chrono::TimeDelta::seconds(visible_after_secs),
+            held_until: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn queued_for_reads_only_queue_times() {
+        let visibility = Duration::from_secs(30);
+        assert_eq!(
+            queued_for(&lease_at(100, 135), visibility),
+            Duration::from_secs(5)
+        );
+        assert_eq!(queued_for(&lease_at(100, 130), visibility), Duration::ZERO);
+        // Azure rounds both times to whole seconds, so the lease can seem to come first.
+        assert_eq!(queued_for(&lease_at(100, 129), visibility), Duration::ZERO);
     }
 }

@@ -169,6 +169,14 @@ impl TaskRecord {
         }
     }
 
+    /// Sets `EndTime` to now, or to `StartTime` if that is later. The start may have been
+    /// stamped by another host whose clock is ahead of this one's, and no record may end
+    /// before it starts.
+    pub fn set_end_time_now(&mut self) {
+        let now = Utc::now();
+        self.end_time = Some(self.start_time.map_or(now, |start| start.max(now)));
+    }
+
     /// Creates a CREATED record for a new task.
     pub fn new(task_id: &str, resource_id: &str, activity_type: &str, payload_json: &str) -> Self {
         TaskRecord {
@@ -434,6 +442,20 @@ mod tests {
     fn seven_digit_fraction_keeps_100ns() {
         let time = parse_time("2014-09-02T21:09:14.8848547Z").unwrap();
         assert_eq!(time.timestamp_subsec_nanos(), 884_854_700);
+    }
+
+    #[test]
+    fn end_time_never_before_start_time() {
+        let mut record = TaskRecord::new("k", "r", "demo", "{}");
+        let ahead = Utc::now() + chrono::TimeDelta::minutes(10);
+        record.start_time = Some(ahead);
+        record.set_end_time_now();
+        assert_eq!(record.end_time, Some(ahead));
+
+        let behind = Utc::now() - chrono::TimeDelta::minutes(10);
+        record.start_time = Some(behind);
+        record.set_end_time_now();
+        assert!(record.end_time > Some(behind + chrono::TimeDelta::minutes(9)));
     }
 
     #[test]

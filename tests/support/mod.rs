@@ -90,6 +90,43 @@ pub fn azure_connection_string() -> Option<String> {
     value
 }
 
+/// Returns the environment that runs a process with its wall clock shifted by `offset`
+/// (libfaketime's syntax, such as `+10m`), or `None` with a note when libfaketime is not
+/// installed. Under `CI=true` a missing library panics: CI must never skip the skew tests.
+///
+/// The monotonic clock is left alone (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as on a host
+/// whose wall clock is wrong. `BGW_TEST_LIBFAKETIME` names the library if it is elsewhere.
+pub fn skewed_clock_env(offset: &str) -> Option<Vec<(&'static str, String)>> {
+    let library = std::env::var("BGW_TEST_LIBFAKETIME")
+        .ok()
+        .filter(|path| !path.is_empty())
+        .or_else(|| {
+            // Where the Debian package and a source build put the library.
+            let debian = format!(
+                "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
+                std::env::consts::ARCH
+            );
+            let source_build = "/usr/local/lib/faketime/libfaketime.so.1".to_owned();
+            [debian, source_build]
+                .into_iter()
+                .find(|path| Path::new(path).is_file())
+        });
+    let Some(library) = library else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "libfaketime is not installed, and CI must run the clock-skew tests: install the \
+             Debian package faketime, as tests/run does, or set BGW_TEST_LIBFAKETIME"
+        );
+        eprintln!("skipping: libfaketime is not installed (Debian package faketime)");
+        return None;
+    };
+    Some(vec![
+        ("LD_PRELOAD", library),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ])
+}
+
 /// A temporary data directory and the `bgw` commands that run on it. The directory is
 /// deleted on drop. The daemons it started borrow it, so they are stopped before that.
 pub struct TestEnv {
@@ -171,6 +208,23 @@ impl TestEnv {
     pub fn another_host(&self) -> TestEnv {
         let mut env = TestEnv::new();
         env.store_env = self.store_env.clone();
+        env
+    }
+
+    /// Creates another Azure host that shares the task tables and queue of this one but has
+    /// an empty registry table of its own, so it has no component of any activity type.
+    pub fn another_host_with_own_registry(&self) -> TestEnv {
+        assert!(
+            self.is_azure(),
+            "only Azure can give one host its own registry"
+        );
+        let mut env = self.another_host();
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        for (name, value) in &mut env.store_env {
+            if name == "BGW_COMPONENT_TABLE" {
+                *value = format!("C{}", &unique[..16]);
+            }
+        }
         env
     }
 

@@ -12,7 +12,7 @@ use std::any::Any;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -35,8 +35,13 @@ pub struct Lease {
     pub body: String,
     /// When the message was first enqueued.
     pub inserted_at: DateTime<Utc>,
-    /// When this lease expires unless it is extended.
+    /// When this lease expires unless it is extended, by the queue's clock.
     pub visible_at: DateTime<Utc>,
+    /// When this lease expires by this host's monotonic clock: the visibility timeout counted
+    /// from just before the request that took or last extended it, so no later than
+    /// `visible_at`. Unlike `visible_at`, it can be compared with this host's time even when
+    /// this host's wall clock differs from the queue's.
+    pub held_until: Instant,
 }
 
 /// A message to enqueue.
@@ -502,10 +507,22 @@ pub trait ComponentRegistry: Send + Sync {
     /// Returns all versions of all types (or of one type), oldest first.
     async fn versions(&self, activity_type: Option<&str>) -> Result<Vec<ComponentVersion>>;
 
-    /// Makes the version before the current one current again. Returns the new current version.
+    /// Makes the version before the current one current again. After [`unregister`], makes
+    /// the version current that was current when the type was unregistered. Returns the new
+    /// current version.
+    ///
+    /// [`unregister`]: ComponentRegistry::unregister
     async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion>;
 
-    /// Returns a counter that changes whenever any registration or rollback happens.
+    /// Takes an activity type out of service: no version of it stays current, so daemons
+    /// treat its tasks as those of a type never registered. Every version and its files
+    /// are kept. `rollback` makes the version that was current until now current again,
+    /// and `register` adds a new current one. Returns the version that was current, with
+    /// `current` false. Fails when the type has no version, or none is current.
+    async fn unregister(&self, activity_type: &str) -> Result<ComponentVersion>;
+
+    /// Returns a counter that changes whenever any registration, rollback or
+    /// unregistration happens.
     async fn generation(&self) -> Result<u64>;
 
     /// Reads the `.wasm` bytes of a digest.

@@ -16,7 +16,8 @@ use bgw::sandbox::{EngineSettings, Sandbox};
 use super::output;
 use super::{
     ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, PruneArgs,
-    RegisterArgs, RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, WaitArgs,
+    RegisterArgs, RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, UnregisterArgs,
+    WaitArgs,
 };
 
 /// An error in how the command was called, reported with exit code 2.
@@ -52,6 +53,7 @@ pub async fn run(cli: Cli) -> Result<Finished> {
         Command::Register(args) => register(&settings, args, json).await,
         Command::Activities(args) => activities(&settings, args, json).await,
         Command::Rollback(args) => rollback(&settings, args, json).await,
+        Command::Unregister(args) => unregister(&settings, args, json).await,
         Command::Submit(args) => submit(&settings, args, json).await,
         Command::Status(args) => status(&settings, args, json).await,
         Command::Wait(args) => wait(&settings, args, json).await,
@@ -218,6 +220,14 @@ async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Re
     } else {
         output::print_versions(&versions);
     }
+    if let (Some(activity_type), false) = (&args.activity_type, json) {
+        if !versions.iter().any(|version| version.current) {
+            println!(
+                "no version of {activity_type} is current: it is unregistered, and \
+                 `bgw rollback {activity_type}` makes the last current one current again"
+            );
+        }
+    }
     Ok(Finished::Done)
 }
 
@@ -234,6 +244,35 @@ async fn rollback(settings: &Settings, args: RollbackArgs, json: bool) -> Result
         println!(
             "{} now runs version {} digest {}",
             version.activity_type, version.version, version.digest
+        );
+    }
+    Ok(Finished::Done)
+}
+
+async fn unregister(settings: &Settings, args: UnregisterArgs, json: bool) -> Result<Finished> {
+    bgw::validate::activity_type(&args.activity_type).map_err(usage)?;
+    let backend = existing_backend(settings)?;
+    let version = backend
+        .registry()
+        .unregister(&args.activity_type)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to unregister activity type {:?}",
+                args.activity_type
+            )
+        })?;
+    if json {
+        output::print_json(&version)?;
+    } else {
+        println!(
+            "unregistered {}: version {} digest {} is no longer current",
+            version.activity_type, version.version, version.digest
+        );
+        println!(
+            "queued tasks of {0} wait for a component, then end ERROR; `bgw rollback {0}` \
+             makes version {1} current again",
+            version.activity_type, version.version
         );
     }
     Ok(Finished::Done)

@@ -52,7 +52,11 @@ enum Command {
     /// List registered activity types and their component versions
     Activities(ActivitiesArgs),
     /// Make the previous component version of an activity type current again
+    ///
+    /// After `unregister`, this makes the version current again that was current then.
     Rollback(RollbackArgs),
+    /// Take an activity type out of service: no version stays current, and all are kept
+    Unregister(UnregisterArgs),
     /// Start one or many tasks
     Submit(SubmitArgs),
     /// Show a task's status
@@ -141,6 +145,12 @@ struct ActivitiesArgs {
 #[derive(Args, Debug)]
 struct RollbackArgs {
     /// Activity type to roll back
+    activity_type: String,
+}
+
+#[derive(Args, Debug)]
+struct UnregisterArgs {
+    /// Activity type to unregister
     activity_type: String,
 }
 

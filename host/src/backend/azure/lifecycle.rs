@@ -308,6 +308,9 @@ async fn claim_idempotency_key(
                 .await?
                 .is_some();
         }
+        // NOTE: `ClaimedAt` is on the claiming client's clock. With clocks more than
+        // STALE_CLAIM apart, a fresh claim can look stale (two submits may then store a task
+        // each) or a stale one fresh for longer.
         if found || Utc::now() - claimed_at < STALE_CLAIM {
             return Ok(Some(Submitted::Existing {
                 task_id,

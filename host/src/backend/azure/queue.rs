@@ -6,7 +6,7 @@
 //! newest receipt can update or delete the message.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use azure_storage_queues::prelude::{NumberOfMessages, PopReceipt, VisibilityTimeout};
@@ -37,8 +37,12 @@ const MIN_FINISH_VISIBILITY: Duration = Duration::from_secs(1);
 /// but at least [`MIN_FINISH_VISIBILITY`]. A host that dies during the writes leaves the
 /// message hidden no longer than its lease would have, and the duplicate delivery that
 /// follows is acknowledged.
+///
+/// The time left is measured on the monotonic clock. The lease's `visible_at` is on the
+/// service's clock, so a host whose wall clock is ahead would hide the message for only
+/// the minimum, and one behind for far longer than its lease.
 pub(super) fn finish_visibility(lease: &Lease) -> Duration {
-    let left = (lease.visible_at - Utc::now()).to_std().unwrap_or_default();
+    let left = lease.held_until.saturating_duration_since(Instant::now());
     left.max(MIN_FINISH_VISIBILITY)
 }
 
@@ -61,11 +65,13 @@ impl TaskQueue for AzureBackend {
         }
         let shared = self.ready().await?;
         let count = max.min(MAX_MESSAGES_PER_GET) as u8;
+        let visibility = whole_seconds(visibility);
+        let held_until = Instant::now() + visibility;
         let response = shared
             .queue
             .get_messages()
             .number_of_messages(NumberOfMessages::new(count))
-            .visibility_timeout(VisibilityTimeout::new(whole_seconds(visibility)))
+            .visibility_timeout(VisibilityTimeout::new(visibility))
             .await
             .map_err(|error| {
                 azure_error(
@@ -83,6 +89,7 @@ impl TaskQueue for AzureBackend {
                 body: message.message_text,
                 inserted_at: chrono_time(message.insertion_time),
                 visible_at: chrono_time(message.time_next_visible),
+                held_until,
             })
             .collect();
         match leases.is_empty() {
@@ -248,18 +255,18 @@ impl Shared {
         visibility: Duration,
     ) -> Result<Option<Lease>> {
         let receipt = PopReceipt::new(lease.message_id.clone(), lease.pop_receipt.clone());
+        let visibility = whole_seconds(visibility);
+        let held_until = Instant::now() + visibility;
         let result = self
             .queue
             .pop_receipt_client(receipt)
-            .update(
-                lease.body.clone(),
-                VisibilityTimeout::new(whole_seconds(visibility)),
-            )
+            .update(lease.body.clone(), VisibilityTimeout::new(visibility))
             .await;
         match result {
             Ok(response) => Ok(Some(Lease {
                 pop_receipt: response.pop_receipt,
                 visible_at: chrono_time(response.time_next_visible),
+                held_until,
                 ..lease.clone()
             })),
             Err(error) if lease_lost(&error) => Ok(None),
@@ -441,6 +448,29 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         let newer = dead_letter_id();
         assert!(newer < older, "{newer} should sort before {older}");
+    }
+
+    #[test]
+    fn finish_visibility_ignores_wall_clocks() {
+        let far_past = DateTime::from_timestamp(0, 0).expect("the epoch is a valid time");
+        let lease = Lease {
+            message_id: "m".to_owned(),
+            pop_receipt: "p".to_owned(),
+            dequeue_count: 1,
+            body: String::new(),
+            inserted_at: far_past,
+            visible_at: far_past,
+            held_until: Instant::now() + Duration::from_secs(20),
+        };
+        let hidden = finish_visibility(&lease);
+        assert!(hidden > Duration::from_secs(15), "{hidden:?}");
+        assert!(hidden <= Duration::from_secs(20), "{hidden:?}");
+
+        let expired = Lease {
+            held_until: Instant::now(),
+            ..lease
+        };
+        assert_eq!(finish_visibility(&expired), MIN_FINISH_VISIBILITY);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! The component table ([`COMPONENT_TABLE`] unless `BGW_COMPONENT_TABLE` names another):
 //! one entity per version (PartitionKey the activity type,
 //! RowKey the version zero-padded to ten digits), one `current` entity per activity type
-//! naming its current version, and the generation counter at (`_registry`, `generation`).
+//! naming its current version in `Version`, and the generation counter at (`_registry`,
+//! `generation`). An unregistered type's `current` entity has no `Version`, and names the
+//! version that was current until then in `UnregisteredVersion`.
 //! No activity type starts with `_`, so the counter never collides with one. The `.wasm`
 //! files are blobs `<digest>.wasm` in [`COMPONENT_CONTAINER`]. Each host caches them and
 //! keeps its compiled artifacts in its local component folder, so it compiles a
@@ -23,8 +25,8 @@ use super::store::{conflict_error, MAX_CONFLICT_RETRIES};
 use super::table::{self, equals, Write};
 use super::{azure_error, status_of, AzureBackend, Shared, COMPONENT_CONTAINER};
 use crate::backend::sqlite::registry::{
-    artifact_path, check_registration, validate_digest, validate_engine_hash, wasm_path,
-    write_atomically,
+    already_unregistered, artifact_path, check_registration, not_registered, nothing_to_restore,
+    validate_digest, validate_engine_hash, wasm_path, write_atomically,
 };
 use crate::backend::{ComponentRegistry, ComponentVersion, Limits, RetryPolicy};
 use crate::record::{format_time, parse_time};
@@ -33,6 +35,9 @@ use crate::{Error, Result};
 const GENERATION_PARTITION: &str = "_registry";
 const GENERATION_ROW: &str = "generation";
 const CURRENT_ROW: &str = "current";
+
+/// Property of an unregistered type's `current` entity: the version `rollback` restores.
+const UNREGISTERED_VERSION: &str = "UnregisteredVersion";
 
 #[async_trait]
 impl ComponentRegistry for AzureBackend {
@@ -132,9 +137,7 @@ impl ComponentRegistry for AzureBackend {
     async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion> {
         let shared = self.ready().await?;
         let Some(current) = current_number(shared, activity_type).await? else {
-            return Err(Error::NotFound(format!(
-                "no component is registered for activity type {activity_type:?}"
-            )));
+            return self.restore_unregistered(shared, activity_type).await;
         };
         let numbers: Vec<u32> = self
             .versions(Some(activity_type))
@@ -162,6 +165,31 @@ impl ComponentRegistry for AzureBackend {
                 "version {previous} of activity type {activity_type:?} vanished during rollback"
             ))
         })
+    }
+
+    async fn unregister(&self, activity_type: &str) -> Result<ComponentVersion> {
+        let shared = self.ready().await?;
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let found = table::get(&shared.components, activity_type, CURRENT_ROW).await?;
+            let current = found
+                .as_ref()
+                .and_then(|(entity, _)| pointer_version(entity));
+            let (Some((_, etag)), Some(current)) = (found, current) else {
+                return Err(match self.versions(Some(activity_type)).await?.is_empty() {
+                    true => not_registered(activity_type),
+                    false => already_unregistered(activity_type),
+                });
+            };
+            let mut pointer = pointer_entity(activity_type);
+            pointer.insert(UNREGISTERED_VERSION.to_owned(), Value::from(current));
+            if let Write::Done(_) =
+                table::replace(&shared.components, &pointer, Some(&etag)).await?
+            {
+                bump_generation(shared).await?;
+                return self.version(shared, activity_type, current).await;
+            }
+        }
+        Err(conflict_error(activity_type))
     }
 
     async fn generation(&self) -> Result<u64> {
@@ -232,6 +260,63 @@ impl ComponentRegistry for AzureBackend {
     }
 }
 
+impl AzureBackend {
+    /// Makes the version current again that was current when the type was unregistered.
+    async fn restore_unregistered(
+        &self,
+        shared: &Shared,
+        activity_type: &str,
+    ) -> Result<ComponentVersion> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let found = table::get(&shared.components, activity_type, CURRENT_ROW).await?;
+            let remembered = found.as_ref().and_then(|(entity, _)| {
+                let version = integer(entity, UNREGISTERED_VERSION)?;
+                u32::try_from(version).ok()
+            });
+            let (Some((entity, etag)), Some(version)) = (found, remembered) else {
+                return Err(match self.versions(Some(activity_type)).await?.is_empty() {
+                    true => not_registered(activity_type),
+                    false => nothing_to_restore(activity_type),
+                });
+            };
+            if pointer_version(&entity).is_some() {
+                return Err(Error::Invalid(format!(
+                    "activity type {activity_type:?} was registered again during the rollback; \
+                     list the versions and try again"
+                )));
+            }
+            let mut pointer = pointer_entity(activity_type);
+            pointer.insert("Version".to_owned(), Value::from(version));
+            if let Write::Done(_) =
+                table::replace(&shared.components, &pointer, Some(&etag)).await?
+            {
+                bump_generation(shared).await?;
+                let mut restored = self.version(shared, activity_type, version).await?;
+                restored.current = true;
+                return Ok(restored);
+            }
+        }
+        Err(conflict_error(activity_type))
+    }
+
+    /// Reads one version from the registry table, with `current` false.
+    async fn version(
+        &self,
+        shared: &Shared,
+        activity_type: &str,
+        version: u32,
+    ) -> Result<ComponentVersion> {
+        let found = table::get(&shared.components, activity_type, &row_key(version)).await?;
+        let Some((entity, _)) = found else {
+            return Err(Error::NotFound(format!(
+                "version {version} of activity type {activity_type:?} is missing from the \
+                 registry table"
+            )));
+        };
+        version_of(&entity, None)
+    }
+}
+
 /// Direction in which `point_current_to` may move the current version.
 #[derive(Clone, Copy)]
 enum PointerMove {
@@ -273,9 +358,7 @@ async fn point_current_to(
     version: u32,
     direction: PointerMove,
 ) -> Result<()> {
-    let mut pointer = Entity::new();
-    pointer.insert("PartitionKey".to_owned(), activity_type.into());
-    pointer.insert("RowKey".to_owned(), CURRENT_ROW.into());
+    let mut pointer = pointer_entity(activity_type);
     pointer.insert("Version".to_owned(), Value::from(version));
 
     for _ in 0..MAX_CONFLICT_RETRIES {
@@ -307,9 +390,20 @@ async fn point_current_to(
 
 async fn current_number(shared: &Shared, activity_type: &str) -> Result<Option<u32>> {
     let found = table::get(&shared.components, activity_type, CURRENT_ROW).await?;
-    Ok(found
-        .and_then(|(entity, _)| integer(&entity, "Version"))
-        .and_then(|version| u32::try_from(version).ok()))
+    Ok(found.and_then(|(entity, _)| pointer_version(&entity)))
+}
+
+/// Returns the version a `current` entity names, or `None` for an unregistered type.
+fn pointer_version(pointer: &Entity) -> Option<u32> {
+    integer(pointer, "Version").and_then(|version| u32::try_from(version).ok())
+}
+
+/// Returns a `current` entity of an activity type without its properties.
+fn pointer_entity(activity_type: &str) -> Entity {
+    let mut pointer = Entity::new();
+    pointer.insert("PartitionKey".to_owned(), activity_type.into());
+    pointer.insert("RowKey".to_owned(), CURRENT_ROW.into());
+    pointer
 }
 
 async fn bump_generation(shared: &Shared) -> Result<()> {

@@ -258,7 +258,7 @@ async fn try_cancel(
     // as a duplicate delivery when it is next leased. The finished entity is written
     // first, so that a crash in between leaves the task in both tables, not in neither.
     record.status = Status::Cancelled;
-    record.end_time = Some(Utc::now());
+    record.set_end_time_now();
     record.error_message = Some("cancelled before it started".to_owned());
     let finished = shared.entity_of(&record, None).await?;
     table::upsert(&shared.finished, &finished).await?;

@@ -1,7 +1,7 @@
 //! The queue table, with the semantics of Azure Storage Queues: a lease hides a message
 //! until its visibility time, and only the newest pop receipt can change the message.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -48,6 +48,7 @@ impl TaskQueue for SqliteBackend {
             return Ok(None);
         };
         self.write(move |shared, connection| {
+            let held_until = Instant::now() + visibility;
             let visible_at = now_ms().saturating_add(duration_ms(visibility));
             let renewed = connection
                 .prepare_cached(&sql)?
@@ -59,6 +60,7 @@ impl TaskQueue for SqliteBackend {
             Ok(renewed.map(|(pop_receipt, visible_at_ms)| Lease {
                 pop_receipt,
                 visible_at: time_from_ms(visible_at_ms),
+                held_until,
                 ..lease.clone()
             }))
         })
@@ -247,6 +249,7 @@ pub(super) fn lease(
     visibility: Duration,
 ) -> Result<Vec<Lease>> {
     let sql = lease_sql();
+    let held_until = Instant::now() + visibility;
     let now = now_ms();
     let visible_at = now.saturating_add(duration_ms(visibility));
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -263,6 +266,7 @@ pub(super) fn lease(
                     body: row.get(3)?,
                     inserted_at: time_from_ms(row.get(4)?),
                     visible_at: time_from_ms(row.get(5)?),
+                    held_until,
                 })
             },
         )?

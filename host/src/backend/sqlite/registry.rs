@@ -22,6 +22,10 @@ use crate::{validate, Error, Result};
 /// Key of the registry generation counter in `bgw_meta`.
 const GENERATION_KEY: &str = "registry_generation";
 
+/// Prefix of the `bgw_meta` key that stores, for an unregistered activity type, the version
+/// that was current until then, so that `rollback` can make it current again.
+const UNREGISTERED_KEY_PREFIX: &str = "unregistered_version:";
+
 const VERSION_COLUMNS: &str = "activity_type, version, digest, fuel, memory_mib, \
     timeout_secs, max_output_bytes, registered_at, current, max_attempts, backoff_ms, \
     max_backoff_ms";
@@ -70,6 +74,7 @@ impl ComponentRegistry for SqliteBackend {
                      WHERE activity_type = ?1 AND current = 1",
                 )?
                 .execute([&activity_type])?;
+            forget_unregistered_version(connection, &activity_type)?;
             let [fuel, memory_mib, timeout_secs, max_output_bytes] = limit_values;
             connection
                 .prepare_cached(&format!(
@@ -134,6 +139,12 @@ impl ComponentRegistry for SqliteBackend {
     async fn rollback(&self, activity_type: &str) -> Result<ComponentVersion> {
         let activity_type = activity_type.to_owned();
         self.write(move |_, connection| rollback(connection, &activity_type))
+            .await
+    }
+
+    async fn unregister(&self, activity_type: &str) -> Result<ComponentVersion> {
+        let activity_type = activity_type.to_owned();
+        self.write(move |_, connection| unregister(connection, &activity_type))
             .await
     }
 
@@ -205,12 +216,11 @@ fn current_version(
     }
 }
 
-/// Makes the highest version below the current one current.
+/// Makes the highest version below the current one current, or, for an unregistered type,
+/// the version that was current until it was unregistered.
 fn rollback(connection: &Connection, activity_type: &str) -> Result<ComponentVersion> {
     let Some(current) = current_version(connection, activity_type)? else {
-        return Err(Error::NotFound(format!(
-            "no component is registered for activity type {activity_type:?}"
-        )));
+        return restore_unregistered(connection, activity_type);
     };
     let (previous, count): (Option<u32>, u32) = connection
         .prepare_cached(
@@ -247,6 +257,104 @@ fn rollback(connection: &Connection, activity_type: &str) -> Result<ComponentVer
             "version {previous} of activity type {activity_type:?} vanished during rollback"
         ))
     })
+}
+
+/// Clears the current version of a type and remembers it for `rollback`.
+fn unregister(connection: &Connection, activity_type: &str) -> Result<ComponentVersion> {
+    let Some(current) = current_version(connection, activity_type)? else {
+        return Err(match version_count(connection, activity_type)? {
+            0 => not_registered(activity_type),
+            _ => already_unregistered(activity_type),
+        });
+    };
+    connection
+        .prepare_cached("UPDATE bgw_components SET current = 0 WHERE activity_type = ?1")?
+        .execute([activity_type])?;
+    connection
+        .prepare_cached(
+            "INSERT INTO bgw_meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )?
+        .execute(rusqlite::params![
+            unregistered_key(activity_type),
+            current.version
+        ])?;
+    bump_generation(connection)?;
+    Ok(ComponentVersion {
+        current: false,
+        ..current
+    })
+}
+
+/// Makes the version current again that was current when the type was unregistered.
+fn restore_unregistered(connection: &Connection, activity_type: &str) -> Result<ComponentVersion> {
+    let key = unregistered_key(activity_type);
+    let remembered: Option<u32> = connection
+        .prepare_cached("SELECT value FROM bgw_meta WHERE key = ?1")?
+        .query_row([&key], |row| row.get(0))
+        .optional()?;
+    let Some(version) = remembered else {
+        return Err(match version_count(connection, activity_type)? {
+            0 => not_registered(activity_type),
+            _ => nothing_to_restore(activity_type),
+        });
+    };
+    connection
+        .prepare_cached(
+            "UPDATE bgw_components SET current = (version = ?2) WHERE activity_type = ?1",
+        )?
+        .execute(rusqlite::params![activity_type, version])?;
+    forget_unregistered_version(connection, activity_type)?;
+    bump_generation(connection)?;
+    match current_version(connection, activity_type)? {
+        Some(restored) => Ok(restored),
+        None => Err(Error::NotFound(format!(
+            "version {version} of activity type {activity_type:?}, current when the type was \
+             unregistered, no longer exists; register a new version"
+        ))),
+    }
+}
+
+fn forget_unregistered_version(connection: &Connection, activity_type: &str) -> Result<()> {
+    connection
+        .prepare_cached("DELETE FROM bgw_meta WHERE key = ?1")?
+        .execute([unregistered_key(activity_type)])?;
+    Ok(())
+}
+
+fn unregistered_key(activity_type: &str) -> String {
+    format!("{UNREGISTERED_KEY_PREFIX}{activity_type}")
+}
+
+fn version_count(connection: &Connection, activity_type: &str) -> Result<u32> {
+    Ok(connection
+        .prepare_cached("SELECT count(*) FROM bgw_components WHERE activity_type = ?1")?
+        .query_row([activity_type], |row| row.get(0))?)
+}
+
+/// The error of `unregister` or `rollback` on an activity type that has no version.
+pub(in crate::backend) fn not_registered(activity_type: &str) -> Error {
+    Error::NotFound(format!(
+        "activity type {activity_type:?} is not registered: `bgw activities` lists the \
+         registered ones"
+    ))
+}
+
+/// The error of `unregister` on an activity type that has versions but no current one.
+pub(in crate::backend) fn already_unregistered(activity_type: &str) -> Error {
+    Error::Invalid(format!(
+        "activity type {activity_type:?} is already unregistered: none of its versions is \
+         current; `bgw rollback {activity_type}` makes the last current one current again"
+    ))
+}
+
+/// The error of `rollback` on an activity type that has versions but no current one and
+/// no version remembered by `unregister`.
+pub(in crate::backend) fn nothing_to_restore(activity_type: &str) -> Error {
+    Error::Invalid(format!(
+        "activity type {activity_type:?} has no current version to roll back from: register \
+         one with `bgw register {activity_type} FILE.wasm`"
+    ))
 }
 
 fn bump_generation(connection: &Connection) -> Result<()> {

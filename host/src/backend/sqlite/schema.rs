@@ -87,7 +87,8 @@ const QUEUE_TABLE: &str = "
     CREATE INDEX IF NOT EXISTS bgw_dead_letters_queue ON bgw_dead_letters (queue_name, id);
 ";
 
-/// Registered component versions, and `bgw_meta` for the registry generation counter.
+/// Registered component versions, and `bgw_meta` for the registry generation counter and
+/// the last current version of each unregistered activity type.
 const REGISTRY_TABLES: &str = "
     CREATE TABLE IF NOT EXISTS bgw_components (
         activity_type TEXT NOT NULL,
