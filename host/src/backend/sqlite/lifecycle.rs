@@ -205,6 +205,12 @@ fn begin_attempt(
     if !lease_holds(connection, &shared.queue, lease)? {
         return Ok(Fenced::LeaseLost);
     }
+    mark_running(connection, shared, start)?;
+    Ok(Fenced::Written)
+}
+
+/// Marks the task RUNNING for a new attempt, without checking a lease.
+fn mark_running(connection: &Connection, shared: &Shared, start: &AttemptStart) -> Result<()> {
     let sql = format!(
         "UPDATE {} SET status = ?1, start_time = ?2, attempt = ?3, component_digest = ?4,
              component_version = ?5, host_id = ?6, end_time = NULL, error_message = NULL
@@ -227,7 +233,7 @@ fn begin_attempt(
             start.task_id, start.resource_id, shared.active
         )));
     }
-    Ok(Fenced::Written)
+    Ok(())
 }
 
 /// Begins the attempt of a message leased in this transaction when its record is in the
@@ -254,14 +260,13 @@ fn begin_leased(
     let Some((start, token)) = decide(lease, &message, &record) else {
         return Ok(None);
     };
-    match begin_attempt(connection, shared, lease, &start)? {
-        Fenced::Written => Ok(Some(BegunAttempt {
-            record,
-            start,
-            token,
-        })),
-        Fenced::LeaseLost => Ok(None),
-    }
+    // The lease was taken in this transaction, so it holds.
+    mark_running(connection, shared, &start)?;
+    Ok(Some(BegunAttempt {
+        record,
+        start,
+        token,
+    }))
 }
 
 /// Deletes the message, and only if that lease still held, stores the record in the

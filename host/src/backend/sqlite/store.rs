@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, Row, ToSql};
 
 use super::schema::{TASK_COLUMNS, TASK_COLUMN_COUNT};
@@ -223,18 +223,24 @@ pub(super) fn write_task(
     } else {
         "INSERT"
     };
-    let placeholders: Vec<String> = (1..=TASK_COLUMN_COUNT)
-        .map(|index| format!("?{index}"))
-        .collect();
     let sql = format!(
         "{verb} INTO {table} ({TASK_COLUMNS}) VALUES ({})",
-        placeholders.join(", ")
+        *TASK_PLACEHOLDERS
     );
+    let owned = OwnedColumns::of(record);
     connection
         .prepare_cached(&sql)?
-        .execute(rusqlite::params_from_iter(task_values(record)))?;
+        .execute(rusqlite::params_from_iter(task_values(record, &owned)))?;
     Ok(())
 }
+
+/// `?1, ?2, ..., ?27`: the placeholders of every task column, built once.
+static TASK_PLACEHOLDERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    (1..=TASK_COLUMN_COUNT)
+        .map(|index| format!("?{index}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
 
 /// Writes a terminal record to the finished table and deletes it from the active one.
 pub(super) fn move_to_finished(
@@ -380,49 +386,73 @@ pub(super) fn task_from_row(row: &Row<'_>, table: &str) -> Result<TaskRecord> {
     })
 }
 
-/// Returns the column values of a record, in table order.
-fn task_values(record: &TaskRecord) -> [Value; TASK_COLUMN_COUNT] {
-    let time = |time: &Option<DateTime<Utc>>| Value::from(time.as_ref().map(format_time));
-    let text = |text: &Option<String>| Value::from(text.clone());
+/// The column values of a record that are not stored as they are in [`TaskRecord`]: times
+/// as text and the attempt history as JSON.
+struct OwnedColumns {
+    start_time: Option<String>,
+    end_time: Option<String>,
+    created_time: Option<String>,
+    deadline_time: Option<String>,
+    attempt_history: Option<String>,
+}
+
+impl OwnedColumns {
+    fn of(record: &TaskRecord) -> Self {
+        let time = |time: &Option<DateTime<Utc>>| time.as_ref().map(format_time);
+        OwnedColumns {
+            start_time: time(&record.start_time),
+            end_time: time(&record.end_time),
+            created_time: time(&record.created_time),
+            deadline_time: time(&record.deadline_time),
+            attempt_history: (!record.attempt_history.is_empty()).then(|| {
+                serde_json::to_string(&record.attempt_history).expect("attempt summaries serialize")
+            }),
+        }
+    }
+}
+
+/// Returns the column values of a record, in table order, borrowed from the record and from
+/// `owned`, so that writing a record copies none of its text.
+fn task_values<'a>(
+    record: &'a TaskRecord,
+    owned: &'a OwnedColumns,
+) -> [ToSqlOutput<'a>; TASK_COLUMN_COUNT] {
+    let text = |text: &'a str| ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes()));
+    let null = || ToSqlOutput::Borrowed(ValueRef::Null);
+    let optional = |value: &'a Option<String>| value.as_deref().map_or_else(null, text);
+    let integer = |value: Option<i64>| value.map_or_else(null, ToSqlOutput::from);
     [
-        Value::Text(record.partition_key.clone()),
-        Value::Text(record.row_key.clone()),
-        Value::Text(record.task_type.clone()),
-        Value::Text(record.status.as_str().to_owned()),
-        Value::Text(record.input_payload.clone()),
-        Value::Text(record.output_payload.clone()),
-        time(&record.start_time),
-        time(&record.end_time),
-        Value::Text(record.batch_id.clone()),
-        text(&record.error_message),
-        text(&record.container_name),
-        text(&record.blob_name),
-        Value::Integer(record.attempt.into()),
-        text(&record.component_digest),
-        Value::from(record.component_version.map(i64::from)),
-        Value::from(
+        text(&record.partition_key),
+        text(&record.row_key),
+        text(&record.task_type),
+        text(record.status.as_str()),
+        text(&record.input_payload),
+        text(&record.output_payload),
+        optional(&owned.start_time),
+        optional(&owned.end_time),
+        text(&record.batch_id),
+        optional(&record.error_message),
+        optional(&record.container_name),
+        optional(&record.blob_name),
+        ToSqlOutput::from(i64::from(record.attempt)),
+        optional(&record.component_digest),
+        integer(record.component_version.map(i64::from)),
+        integer(
             record
                 .fuel_used
                 .map(|fuel| i64::try_from(fuel).unwrap_or(i64::MAX)),
         ),
-        Value::from(record.progress.map(i64::from)),
-        text(&record.progress_message),
-        text(&record.output_container_name),
-        text(&record.output_blob_name),
-        text(&record.task_log),
-        text(&record.host_id),
-        time(&record.created_time),
-        if record.attempt_history.is_empty() {
-            Value::Null
-        } else {
-            Value::Text(
-                serde_json::to_string(&record.attempt_history)
-                    .expect("attempt summaries serialize"),
-            )
-        },
-        time(&record.deadline_time),
-        text(&record.idempotency_key),
-        Value::Integer(record.cancel_requested.into()),
+        integer(record.progress.map(i64::from)),
+        optional(&record.progress_message),
+        optional(&record.output_container_name),
+        optional(&record.output_blob_name),
+        optional(&record.task_log),
+        optional(&record.host_id),
+        optional(&owned.created_time),
+        optional(&owned.attempt_history),
+        optional(&owned.deadline_time),
+        optional(&record.idempotency_key),
+        ToSqlOutput::from(i64::from(record.cancel_requested)),
     ]
 }
 
