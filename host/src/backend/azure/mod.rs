@@ -327,9 +327,23 @@ fn status_of(error: &azure_core::Error) -> Option<u16> {
     }
 }
 
-/// Wraps an Azure SDK error with what was being done.
+/// Wraps an Azure SDK error with what was being done. An error response becomes one line
+/// with its status, error code and message, followed by the SDK's own message, which shows
+/// whether the request was retried. The SDK's error would print the whole response twice.
 fn azure_error(context: impl Into<String>, error: azure_core::Error) -> Error {
-    Error::Other(anyhow::Error::new(error).context(context.into()))
+    let context = context.into();
+    let Some(response) = error.as_http_error() else {
+        return Error::Other(anyhow::Error::new(error).context(context));
+    };
+    let code = response.error_code().unwrap_or("no error code");
+    let message = response
+        .error_message()
+        .map(|message| format!(": {message}"))
+        .unwrap_or_default();
+    Error::Other(anyhow::anyhow!(
+        "{context}: HTTP {} {code}{message} ({error})",
+        u16::from(response.status())
+    ))
 }
 
 /// Quotes a value for an OData filter or an entity key: single quotes are doubled.
