@@ -234,13 +234,18 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
 
 /// Returns whether a lease may begin an attempt on the task: its own message must not
 /// have begun this or a later delivery, and no other message's delivery may be running.
+///
+/// `LeaseDequeueCount` is the delivery that began the current attempt. An entity written
+/// before `bgw` stored it has the attempt number in its place, which was the dequeue count
+/// then.
 fn may_begin(entity: &Entity, lease: &Lease) -> bool {
     let attempt = integer(entity, "Attempt").unwrap_or(0);
+    let begun_delivery = integer(entity, "LeaseDequeueCount").unwrap_or(attempt);
     let delivery = i64::from(lease.dequeue_count);
     let same_message = string(entity, "LeaseMessageId").as_deref() == Some(&lease.message_id);
     let running = string(entity, "Status").as_deref() == Some(Status::Running.as_str());
     match same_message {
-        true => attempt < delivery,
+        true => begun_delivery < delivery,
         false => !running || attempt < delivery,
     }
 }
@@ -264,6 +269,10 @@ fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Res
     text("HostId", &start.host_id);
     text("LeaseMessageId", &lease.message_id);
     entity.insert("Attempt".to_owned(), Value::from(start.attempt));
+    entity.insert(
+        "LeaseDequeueCount".to_owned(),
+        Value::from(lease.dequeue_count),
+    );
     entity.insert(
         "ComponentVersion".to_owned(),
         Value::from(start.component_version),
