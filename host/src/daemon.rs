@@ -35,6 +35,9 @@ pub const DEFAULT_MISSING_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 /// Interval at which a task waiting for a component is looked at again.
 const COMPONENT_RECHECK: Duration = Duration::from_secs(2);
 
+/// Maximum interval at which a message whose record may still be stored is looked at again.
+const MISSING_RECORD_RECHECK: Duration = Duration::from_secs(2);
+
 /// Default number of deliveries after which a message is dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
@@ -284,13 +287,7 @@ impl Controller {
             .call((message.resource_id.clone(), message.row_key.clone()))
             .await?;
         let Some(mut record) = record else {
-            let reason = format!(
-                "no task record with RowKey {:?} and PartitionKey {:?} in table {:?}",
-                message.row_key, message.resource_id, message.active_table_name
-            );
-            tracing::warn!(%reason, "dead-lettering message");
-            self.dead_letter(&lease, &reason).await;
-            return Ok(());
+            return self.handle_missing_record(lease, &message).await;
         };
         if record.status.is_terminal() {
             // A second delivery of a finished task: its outcome is already stored.
@@ -605,6 +602,48 @@ impl Controller {
             ),
         }
         self.finish(lease, record).await
+    }
+
+    /// Handles a message whose task record does not exist.
+    ///
+    /// A backend whose submit enqueues the message before it stores the record (Azure)
+    /// names a window of message ages in which the record may still appear. Inside it the
+    /// message is released and looked at again. Outside it the message is dead-lettered,
+    /// with a reason stating that the submit failed when the window has passed.
+    async fn handle_missing_record(&self, lease: Lease, message: &QueueMessage) -> Result<()> {
+        let age = (Utc::now() - lease.inserted_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let missing = format!(
+            "no task record with RowKey {:?} and PartitionKey {:?} in table {:?}",
+            message.row_key, message.resource_id, message.active_table_name
+        );
+        let window = self.backend.pending_record_window();
+
+        if let Some(window) = window.as_ref().filter(|window| window.contains(&age)) {
+            let delay = (window.end - age).min(MISSING_RECORD_RECHECK);
+            let waiting = "task record not stored yet: its submit may still be storing it";
+            match lease.dequeue_count {
+                1 => tracing::info!(age_secs = age.as_secs(), "{waiting}"),
+                _ => tracing::debug!(age_secs = age.as_secs(), "{waiting}"),
+            }
+            if self.backend.release(&lease, delay).await? == Fenced::LeaseLost {
+                tracing::warn!("lease lost while the task record was missing");
+            }
+            return Ok(());
+        }
+
+        let reason = match window {
+            Some(window) if age >= window.end => format!(
+                "{missing} {} s after the message was enqueued: the submit that enqueued the \
+                 message never stored the record",
+                age.as_secs()
+            ),
+            _ => missing,
+        };
+        tracing::warn!(%reason, "dead-lettering message");
+        self.dead_letter(&lease, &reason).await;
+        Ok(())
     }
 
     /// Handles a task whose activity type has no component.
