@@ -1,9 +1,9 @@
 //! Reliability promises of the daemon: retries, dead letters, cancellation, delays,
-//! deadlines, idempotency keys, graceful shutdown and sandbox containment. Each test runs
-//! the real `bgw` binary and daemon on its own data directory, twice: as `sqlite::NAME` on
-//! SQLite and as `azure::NAME` on Azurite with its own tables and queue. Messages that the
-//! CLI cannot produce are enqueued through the library, as another producer sharing the
-//! store would.
+//! deadlines, idempotency keys, graceful shutdown, sandbox containment and submits whose
+//! writes the store rejects. Each test runs the real `bgw` binary and daemon on its own
+//! data directory, most of them twice: as `sqlite::NAME` on SQLite and as `azure::NAME` on
+//! Azurite with its own tables and queue. Messages that the CLI cannot produce are
+//! enqueued through the library, as another producer sharing the store would.
 
 mod support;
 
@@ -11,10 +11,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bgw::backend::OutgoingMessage;
+use bgw::backend::{BlobRef, OutgoingMessage};
+use bgw::client::{InputBlob, StartOptions, WorkflowClient, INPUT_CONTAINER};
 use bgw::record::TaskRecord;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
+use support::faults::{Action, Fault, Request, Service, StoreFaults};
 use support::{guest, output_of, path_str, runtime, TaskTable, TestEnv};
 
 support::on_both_backends!(
@@ -35,6 +37,7 @@ support::on_both_backends!(
     second_signal_exits_at_once,
     sandbox_denies_files_env_and_network,
     blob_task_reads_only_its_own_input,
+    rejected_submit_writes_leave_nothing,
 );
 
 /// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
@@ -1235,4 +1238,302 @@ fn blob_task_reads_only_its_own_input(env: TestEnv) {
         record["Attempt"], 1,
         "invalid input is not retried: {record:#}"
     );
+}
+
+// Submits whose writes the store rejects (C19): the queue is full or down, the task table
+// rejects the insert, and on Azure the delete that undoes the message put fails too.
+
+/// Submits made while a write is rejected, as in the case.
+const REJECTED_SUBMITS: usize = 20;
+
+/// Starts one task per idempotency key, concurrently, each with an input blob named
+/// `<blob prefix>/<key>` in the input container. Returns each call's result, in order.
+fn start_with_blobs(
+    client: &WorkflowClient,
+    keys: &[String],
+    blob_prefix: &str,
+) -> Vec<bgw::Result<String>> {
+    let mut blobs: Vec<std::io::Cursor<Vec<u8>>> = keys
+        .iter()
+        .map(|key| std::io::Cursor::new(format!("input of {key}").into_bytes()))
+        .collect();
+    let starts = keys.iter().zip(blobs.iter_mut()).map(|(key, data)| {
+        let blob = InputBlob {
+            container: None,
+            name: Some(format!("{blob_prefix}/{key}")),
+            data,
+        };
+        let options = StartOptions {
+            idempotency_key: Some(key.clone()),
+            ..StartOptions::default()
+        };
+        async move {
+            client
+                .start_activity_with(
+                    "multiply",
+                    support::DEFAULT_RESOURCE,
+                    br#"{"x": 3}"#,
+                    Some(blob),
+                    &options,
+                )
+                .await
+        }
+    });
+    runtime().block_on(futures::future::join_all(starts))
+}
+
+/// Returns true when the input blob `<blob prefix>/<key>` exists.
+fn input_blob_exists(client: &WorkflowClient, blob_prefix: &str, key: &str) -> bool {
+    let blob = BlobRef {
+        container: INPUT_CONTAINER.to_owned(),
+        name: format!("{blob_prefix}/{key}"),
+    };
+    match client.backend().blobs().open(&blob) {
+        Ok(_) => true,
+        Err(bgw::Error::NotFound(_)) => false,
+        Err(error) => panic!("failed to look for input blob {}: {error}", blob.name),
+    }
+}
+
+fn rejected_submit_writes_leave_nothing(env: TestEnv) {
+    let mut env = env;
+    let faults = StoreFaults::install(&mut env);
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "2"]);
+    let client = WorkflowClient::new(env.backend(), "c19");
+    let blob_prefix = format!("c19-{}", uuid::Uuid::new_v4().simple());
+
+    for fault in Fault::of_submit(&env) {
+        faults.set(fault, true);
+        let keys: Vec<String> = (0..REJECTED_SUBMITS)
+            .map(|index| format!("{fault:?}-{index}"))
+            .collect();
+        let results = start_with_blobs(&client, &keys, &blob_prefix);
+        for (key, result) in keys.iter().zip(&results) {
+            let error = match result {
+                Ok(task_id) => panic!("{fault:?}: the submit of {key} started task {task_id}"),
+                Err(error) => format!("{error:#}"),
+            };
+            for expected in faults.error_texts(fault) {
+                assert!(
+                    error.contains(&expected),
+                    "{fault:?}: the error of {key} should contain {expected:?}: {error}"
+                );
+            }
+        }
+        if let Some(rejected) = faults.rejected(fault) {
+            assert!(
+                rejected >= REJECTED_SUBMITS,
+                "{fault:?}: the proxy rejected {rejected} requests"
+            );
+        }
+
+        // Nothing of the rejected submits is left: no record, no message, no input blob.
+        assert_eq!(
+            env.row_keys(TaskTable::Active),
+            Vec::<String>::new(),
+            "{fault:?}: active records"
+        );
+        assert_eq!(env.queue_length(), 0, "{fault:?}: queue");
+        for key in &keys {
+            assert!(
+                !input_blob_exists(&client, &blob_prefix, key),
+                "{fault:?}: the input blob of {key} is left"
+            );
+        }
+
+        let submitted = env.run(&[
+            "submit",
+            "multiply",
+            "--payload",
+            r#"{"x": 1}"#,
+            "--resource",
+            "r",
+        ]);
+        assert_eq!(submitted.code(), 1, "{fault:?}: bgw submit: {submitted:?}");
+        assert!(
+            submitted.stderr.contains("failed to submit task 1 of 1"),
+            "{fault:?}: {}",
+            submitted.stderr
+        );
+        for expected in faults.error_texts(fault) {
+            assert!(
+                submitted.stderr.contains(&expected),
+                "{fault:?}: bgw submit should print {expected:?}: {}",
+                submitted.stderr
+            );
+        }
+
+        // With the fault gone, the same keys start tasks, which the daemon that ran
+        // through the fault completes.
+        faults.set(fault, false);
+        let task_ids: Vec<String> = start_with_blobs(&client, &keys, &blob_prefix)
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|error| panic!("{fault:?}: {error:#}")))
+            .collect();
+        let records = env.wait_all(&task_ids, TASK_TIMEOUT);
+        for (task_id, record) in &records {
+            assert_eq!(
+                status_of(record),
+                "COMPLETED",
+                "{fault:?} {task_id}: {record:#}"
+            );
+            assert_eq!(output_of(record), json!({"product": 6}), "{task_id}");
+        }
+        assert!(
+            input_blob_exists(&client, &blob_prefix, &keys[0]),
+            "{fault:?}: a started task keeps its input blob"
+        );
+    }
+
+    assert_eq!(env.dead_letters_json().len(), 0, "no dead letter");
+    assert!(
+        daemon.is_alive(),
+        "the daemon survived the faults{}",
+        daemon.log_tail()
+    );
+    assert!(
+        !daemon.log().contains("panicked"),
+        "no panic{}",
+        daemon.log_tail()
+    );
+}
+
+/// Returns the dead letter whose reason states that a submit never stored its record.
+fn orphan_dead_letter(env: &TestEnv) -> Option<Value> {
+    env.dead_letters_json()
+        .into_iter()
+        .find(|letter| reason_of(letter).contains("never stored the record"))
+}
+
+// Azure only: a SQLite submit writes the record and the message in one transaction, so
+// no step of it needs undoing.
+#[test]
+fn azure_orphan_message_of_failed_submit_dead_lettered() {
+    let Some(mut env) = TestEnv::azure() else {
+        return;
+    };
+    let faults = StoreFaults::install(&mut env);
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "2"]);
+    let client = WorkflowClient::new(env.backend(), "c19");
+
+    // The insert fails, and so does the delete that would undo the message put before it.
+    faults.set(Fault::RecordInsert, true);
+    faults.set(Fault::MessageDelete, true);
+    let started = runtime().block_on(client.start_activity(
+        "multiply",
+        support::DEFAULT_RESOURCE,
+        br#"{"x": 4}"#,
+        None,
+    ));
+    let error = format!("{:#}", started.expect_err("the insert was rejected"));
+    for expected in faults.error_texts(Fault::RecordInsert) {
+        assert!(
+            error.contains(&expected),
+            "error should contain {expected:?}: {error}"
+        );
+    }
+    let rejected_deletes = faults.rejected(Fault::MessageDelete).unwrap_or(0);
+    assert!(
+        rejected_deletes >= 1,
+        "the proxy rejected the delete of the message"
+    );
+    faults.set(Fault::RecordInsert, false);
+    faults.set(Fault::MessageDelete, false);
+    assert_eq!(env.queue_length(), 1, "the hidden message stays");
+    assert_eq!(
+        env.row_keys(TaskTable::Active),
+        Vec::<String>::new(),
+        "no record was stored"
+    );
+
+    // Visible after the submit visibility timeout, the message names no record. The daemon
+    // looks again until the submit's requests could no longer store it, then dead-letters
+    // the message.
+    let letter = env.wait_for(
+        "the orphan message to be dead-lettered",
+        TASK_TIMEOUT,
+        || orphan_dead_letter(&env),
+    );
+    let reason = reason_of(&letter);
+    assert!(reason.contains("no task record with RowKey"), "{letter:#}");
+    let dequeue_count = letter["DequeueCount"].as_u64().unwrap_or(0);
+    assert!(
+        dequeue_count >= 2,
+        "the daemon released the message while its record could still be stored: {letter:#}"
+    );
+    let task_id = letter["RowKey"]
+        .as_str()
+        .expect("the dead letter names its task");
+    let status = env.run(&["status", task_id]);
+    assert_eq!(status.code(), 1, "the task does not exist: {status:?}");
+    assert!(status.stderr.contains("not found"), "{}", status.stderr);
+    env.wait_for("the queue to be empty", TASK_TIMEOUT, || {
+        (env.queue_length() == 0).then_some(())
+    });
+    let created: Vec<Value> = env
+        .list_json()
+        .into_iter()
+        .filter(|record| status_of(record) == "CREATED")
+        .collect();
+    assert!(created.is_empty(), "no record stays CREATED: {created:#?}");
+
+    // The daemon that ran through the faults completes new tasks.
+    let task_ids = env.submit_many("multiply", r#"{"x": 5}"#, &["--count", "20"]);
+    let records = env.wait_all(&task_ids, TASK_TIMEOUT);
+    for (task_id, record) in &records {
+        assert_eq!(status_of(record), "COMPLETED", "{task_id}: {record:#}");
+    }
+    assert!(
+        daemon.is_alive(),
+        "the daemon survived the faults{}",
+        daemon.log_tail()
+    );
+}
+
+#[test]
+fn azure_record_stored_late_runs_task_once() {
+    let Some(mut env) = TestEnv::azure() else {
+        return;
+    };
+    // The message stays hidden for 3 s after the put, and the daemon looks for a missing
+    // record until 3 s + 2 × 1 s after it.
+    let faults = StoreFaults::install(&mut env);
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "1", "--visibility-timeout", "2"]);
+
+    // The insert of the record takes 4 s, so the message becomes visible first.
+    let proxy = faults.proxy().expect("an Azure environment has a proxy");
+    let table = env.settings().active_table_name;
+    let slow_insert = proxy.add(
+        Action::Delay(Duration::from_secs(4)),
+        Box::new(move |request: &Request| {
+            request.service == Service::Table
+                && request.method == "POST"
+                && request.path.ends_with(&format!("/{table}"))
+        }),
+    );
+    let id = env.submit("multiply", r#"{"x": 7}"#, &[]);
+    assert_eq!(proxy.hits(slow_insert), 1, "the insert was delayed");
+    proxy.remove(slow_insert);
+
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(output_of(&record), json!({"product": 14}));
+    assert_eq!(
+        record["Attempt"], 1,
+        "a delivery that found no record is no attempt: {record:#}"
+    );
+    assert_eq!(history_of(&record).len(), 1, "{record:#}");
+    assert!(
+        daemon.log().contains("task record not stored yet"),
+        "the daemon found the message before its record{}",
+        daemon.log_tail()
+    );
+    assert_eq!(env.dead_letters_json().len(), 0, "no dead letter");
+    env.wait_for("the queue to be empty", TASK_TIMEOUT, || {
+        (env.queue_length() == 0).then_some(())
+    });
+    assert!(daemon.is_alive(), "{}", daemon.log_tail());
 }

@@ -3,7 +3,8 @@
 //!
 //! Environment variables: `BGW_DATA_DIR`, `BGW_CONFIG`, `STORE_MODE`, `SQLITE_DB_PATH`,
 //! `AZURE_STORAGE_CONNECTION_STRING`, `ACTIVE_TABLE_NAME`, `FINISHED_TABLE_NAME`,
-//! `BGW_QUEUE` and `BGW_COMPONENT_TABLE`. Those without the `BGW_` prefix have the names
+//! `BGW_QUEUE`, `BGW_COMPONENT_TABLE`, `BGW_AZURE_SUBMIT_VISIBILITY_SECS` and
+//! `BGW_AZURE_MAX_RETRY_SECS`. Those without the `BGW_` prefix have the names
 //! `background-workflows` reads, so both can share one deployment. A variable set to the empty string counts as
 //! unset. The connection string is read only from the environment, so that the account
 //! key stays out of configuration files.
@@ -26,6 +27,10 @@
 //! concurrency = 8               # default: number of CPU cores
 //! visibility_timeout_secs = 30
 //!
+//! [azure]
+//! submit_visibility_secs = 120  # a new message stays hidden this long until its record is stored
+//! max_retry_secs = 60           # time the Azure SDK retries a request that failed transiently
+//!
 //! [limits]                      # defaults for new registrations
 //! fuel = 10_000_000_000
 //! memory_mib = 512
@@ -39,7 +44,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::backend::azure::{AzureOptions, COMPONENT_TABLE};
+use crate::backend::azure::{
+    AzureOptions, COMPONENT_TABLE, DEFAULT_MAX_RETRY, DEFAULT_SUBMIT_VISIBILITY,
+    MAX_SUBMIT_VISIBILITY,
+};
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
@@ -139,6 +147,12 @@ pub struct Settings {
     pub visibility_timeout: Duration,
     /// Limits given to a new registration that sets none of its own.
     pub limits: Limits,
+    /// Time a message that an Azure submit enqueues stays hidden until the submit has
+    /// stored the task record and made the message visible.
+    pub azure_submit_visibility: Duration,
+    /// Time the Azure SDK goes on retrying a request that timed out, was throttled, failed
+    /// with a 5xx status or an I/O error.
+    pub azure_max_retry: Duration,
 }
 
 impl Settings {
@@ -218,6 +232,18 @@ impl Settings {
             .or(daemon.visibility_timeout_secs)
             .unwrap_or(DEFAULT_VISIBILITY_TIMEOUT.as_secs());
         let limits = file.limits;
+        let azure_submit_visibility_secs = seconds_setting(
+            &env,
+            "BGW_AZURE_SUBMIT_VISIBILITY_SECS",
+            file.azure.submit_visibility_secs,
+            DEFAULT_SUBMIT_VISIBILITY,
+        )?;
+        let azure_max_retry_secs = seconds_setting(
+            &env,
+            "BGW_AZURE_MAX_RETRY_SECS",
+            file.azure.max_retry_secs,
+            DEFAULT_MAX_RETRY,
+        )?;
 
         let settings = Settings {
             sqlite_db_path: current_dir.join(sqlite_db_path),
@@ -243,6 +269,8 @@ impl Settings {
                     .unwrap_or(DEFAULT_LIMITS.max_output_bytes),
                 retry: DEFAULT_LIMITS.retry,
             },
+            azure_submit_visibility: Duration::from_secs(azure_submit_visibility_secs),
+            azure_max_retry: Duration::from_secs(azure_max_retry_secs),
             data_dir,
         };
         settings.validate()?;
@@ -271,6 +299,8 @@ impl Settings {
             finished_table: self.finished_table_name.clone(),
             queue_name: self.queue.clone(),
             component_table: self.component_table_name.clone(),
+            submit_visibility: self.azure_submit_visibility,
+            max_retry: self.azure_max_retry,
             ..AzureOptions::new(connection_string.0.clone(), self.component_dir())
         })
     }
@@ -323,6 +353,14 @@ impl Settings {
                 )));
             }
         }
+        let submit_visibility = self.azure_submit_visibility;
+        if submit_visibility.is_zero() || submit_visibility > MAX_SUBMIT_VISIBILITY {
+            return Err(Error::Invalid(format!(
+                "azure.submit_visibility_secs must be from 1 to {}, but it is {}",
+                MAX_SUBMIT_VISIBILITY.as_secs(),
+                submit_visibility.as_secs()
+            )));
+        }
         Ok(())
     }
 }
@@ -353,6 +391,8 @@ struct FileSettings {
     daemon: DaemonSection,
     #[serde(default)]
     limits: LimitsSection,
+    #[serde(default)]
+    azure: AzureSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,6 +406,13 @@ struct SqliteSection {
 struct DaemonSection {
     concurrency: Option<usize>,
     visibility_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AzureSection {
+    submit_visibility_secs: Option<u64>,
+    max_retry_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -443,6 +490,24 @@ fn read_config_file(
         ))
     })?;
     Ok((settings, Some(path)))
+}
+
+/// Reads a whole number of seconds from the environment variable `name`, or else from the
+/// file, or else takes `default`.
+fn seconds_setting(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    from_file: Option<u64>,
+    default: Duration,
+) -> Result<u64> {
+    let Some(text) = env(name) else {
+        return Ok(from_file.unwrap_or(default.as_secs()));
+    };
+    text.trim().parse().map_err(|_| {
+        Error::Invalid(format!(
+            "invalid {name} {text:?}: expected a whole number of seconds"
+        ))
+    })
 }
 
 fn default_concurrency() -> usize {
@@ -709,7 +774,7 @@ mod tests {
             ("[daemon]\nconcurrency = 2\nworkers = 4\n", "workers", 3),
             ("[limits]\nfuel_budget = 1\n", "fuel_budget", 2),
             ("[sqlite]\njournal = \"wal\"\n", "journal", 2),
-            ("[azure]\naccount = \"a\"\n", "azure", 1),
+            ("[azure]\naccount = \"a\"\n", "account", 2),
         ];
         for (text, key, line) in cases {
             std::fs::write(&path, text).unwrap();
@@ -802,6 +867,70 @@ mod tests {
         let env = environment(&[("BGW_DATA_DIR", "/data"), ("BGW_COMPONENT_TABLE", "1x")]);
         let error = invalid_message(Settings::resolve_with(&Overrides::default(), &env));
         assert!(error.contains("invalid table name \"1x\""), "{error}");
+    }
+
+    #[test]
+    fn azure_submit_settings_resolve_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings =
+            Settings::resolve_with(&with_data_dir(dir.path()), &environment(&[])).unwrap();
+        assert_eq!(settings.azure_submit_visibility, Duration::from_secs(120));
+        assert_eq!(settings.azure_max_retry, Duration::from_secs(60));
+
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "[azure]\nsubmit_visibility_secs = 5\nmax_retry_secs = 7\n",
+        )
+        .unwrap();
+        let settings =
+            Settings::resolve_with(&with_data_dir(dir.path()), &environment(&[])).unwrap();
+        assert_eq!(settings.azure_submit_visibility, Duration::from_secs(5));
+        assert_eq!(settings.azure_max_retry, Duration::from_secs(7));
+
+        let env = environment(&[
+            ("BGW_AZURE_SUBMIT_VISIBILITY_SECS", "2"),
+            ("BGW_AZURE_MAX_RETRY_SECS", "0"),
+            (
+                "AZURE_STORAGE_CONNECTION_STRING",
+                "AccountName=a;AccountKey=k",
+            ),
+        ]);
+        let settings = Settings::resolve_with(&with_data_dir(dir.path()), &env).unwrap();
+        let options = settings.azure_options().unwrap();
+        assert_eq!(options.submit_visibility, Duration::from_secs(2));
+        assert_eq!(options.max_retry, Duration::ZERO);
+    }
+
+    #[test]
+    fn invalid_azure_submit_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "BGW_AZURE_SUBMIT_VISIBILITY_SECS",
+                "soon",
+                "invalid BGW_AZURE_SUBMIT_VISIBILITY_SECS \"soon\"",
+            ),
+            (
+                "BGW_AZURE_MAX_RETRY_SECS",
+                "-1",
+                "invalid BGW_AZURE_MAX_RETRY_SECS \"-1\"",
+            ),
+            (
+                "BGW_AZURE_SUBMIT_VISIBILITY_SECS",
+                "0",
+                "must be from 1 to 604800, but it is 0",
+            ),
+            (
+                "BGW_AZURE_SUBMIT_VISIBILITY_SECS",
+                "604801",
+                "but it is 604801",
+            ),
+        ];
+        for (name, value, expected) in cases {
+            let env = environment(&[(name, value)]);
+            let error = invalid_message(Settings::resolve_with(&with_data_dir(dir.path()), &env));
+            assert!(error.contains(expected), "{name}={value}: {error}");
+        }
     }
 
     #[test]

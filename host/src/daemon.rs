@@ -35,6 +35,9 @@ pub const DEFAULT_MISSING_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 /// Interval at which a task waiting for a component is looked at again.
 const COMPONENT_RECHECK: Duration = Duration::from_secs(2);
 
+/// Maximum interval at which a message whose record may still be stored is looked at again.
+const MISSING_RECORD_RECHECK: Duration = Duration::from_secs(2);
+
 /// Default number of deliveries after which a message is dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
@@ -287,13 +290,7 @@ impl Controller {
             .call((message.resource_id.clone(), message.row_key.clone()))
             .await?;
         let Some(mut record) = record else {
-            let reason = format!(
-                "no task record with RowKey {:?} and PartitionKey {:?} in table {:?}",
-                message.row_key, message.resource_id, message.active_table_name
-            );
-            tracing::warn!(%reason, "dead-lettering message");
-            self.dead_letter(&lease, &reason).await;
-            return Ok(());
+            return self.handle_missing_record(lease, &message).await;
         };
         if record.status.is_terminal() {
             // A second delivery of a finished task: its outcome is already stored.
@@ -301,13 +298,7 @@ impl Controller {
             self.backend.delete(std::slice::from_ref(&lease)).await?;
             return Ok(());
         }
-        // Deliveries whose attempt recorded no outcome: the worker stopped during them.
-        // Retries are recorded in the attempt history, so they do not count here.
-        let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-        let lost_deliveries = lease
-            .dequeue_count
-            .saturating_sub(1)
-            .saturating_sub(recorded);
+        let lost_deliveries = lost_deliveries(&lease, &record);
         if lost_deliveries >= self.options.max_deliveries {
             let reason = format!(
                 "message delivered {} times with {lost_deliveries} attempts that recorded no outcome, reaching the limit of {} deliveries: a worker stopped during each of them{}",
@@ -628,6 +619,48 @@ impl Controller {
         self.finish(lease, record).await
     }
 
+    /// Handles a message whose task record does not exist.
+    ///
+    /// A backend whose submit enqueues the message before it stores the record (Azure)
+    /// names a window of message ages in which the record may still appear. Inside it the
+    /// message is released and looked at again. Outside it the message is dead-lettered,
+    /// with a reason stating that the submit failed when the window has passed.
+    async fn handle_missing_record(&self, lease: Lease, message: &QueueMessage) -> Result<()> {
+        let age = (Utc::now() - lease.inserted_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let missing = format!(
+            "no task record with RowKey {:?} and PartitionKey {:?} in table {:?}",
+            message.row_key, message.resource_id, message.active_table_name
+        );
+        let window = self.backend.pending_record_window();
+
+        if let Some(window) = window.as_ref().filter(|window| window.contains(&age)) {
+            let delay = (window.end - age).min(MISSING_RECORD_RECHECK);
+            let waiting = "task record not stored yet: its submit may still be storing it";
+            match lease.dequeue_count {
+                1 => tracing::info!(age_secs = age.as_secs(), "{waiting}"),
+                _ => tracing::debug!(age_secs = age.as_secs(), "{waiting}"),
+            }
+            if self.backend.release(&lease, delay).await? == Fenced::LeaseLost {
+                tracing::warn!("lease lost while the task record was missing");
+            }
+            return Ok(());
+        }
+
+        let reason = match window {
+            Some(window) if age >= window.end => format!(
+                "{missing} {} s after the message was enqueued: the submit that enqueued the \
+                 message never stored the record",
+                age.as_secs()
+            ),
+            _ => missing,
+        };
+        tracing::warn!(%reason, "dead-lettering message");
+        self.dead_letter(&lease, &reason).await;
+        Ok(())
+    }
+
     /// Handles a task whose activity type has no component.
     ///
     /// Within the grace period after its message was first enqueued, the task waits for a
@@ -896,12 +929,7 @@ fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Ar
             if record.status.is_terminal() {
                 return None;
             }
-            let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-            let lost_deliveries = lease
-                .dequeue_count
-                .saturating_sub(1)
-                .saturating_sub(recorded);
-            if lost_deliveries >= options.max_deliveries {
+            if lost_deliveries(lease, record) >= options.max_deliveries {
                 return None;
             }
             if record
@@ -938,12 +966,32 @@ fn mark_running(record: &mut TaskRecord, start: &AttemptStart) {
     record.end_time = None;
 }
 
-/// Returns the number of the attempt a delivery starts: its dequeue count, which also
-/// counts attempts a stopped worker never recorded, but at least one more than the
-/// recorded attempts (a requeued dead letter starts its dequeue count again).
+/// Returns the number of the attempt a delivery starts: one more than the last attempt
+/// that began, so attempts a stopped worker never recorded count too. It is at most the
+/// dequeue count, which starts again when a dead letter is requeued, and at least one
+/// more than the recorded attempts.
 fn attempt_number(lease: &Lease, record: &TaskRecord) -> u32 {
     let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-    lease.dequeue_count.max(recorded.saturating_add(1))
+    lease
+        .dequeue_count
+        .min(record.attempt.saturating_add(1))
+        .max(recorded.saturating_add(1))
+}
+
+/// Returns how many deliveries began an attempt that recorded no outcome, because the
+/// worker stopped during it.
+///
+/// Retries are recorded in the attempt history, so they do not count. Neither do
+/// deliveries that began no attempt, such as those released while the task record was
+/// not stored yet, because the count is of begun attempts. It is at most the deliveries
+/// since the message was enqueued, so a requeued dead letter starts with none.
+fn lost_deliveries(lease: &Lease, record: &TaskRecord) -> u32 {
+    let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
+    let earlier_deliveries = lease.dequeue_count.saturating_sub(1);
+    let unrecorded_attempts = record.attempt.saturating_sub(recorded);
+    earlier_deliveries
+        .saturating_sub(recorded)
+        .min(unrecorded_attempts)
 }
 
 /// Returns how long a message had been in the queue when it was leased, counted on the
@@ -1145,5 +1193,54 @@ mod tests {
         assert_eq!(queued_for(&lease_at(100, 130), visibility), Duration::ZERO);
         // Azure rounds both times to whole seconds, so the lease can seem to come first.
         assert_eq!(queued_for(&lease_at(100, 129), visibility), Duration::ZERO);
+    }
+
+    /// Builds a lease of delivery `dequeue_count` and a record whose last begun attempt
+    /// is `attempt`, with `recorded` attempts in its history.
+    fn delivery(dequeue_count: u32, attempt: u32, recorded: u32) -> (Lease, TaskRecord) {
+        let lease = Lease {
+            message_id: "message".to_owned(),
+            pop_receipt: "receipt".to_owned(),
+            dequeue_count,
+            body: String::new(),
+            inserted_at: Utc::now(),
+            visible_at: Utc::now(),
+            held_until: std::time::Instant::now(),
+        };
+        let mut record = TaskRecord::new("task", "resource", "multiply", "{}");
+        for number in 1..=recorded {
+            record.attempt = number;
+            record.attempt_history.push(record.current_attempt());
+        }
+        record.attempt = attempt;
+        (lease, record)
+    }
+
+    #[test]
+    fn attempts_and_lost_deliveries_count_begun_attempts() {
+        // (case, dequeue count, last begun attempt, recorded attempts, next attempt, lost)
+        let cases = [
+            ("first delivery", 1, 0, 0, 1, 0),
+            ("released three times without a record", 4, 0, 0, 1, 0),
+            ("worker stopped after those releases", 5, 1, 0, 2, 1),
+            ("worker stopped during five deliveries", 6, 5, 0, 6, 5),
+            ("retry after a recorded failure", 2, 1, 1, 2, 0),
+            ("stopped worker, then a recorded failure", 3, 2, 1, 3, 1),
+            ("requeued after five stopped workers", 1, 5, 0, 1, 0),
+            ("lease lost before the attempt began", 2, 0, 0, 1, 0),
+        ];
+        for (case, dequeue_count, attempt, recorded, next, lost) in cases {
+            let (lease, record) = delivery(dequeue_count, attempt, recorded);
+            assert_eq!(
+                attempt_number(&lease, &record),
+                next,
+                "attempt number: {case}"
+            );
+            assert_eq!(
+                lost_deliveries(&lease, &record),
+                lost,
+                "lost deliveries: {case}"
+            );
+        }
     }
 }

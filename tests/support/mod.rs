@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::path::PathBuf;
 
 /// Directory of the built example guests: `BGW_GUEST_DIR`, or the shared target directory.
@@ -48,7 +50,7 @@ pub const DEFAULT_RESOURCE: &str = "res-e2e";
 
 /// Environment variables that select a data directory, store or configuration. They are
 /// removed from every `bgw` process, so the developer's shell cannot change a test.
-const ISOLATED_VARIABLES: [&str; 10] = [
+const ISOLATED_VARIABLES: [&str; 12] = [
     "BGW_DATA_DIR",
     "BGW_CONFIG",
     "STORE_MODE",
@@ -58,6 +60,8 @@ const ISOLATED_VARIABLES: [&str; 10] = [
     "FINISHED_TABLE_NAME",
     "BGW_QUEUE",
     "BGW_COMPONENT_TABLE",
+    "BGW_AZURE_SUBMIT_VISIBILITY_SECS",
+    "BGW_AZURE_MAX_RETRY_SECS",
     "RUST_LOG",
 ];
 
@@ -134,6 +138,9 @@ pub struct TestEnv {
     daemon_logs: Mutex<Vec<PathBuf>>,
     /// Variables set on every `bgw` process, such as the Azure store settings.
     store_env: Vec<(String, String)>,
+    /// Connection string of Azurite itself, for the checks that read the account
+    /// directly, also when `bgw` goes through a fault proxy.
+    azurite_connection: Option<String>,
 }
 
 /// What one `bgw` command returned.
@@ -174,6 +181,7 @@ impl TestEnv {
             dir,
             daemon_logs: Mutex::new(Vec::new()),
             store_env: Vec::new(),
+            azurite_connection: None,
         }
     }
 
@@ -184,6 +192,7 @@ impl TestEnv {
         let connection = azure_connection_string()?;
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let mut env = TestEnv::new();
+        env.azurite_connection = Some(connection.clone());
         env.store_env = vec![
             ("STORE_MODE".into(), "azure".into()),
             ("AZURE_STORAGE_CONNECTION_STRING".into(), connection),
@@ -208,6 +217,7 @@ impl TestEnv {
     pub fn another_host(&self) -> TestEnv {
         let mut env = TestEnv::new();
         env.store_env = self.store_env.clone();
+        env.azurite_connection = self.azurite_connection.clone();
         env
     }
 
@@ -226,6 +236,20 @@ impl TestEnv {
             }
         }
         env
+    }
+
+    /// Sets a store variable on every later `bgw` process and library call of this
+    /// environment, replacing an earlier value.
+    pub fn set_store_variable(&mut self, name: &str, value: &str) {
+        self.store_env.retain(|(key, _)| key != name);
+        self.store_env.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// Sends every later `bgw` process and library call of this Azure environment through
+    /// a fault proxy. Direct checks of the account still go to Azurite.
+    pub fn route_through(&mut self, proxy: &faults::FaultProxy) {
+        assert!(self.is_azure(), "only an Azure environment has a proxy");
+        self.set_store_variable("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string());
     }
 
     /// Returns the value of a store variable this environment sets.
@@ -634,13 +658,29 @@ impl TestEnv {
 
     /// Returns the settings that a `bgw` command of this environment resolves.
     pub fn settings(&self) -> bgw::config::Settings {
+        let lookup = |name: &str| self.store_variable(name).map(str::to_owned);
+        self.settings_with(&lookup)
+    }
+
+    /// Returns the settings with the store variables that `lookup` returns.
+    fn settings_with(&self, lookup: &dyn Fn(&str) -> Option<String>) -> bgw::config::Settings {
         let overrides = bgw::config::Overrides {
             data_dir: Some(self.data_dir().to_owned()),
             ..Default::default()
         };
-        let lookup = |name: &str| self.store_variable(name).map(str::to_owned);
-        bgw::config::Settings::resolve_with(&overrides, &lookup)
+        bgw::config::Settings::resolve_with(&overrides, lookup)
             .expect("the test environment's settings are valid")
+    }
+
+    /// Opens the backend of this environment past any fault proxy, for checks that must
+    /// work while the proxy rejects requests.
+    fn direct_backend(&self) -> std::sync::Arc<dyn bgw::backend::Backend> {
+        let lookup = |name: &str| match (name, &self.azurite_connection) {
+            ("AZURE_STORAGE_CONNECTION_STRING", Some(direct)) => Some(direct.clone()),
+            _ => self.store_variable(name).map(str::to_owned),
+        };
+        bgw::open_backend(&self.settings_with(&lookup))
+            .expect("failed to open the test environment's backend")
     }
 
     /// Opens the backend of this environment through the library, as another producer in
@@ -674,7 +714,7 @@ impl TestEnv {
 
     /// Returns the number of messages in the task queue, visible or not.
     pub fn queue_length(&self) -> u64 {
-        let backend = self.backend();
+        let backend = self.direct_backend();
         runtime()
             .block_on(backend.queue_length())
             .expect("failed to read the queue length")
@@ -688,9 +728,9 @@ impl TestEnv {
     }
 
     fn azure_connection(&self) -> String {
-        self.store_variable("AZURE_STORAGE_CONNECTION_STRING")
+        self.azurite_connection
+            .clone()
             .expect("an Azure test environment has a connection string")
-            .to_owned()
     }
 
     /// Returns the path of the SQLite database file.

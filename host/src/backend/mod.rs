@@ -10,6 +10,7 @@ pub mod sqlite;
 
 use std::any::Any;
 use std::io::{Read, Write};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -298,6 +299,16 @@ pub trait Backend: TaskStore + TaskQueue {
     /// Stores the record and enqueues its message, both or neither. When the record has an
     /// idempotency key that an existing task has, nothing is written.
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted>;
+
+    /// Returns the ages of a message, counted from when it was enqueued, at which a record
+    /// that the message names and that is missing may still be stored by the submit that
+    /// enqueued it. Within the range the daemon looks for the record again later; outside
+    /// it a message without a record is dead-lettered. The default, `None`, is for a
+    /// backend whose submit stores the record and the message together, so that a message
+    /// without a record never gets one.
+    fn pending_record_window(&self) -> Option<Range<Duration>> {
+        None
+    }
 
     /// Stores many records and enqueues their messages, each item as [`Backend::submit`]
     /// would, in order. An idempotency key that an earlier item of the same call used

@@ -5,7 +5,8 @@
 //! missing is left out. `bgw`'s own fields are extra properties, which the Python library
 //! ignores: integers as `Edm.Int32` (or `Edm.Int64` for `FuelUsed`), times as
 //! `Edm.DateTime`, `CancelRequested` as `Edm.Boolean` and `AttemptHistory` as a JSON string.
-//! `LeaseMessageId` names the queue message whose lease began the current attempt.
+//! `LeaseMessageId` names the queue message whose lease began the current attempt, and
+//! `LeaseDequeueCount` the delivery of that message.
 //!
 //! A string property may hold at most 32K UTF-16 code units. A longer value (a large
 //! payload, result, log or error) is stored in the blob container

@@ -7,7 +7,8 @@
 //! changed the entity in between. `LeaseMessageId` on the entity tells a record that a
 //! delivery of another message (a duplicate) is running from one this lease may write.
 
-use std::time::Duration;
+use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -40,8 +41,14 @@ impl Backend for AzureBackend {
         (&self.shared.active_name, &self.shared.finished_name)
     }
 
-    /// Claims the idempotency key, inserts the record, then enqueues the message. When a
-    /// step fails, the earlier ones are undone and the error is returned.
+    /// Claims the idempotency key, puts the message hidden, inserts the record, then makes
+    /// the message visible. When a step fails, the earlier ones are undone and the error
+    /// is returned.
+    ///
+    /// The message goes first so that no failure leaves a record without a message. A
+    /// message whose record was never stored, because both the insert and the delete that
+    /// undoes the put failed, becomes visible after the submit visibility timeout and is
+    /// dead-lettered by the daemon (see [`Backend::pending_record_window`]).
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted> {
         let shared = self.ready().await?;
         if let Some(key) = &record.idempotency_key {
@@ -49,25 +56,42 @@ impl Backend for AzureBackend {
                 return Ok(existing);
             }
         }
+
+        // A task delayed longer than the submit visibility timeout stays hidden for its
+        // own delay, so its message needs no second update.
+        let hidden_for = message.delay.max(shared.submit_visibility);
+        let put_at = Instant::now();
+        let put = match shared.put_hidden_message(&message.body, hidden_for).await {
+            Ok(put) => put,
+            Err(error) => {
+                release_idempotency_key(shared, record).await;
+                return Err(error);
+            }
+        };
         if let Err(error) = insert_new_task(shared, record).await {
+            withdraw_message(shared, record, &put).await;
             release_idempotency_key(shared, record).await;
             return Err(error);
         }
-        if let Err(error) = shared.put_message(message).await {
-            let undo =
-                table::delete(&shared.active, &record.partition_key, &record.row_key, None).await;
-            if let Err(undo_error) = undo {
-                tracing::error!(
-                    task_id = %record.row_key,
-                    error = %undo_error,
-                    "failed to delete the record of a task whose message was not enqueued: \
-                     it stays CREATED without a message"
-                );
-            }
-            release_idempotency_key(shared, record).await;
-            return Err(error);
+        if message.delay < shared.submit_visibility {
+            let delay_left = message.delay.saturating_sub(put_at.elapsed());
+            reveal_message(shared, record, &put, delay_left).await;
         }
         Ok(Submitted::Created)
+    }
+
+    /// From the submit visibility timeout on, a message may be visible while its submit
+    /// still stores the record, if the submit's table requests were slow. After the put,
+    /// the submit makes two of them (a read of the finished table and the insert), so the
+    /// window adds the retry time of each.
+    ///
+    /// NOTE: this bound is not strict. The SDK may start one more try after `max_retry`,
+    /// and a try has no timeout. A submit that stores its record after the daemon
+    /// dead-lettered the message finds its pop receipt stale and enqueues a replacement
+    /// (see `reveal_message`).
+    fn pending_record_window(&self) -> Option<Range<Duration>> {
+        let start = self.shared.submit_visibility;
+        Some(start..start + self.shared.max_retry * 2)
     }
 
     async fn begin_attempt(&self, lease: &Lease, start: &AttemptStart) -> Result<Fenced> {
@@ -232,15 +256,85 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
     Ok(Fenced::Written)
 }
 
+/// Deletes the hidden message of a submit whose record was not stored. When the delete
+/// fails too, the message becomes visible after the submit visibility timeout and names
+/// a record that does not exist, so the daemon dead-letters it.
+async fn withdraw_message(shared: &Shared, record: &TaskRecord, put: &Lease) {
+    match shared.delete_message(put).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            task_id = %record.row_key,
+            message_id = %put.message_id,
+            "a daemon leased the message of a task whose record was not stored; it \
+             dead-letters the message"
+        ),
+        Err(error) => tracing::error!(
+            task_id = %record.row_key,
+            message_id = %put.message_id,
+            visible_at = %crate::record::format_time(&put.visible_at),
+            %error,
+            "failed to delete the message of a task whose record was not stored: the \
+             daemon dead-letters the message once it is visible"
+        ),
+    }
+}
+
+/// Makes the message of a stored task visible after `delay`.
+///
+/// A failed update is only logged, because the message becomes visible by itself when
+/// the submit visibility timeout ends. A stale pop receipt means that a daemon got the
+/// message before the record was stored. The daemon released the message to look again
+/// or, past the pending-record window, dead-lettered it, so a replacement is enqueued. A
+/// duplicate delivery is acknowledged once the task has finished.
+///
+/// NOTE: updating a message with the pop receipt of its put was checked on Azurite 3.35
+/// only. The service documents that receipt for Delete Message; if the real service
+/// rejected it for Update Message, every submit would enqueue a replacement.
+async fn reveal_message(shared: &Shared, record: &TaskRecord, put: &Lease, delay: Duration) {
+    let error = match shared.update_visibility(put, delay).await {
+        Ok(Some(_)) => return,
+        Err(error) => error,
+        Ok(None) => {
+            tracing::warn!(
+                task_id = %record.row_key,
+                message_id = %put.message_id,
+                "a daemon got the message before the record was stored: enqueueing a \
+                 replacement"
+            );
+            let replacement = OutgoingMessage {
+                body: put.body.clone(),
+                delay,
+            };
+            match shared.put_message(&replacement).await {
+                Ok(()) => return,
+                Err(error) => error,
+            }
+        }
+    };
+    tracing::warn!(
+        task_id = %record.row_key,
+        message_id = %put.message_id,
+        %error,
+        "failed to make the message of a new task visible: the task starts when the \
+         submit visibility timeout ends, unless a daemon dead-lettered the message \
+         (see `bgw dead-letters`)"
+    );
+}
+
 /// Returns whether a lease may begin an attempt on the task: its own message must not
 /// have begun this or a later delivery, and no other message's delivery may be running.
+///
+/// `LeaseDequeueCount` is the delivery that began the current attempt. An entity written
+/// before `bgw` stored it has the attempt number in its place, which was the dequeue count
+/// then.
 fn may_begin(entity: &Entity, lease: &Lease) -> bool {
     let attempt = integer(entity, "Attempt").unwrap_or(0);
+    let begun_delivery = integer(entity, "LeaseDequeueCount").unwrap_or(attempt);
     let delivery = i64::from(lease.dequeue_count);
     let same_message = string(entity, "LeaseMessageId").as_deref() == Some(&lease.message_id);
     let running = string(entity, "Status").as_deref() == Some(Status::Running.as_str());
     match same_message {
-        true => attempt < delivery,
+        true => begun_delivery < delivery,
         false => !running || attempt < delivery,
     }
 }
@@ -264,6 +358,10 @@ fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Res
     text("HostId", &start.host_id);
     text("LeaseMessageId", &lease.message_id);
     entity.insert("Attempt".to_owned(), Value::from(start.attempt));
+    entity.insert(
+        "LeaseDequeueCount".to_owned(),
+        Value::from(lease.dequeue_count),
+    );
     entity.insert(
         "ComponentVersion".to_owned(),
         Value::from(start.component_version),

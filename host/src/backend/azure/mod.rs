@@ -24,6 +24,7 @@ mod table;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use azure_data_tables::prelude::{TableClient, TableServiceClient};
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
@@ -70,6 +71,20 @@ async fn concurrently<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
         .await
 }
 
+/// Default time a message that `submit` enqueues stays hidden until the submit has stored
+/// the task record and made the message visible: 2 min. It outlasts the SDK's retries of
+/// one request at the default [`DEFAULT_MAX_RETRY`], which end about 81 s after the first
+/// try (`azure_core` 0.21 pauses 0.4 s, doubling up to 30 s, for at most 8 retries). So a
+/// submit whose insert was rejected still has the pop receipt that deletes its message.
+pub const DEFAULT_SUBMIT_VISIBILITY: Duration = Duration::from_secs(120);
+
+/// Maximum visibility timeout Azure Queues accepts: 7 days.
+pub const MAX_SUBMIT_VISIBILITY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Default time the SDK goes on retrying a request that failed transiently: the 60 s of
+/// `azure_core` 0.21's exponential retry policy.
+pub const DEFAULT_MAX_RETRY: Duration = Duration::from_secs(60);
+
 /// Settings of the Azure backend.
 #[derive(Clone)]
 pub struct AzureOptions {
@@ -85,6 +100,14 @@ pub struct AzureOptions {
     /// Local folder that caches `.wasm` files and keeps compiled artifacts, so that each
     /// host compiles a component once.
     pub component_dir: PathBuf,
+    /// Time a message that `submit` enqueues stays hidden until the submit has stored the
+    /// task record and made the message visible. A submit that fails after the message
+    /// was put and cannot delete it leaves a message that appears after this time and is
+    /// dead-lettered.
+    pub submit_visibility: Duration,
+    /// Time the SDK goes on retrying a request that timed out, was throttled (429), failed
+    /// with a 5xx status or an I/O error, before the operation fails.
+    pub max_retry: Duration,
 }
 
 impl std::fmt::Debug for AzureOptions {
@@ -96,6 +119,8 @@ impl std::fmt::Debug for AzureOptions {
             .field("queue_name", &self.queue_name)
             .field("component_table", &self.component_table)
             .field("component_dir", &self.component_dir)
+            .field("submit_visibility", &self.submit_visibility)
+            .field("max_retry", &self.max_retry)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +135,8 @@ impl AzureOptions {
             queue_name: DEFAULT_QUEUE.to_owned(),
             component_table: COMPONENT_TABLE.to_owned(),
             component_dir: component_dir.into(),
+            submit_visibility: DEFAULT_SUBMIT_VISIBILITY,
+            max_retry: DEFAULT_MAX_RETRY,
         }
     }
 }
@@ -133,6 +160,10 @@ struct Shared {
     queue: QueueClient,
     blob_service: BlobServiceClient,
     component_dir: PathBuf,
+    /// See [`AzureOptions::submit_visibility`].
+    submit_visibility: Duration,
+    /// See [`AzureOptions::max_retry`].
+    max_retry: Duration,
     /// Set once the tables, the queue and the containers exist.
     created: OnceCell<()>,
     /// Leases in a row that found the queue empty, for the polling backoff.
@@ -150,7 +181,7 @@ impl AzureBackend {
         )?;
         validate::table_name(&options.component_table)?;
 
-        let endpoints = Endpoints::parse(&options.connection_string)?;
+        let endpoints = Endpoints::parse(&options.connection_string, options.max_retry)?;
         let tables = TableServiceClient::new_with_location(&endpoints);
         let queues = QueueServiceClient::new_with_location(&endpoints);
         // Two blob clients: the async operations use one on the caller's runtime, and the
@@ -171,6 +202,8 @@ impl AzureBackend {
             finished_name: options.finished_table,
             queue_name: options.queue_name,
             component_dir: options.component_dir,
+            submit_visibility: options.submit_visibility,
+            max_retry: options.max_retry,
             created: OnceCell::new(),
             empty_polls: AtomicU32::new(0),
         };
@@ -229,19 +262,22 @@ async fn create_resources(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// Service endpoints and credentials read from a connection string.
+/// Service endpoints and credentials read from a connection string, and the retry policy
+/// of every client.
 struct Endpoints {
     credentials: StorageCredentials,
     table: CloudLocation,
     queue: CloudLocation,
     blob: CloudLocation,
+    retry: azure_core::RetryOptions,
 }
 
 impl Endpoints {
     /// Parses a connection string. Explicit `TableEndpoint`, `QueueEndpoint` and
     /// `BlobEndpoint` values win; `UseDevelopmentStorage=true` selects Azurite on its
     /// default ports; otherwise the public cloud endpoints of the account are used.
-    fn parse(text: &str) -> Result<Self> {
+    /// Requests are retried with the SDK's exponential backoff for at most `max_retry`.
+    fn parse(text: &str, max_retry: Duration) -> Result<Self> {
         let invalid = |detail: String| {
             Error::Invalid(format!(
                 "invalid AZURE_STORAGE_CONNECTION_STRING: {detail}; expected \
@@ -280,6 +316,9 @@ impl Endpoints {
             queue: location(parsed.queue_endpoint, 10001),
             blob: location(parsed.blob_endpoint, 10000),
             credentials,
+            retry: azure_core::RetryOptions::exponential(
+                azure_core::ExponentialRetryOptions::default().max_total_elapsed(max_retry),
+            ),
         })
     }
 }
@@ -295,6 +334,7 @@ impl FromEndpoints for TableServiceClient {
             endpoints.table.clone(),
             endpoints.credentials.clone(),
         )
+        .retry(endpoints.retry.clone())
         .build()
     }
 }
@@ -305,6 +345,7 @@ impl FromEndpoints for QueueServiceClient {
             endpoints.queue.clone(),
             endpoints.credentials.clone(),
         )
+        .retry(endpoints.retry.clone())
         .build()
     }
 }
@@ -315,6 +356,7 @@ impl FromEndpoints for BlobServiceClient {
             endpoints.blob.clone(),
             endpoints.credentials.clone(),
         )
+        .retry(endpoints.retry.clone())
         .blob_service_client()
     }
 }
@@ -327,9 +369,23 @@ fn status_of(error: &azure_core::Error) -> Option<u16> {
     }
 }
 
-/// Wraps an Azure SDK error with what was being done.
+/// Wraps an Azure SDK error with what was being done. An error response becomes one line
+/// with its status, error code and message, followed by the SDK's own message, which shows
+/// whether the request was retried. The SDK's error would print the whole response twice.
 fn azure_error(context: impl Into<String>, error: azure_core::Error) -> Error {
-    Error::Other(anyhow::Error::new(error).context(context.into()))
+    let context = context.into();
+    let Some(response) = error.as_http_error() else {
+        return Error::Other(anyhow::Error::new(error).context(context));
+    };
+    let code = response.error_code().unwrap_or("no error code");
+    let message = response
+        .error_message()
+        .map(|message| format!(": {message}"))
+        .unwrap_or_default();
+    Error::Other(anyhow::anyhow!(
+        "{context}: HTTP {} {code}{message} ({error})",
+        u16::from(response.status())
+    ))
 }
 
 /// Quotes a value for an OData filter or an entity key: single quotes are doubled.
@@ -348,7 +404,7 @@ mod tests {
             BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;\
             QueueEndpoint=http://127.0.0.1:2/devstoreaccount1;\
             TableEndpoint=http://127.0.0.1:3/devstoreaccount1;";
-        let endpoints = Endpoints::parse(text).unwrap();
+        let endpoints = Endpoints::parse(text, DEFAULT_MAX_RETRY).unwrap();
         let url = endpoints
             .queue
             .url(azure_storage::clients::ServiceType::Queue)
@@ -358,7 +414,7 @@ mod tests {
 
     #[test]
     fn connection_string_without_account_is_rejected() {
-        let error = Endpoints::parse("AccountKey=abc")
+        let error = Endpoints::parse("AccountKey=abc", DEFAULT_MAX_RETRY)
             .err()
             .unwrap()
             .to_string();

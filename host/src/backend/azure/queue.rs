@@ -200,19 +200,42 @@ impl Shared {
     /// Puts a message on the queue, first moving a payload too large for a message to a
     /// blob.
     pub(super) async fn put_message(&self, message: &OutgoingMessage) -> Result<()> {
-        let body = self.fit_message(&message.body).await?;
-        let mut builder = self.queue.put_message(body);
-        if !message.delay.is_zero() {
-            builder =
-                builder.visibility_timeout(VisibilityTimeout::new(whole_seconds(message.delay)));
+        self.put_hidden_message(&message.body, message.delay)
+            .await
+            .map(drop)
+    }
+
+    /// Puts a message that stays hidden for `visibility`, first moving a payload too large
+    /// for a message to a blob. Returns the message as a lease whose pop receipt can
+    /// update or delete it until a consumer gets it.
+    pub(super) async fn put_hidden_message(
+        &self,
+        body: &str,
+        visibility: Duration,
+    ) -> Result<Lease> {
+        let body = self.fit_message(body).await?;
+        // Taken before the request, so it never outlasts the hidden time the service counts.
+        let held_until = Instant::now() + visibility;
+        let mut builder = self.queue.put_message(body.clone());
+        if !visibility.is_zero() {
+            builder = builder.visibility_timeout(VisibilityTimeout::new(whole_seconds(visibility)));
         }
-        builder.await.map_err(|error| {
+        let response = builder.await.map_err(|error| {
             azure_error(
                 format!("failed to put a message on queue {}", self.queue_name),
                 error,
             )
         })?;
-        Ok(())
+        let message = response.queue_message;
+        Ok(Lease {
+            message_id: message.message_id,
+            pop_receipt: message.pop_receipt,
+            dequeue_count: 0,
+            body,
+            inserted_at: chrono_time(message.insertion_time),
+            visible_at: chrono_time(message.time_next_visible),
+            held_until,
+        })
     }
 
     /// Returns the body unchanged when it fits a message. A task message whose payload

@@ -6,6 +6,7 @@ use rusqlite::Connection;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::connection::is_busy;
 use super::queue::{delete_message, fenced, insert_message, lease, lease_holds, release_message};
 use super::store::{find_task, insert_new_task, move_to_finished, write_task};
 use super::{Shared, SqliteBackend};
@@ -187,9 +188,37 @@ fn submit_one(
             return Ok(existing);
         }
     }
-    insert_new_task(connection, shared, record)?;
-    insert_message(connection, &shared.queue, &message.body, message.delay)?;
+    insert_new_task(connection, shared, record).map_err(|error| {
+        name_failed_step(
+            error,
+            format!(
+                "failed to store the record of task {} in table {}",
+                record.row_key, shared.active
+            ),
+        )
+    })?;
+    insert_message(connection, &shared.queue, &message.body, message.delay).map_err(|error| {
+        name_failed_step(
+            error,
+            format!(
+                "failed to enqueue the message of task {} on queue {}",
+                record.row_key, shared.queue
+            ),
+        )
+    })?;
     Ok(Submitted::Created)
+}
+
+/// Puts the failed step of a submit before a database error, in one message that a
+/// caller's `to_string` shows whole. A busy or locked database stays [`Error::Sqlite`],
+/// because the writer retries the transaction on that error alone.
+fn name_failed_step(error: Error, step: String) -> Error {
+    match error {
+        Error::Sqlite(source) if !is_busy(&source) => {
+            Error::Other(anyhow::anyhow!("{step}: {source}"))
+        }
+        other => other,
+    }
 }
 
 /// Marks the task RUNNING for a new attempt if the lease still holds.
