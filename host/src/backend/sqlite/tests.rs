@@ -985,14 +985,19 @@ async fn lease_and_begin_starts_accepted_tasks() {
 }
 
 #[test]
-fn end_time_index_only_on_finished_table() {
+fn list_indexes_only_on_finished_table() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bgw.db");
     drop(open(dir.path()));
-    // A file made by an earlier version, which indexed end_time in both tables.
+    // A file made by an earlier version, which had these indexes in both tables.
     Connection::open(&path)
         .unwrap()
-        .execute_batch("CREATE INDEX ActiveTasks_end_time ON ActiveTasks (end_time)")
+        .execute_batch(
+            "CREATE INDEX ActiveTasks_end_time ON ActiveTasks (end_time);
+             CREATE INDEX ActiveTasks_created_time ON ActiveTasks (created_time);
+             CREATE INDEX ActiveTasks_status_created_time
+                 ON ActiveTasks (status, created_time);",
+        )
         .unwrap();
 
     drop(open(dir.path()));
@@ -1008,8 +1013,16 @@ fn end_time_index_only_on_finished_table() {
             .unwrap()
             > 0
     };
-    assert!(!index_exists("ActiveTasks_end_time"));
-    assert!(index_exists("FinishedTasks_end_time"));
+    for index in ["end_time", "created_time", "status_created_time"] {
+        assert!(
+            !index_exists(&format!("ActiveTasks_{index}")),
+            "ActiveTasks_{index} is dropped"
+        );
+        assert!(
+            index_exists(&format!("FinishedTasks_{index}")),
+            "FinishedTasks_{index} exists"
+        );
+    }
 }
 
 #[test]
