@@ -1612,3 +1612,36 @@ fn bulk_submit_wait_prints_each_task() {
         timed_out.stderr
     );
 }
+
+#[test]
+fn config_db_path_follows_data_dir() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.data_dir().join("bgw.toml"),
+        "sqlite_db_path = \"relative.db\"\n",
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+
+    let mut submit = env.command(&["submit", "multiply", "--resource", "res-1"]);
+    let submitted: support::CommandResult = submit
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("failed to start the bgw binary")
+        .into();
+    assert_eq!(submitted.code(), 0, "{submitted:?}");
+
+    assert!(
+        env.data_dir().join("relative.db").is_file(),
+        "the database is in the data directory"
+    );
+    assert!(
+        !elsewhere.path().join("relative.db").exists(),
+        "no database in the current directory"
+    );
+    assert_eq!(
+        env.list_json().len(),
+        1,
+        "a command run elsewhere sees the task"
+    );
+}

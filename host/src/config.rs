@@ -9,7 +9,10 @@
 //! key stays out of configuration files.
 //!
 //! The TOML file is `--config FILE` or `BGW_CONFIG` when given, and `<data dir>/bgw.toml`
-//! otherwise if that file exists. Every key is optional and an unknown key is an error:
+//! otherwise if that file exists. Every key is optional and an unknown key is an error. A
+//! relative `sqlite_db_path` in the file is relative to the data directory, whereas a
+//! relative `SQLITE_DB_PATH` is relative to the current directory, as in
+//! `background-workflows`:
 //!
 //! ```toml
 //! store_mode = "sqlite"
@@ -174,11 +177,14 @@ impl Settings {
                 .map_err(|error| Error::Invalid(format!("invalid STORE_MODE: {error}")))?,
             (None, None) => file.store_mode.unwrap_or_default(),
         };
+        // A relative SQLITE_DB_PATH is relative to the current directory, because
+        // `background-workflows` reads it that way. A relative path from the file is relative
+        // to the data directory, so the file names one database wherever `bgw` runs.
         let sqlite_db_path = overrides
             .sqlite_db_path
             .clone()
             .or_else(|| env("SQLITE_DB_PATH").map(PathBuf::from))
-            .or(file.sqlite_db_path)
+            .or_else(|| file.sqlite_db_path.map(|path| data_dir.join(path)))
             .unwrap_or_else(|| data_dir.join("bgw.db"));
         let text_setting =
             |given: &Option<String>, name: &str, from_file: Option<String>, default: &str| {
@@ -651,6 +657,26 @@ mod tests {
         ]);
         let settings = Settings::resolve_with(&Overrides::default(), &env).unwrap();
         let expected = std::env::current_dir().unwrap().join("local_tasks.db");
+        assert_eq!(settings.db_path(), expected);
+    }
+
+    #[test]
+    fn file_db_path_relative_to_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("elsewhere.toml");
+        std::fs::write(&config, "sqlite_db_path = \"db/tasks.db\"\n").unwrap();
+        let data_dir = dir.path().join("data");
+        let overrides = Overrides {
+            config_file: Some(config),
+            ..with_data_dir(&data_dir)
+        };
+        let settings = Settings::resolve_with(&overrides, &environment(&[])).unwrap();
+        assert_eq!(settings.db_path(), data_dir.join("db/tasks.db"));
+
+        // SQLITE_DB_PATH still wins over the file, and stays relative to the current directory.
+        let env = environment(&[("SQLITE_DB_PATH", "env.db")]);
+        let settings = Settings::resolve_with(&overrides, &env).unwrap();
+        let expected = std::env::current_dir().unwrap().join("env.db");
         assert_eq!(settings.db_path(), expected);
     }
 
