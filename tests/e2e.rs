@@ -1645,3 +1645,50 @@ fn config_db_path_follows_data_dir() {
         "a command run elsewhere sees the task"
     );
 }
+
+#[test]
+fn closed_stdout_ends_commands_quietly() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let ids = env.submit_many("multiply", r#"{"x": 1}"#, &["--count", "1000"]);
+
+    // A reader that takes the first lines of a long output and then closes, as `head` does.
+    let mut list = env.command(&["--json", "list", "--limit", "1000"]);
+    let mut child = list
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("failed to start the bgw binary");
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..5 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(
+            !line.is_empty(),
+            "`bgw --json list` printed fewer than 5 lines"
+        );
+    }
+    drop(reader);
+    let listed: support::CommandResult = child.wait_with_output().unwrap().into();
+    assert_eq!(listed.code(), 0, "{listed:?}");
+    assert_eq!(listed.stderr, "", "no message after the reader closed");
+
+    // Every command, with a pipe whose reader closed before the command wrote anything.
+    let commands: [&[&str]; 7] = [
+        &["list"],
+        &["--json", "list"],
+        &["status", &ids[0]],
+        &["--json", "status", &ids[0]],
+        &["activities"],
+        &["--json", "activities"],
+        &["submit", "multiply", "--resource", "res-1"],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut command = env.command(args);
+        let result: support::CommandResult = command.stdout(writer).output().unwrap().into();
+        assert_eq!(result.code(), 0, "bgw {args:?}: {result:?}");
+        assert_eq!(result.stderr, "", "bgw {args:?}: no message");
+    }
+}

@@ -13,7 +13,7 @@ use bgw::daemon::DaemonOptions;
 use bgw::record::{Status, TaskRecord};
 use bgw::sandbox::{EngineSettings, Sandbox};
 
-use super::output;
+use super::output::{self, outln};
 use super::{
     ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, PruneArgs,
     RegisterArgs, RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, UnregisterArgs,
@@ -195,10 +195,12 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
     if json {
         output::print_json(&version)?;
     } else {
-        println!(
+        outln!(
             "registered {} version {} digest {}",
-            version.activity_type, version.version, version.digest
-        );
+            version.activity_type,
+            version.version,
+            version.digest
+        )?;
     }
     Ok(Finished::Done)
 }
@@ -218,14 +220,14 @@ async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Re
     if json {
         output::print_json(&versions)?;
     } else {
-        output::print_versions(&versions);
+        output::print_versions(&versions)?;
     }
     if let (Some(activity_type), false) = (&args.activity_type, json) {
         if !versions.iter().any(|version| version.current) {
-            println!(
+            outln!(
                 "no version of {activity_type} is current: it is unregistered, and \
                  `bgw rollback {activity_type}` makes the last current one current again"
-            );
+            )?;
         }
     }
     Ok(Finished::Done)
@@ -241,10 +243,12 @@ async fn rollback(settings: &Settings, args: RollbackArgs, json: bool) -> Result
     if json {
         output::print_json(&version)?;
     } else {
-        println!(
+        outln!(
             "{} now runs version {} digest {}",
-            version.activity_type, version.version, version.digest
-        );
+            version.activity_type,
+            version.version,
+            version.digest
+        )?;
     }
     Ok(Finished::Done)
 }
@@ -265,15 +269,18 @@ async fn unregister(settings: &Settings, args: UnregisterArgs, json: bool) -> Re
     if json {
         output::print_json(&version)?;
     } else {
-        println!(
+        outln!(
             "unregistered {}: version {} digest {} is no longer current",
-            version.activity_type, version.version, version.digest
-        );
-        println!(
+            version.activity_type,
+            version.version,
+            version.digest
+        )?;
+        outln!(
             "queued tasks of {0} wait for a component, then end ERROR; `bgw rollback {0}` \
              makes version {1} current again",
-            version.activity_type, version.version
-        );
+            version.activity_type,
+            version.version
+        )?;
     }
     Ok(Finished::Done)
 }
@@ -329,7 +336,8 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         Err((task_ids, error)) => {
             bar.finish_and_clear();
             for task_id in &task_ids {
-                println!("{task_id}");
+                // Report the submit error even when stdout fails.
+                let _ = outln!("{task_id}");
             }
             return Err(error.context(format!(
                 "failed to submit task {} of {total} of type {:?} ({} started, their ids are printed above)",
@@ -356,7 +364,7 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             }
         } else {
             for task_id in &task_ids {
-                println!("{task_id}");
+                outln!("{task_id}")?;
             }
         }
         return Ok(Finished::Done);
@@ -397,11 +405,11 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         }
     } else if bulk {
         for record in &records {
-            println!("{}  {}", record.row_key, record.status);
+            outln!("{}  {}", record.row_key, record.status)?;
         }
-        output::print_summary(&records);
+        output::print_summary(&records)?;
     } else {
-        output::print_record(&records[0]);
+        output::print_record(&records[0])?;
     }
     Ok(if failed {
         Finished::TaskFailed
@@ -671,7 +679,7 @@ async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finis
     if json {
         output::print_json(&record)?;
     } else {
-        output::print_record(&record);
+        output::print_record(&record)?;
     }
     Ok(Finished::Done)
 }
@@ -686,7 +694,7 @@ async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finishe
     if json {
         output::print_json(&record)?;
     } else {
-        output::print_record(&record);
+        output::print_record(&record)?;
     }
     Ok(if record.status == Status::Completed {
         Finished::Done
@@ -710,7 +718,7 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
                     })?;
                 output::print_json(&value)?;
             } else {
-                println!("{}", record.output_payload);
+                outln!("{}", record.output_payload)?;
             }
             Ok(Finished::Done)
         }
@@ -783,7 +791,7 @@ async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finishe
     if json {
         output::print_json(&records)?;
     } else {
-        output::print_table(&records);
+        output::print_table(&records)?;
     }
     Ok(Finished::Done)
 }
@@ -795,11 +803,11 @@ async fn cancel(settings: &Settings, args: TaskArgs) -> Result<Finished> {
         .cancel(&args.task_id, args.resource.as_deref())
         .await?
     {
-        CancelOutcome::Cancelled => println!("cancelled {}: it will not start", args.task_id),
-        CancelOutcome::Requested => println!(
+        CancelOutcome::Cancelled => outln!("cancelled {}: it will not start", args.task_id)?,
+        CancelOutcome::Requested => outln!(
             "cancellation requested for {}: its daemon stops it (`bgw wait` shows the end)",
             args.task_id
-        ),
+        )?,
         CancelOutcome::AlreadyFinished(status) => {
             bail!(
                 "task {} already finished with status {status}",
@@ -853,10 +861,10 @@ async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
             break;
         }
     }
-    println!(
+    outln!(
         "pruned {pruned} finished tasks that ended before {}",
         bgw::record::format_time(&before)
-    );
+    )?;
     Ok(Finished::Done)
 }
 
@@ -867,14 +875,14 @@ async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
         output::print_json(&letters)?;
     } else {
         for letter in &letters {
-            println!(
+            outln!(
                 "{}  {}  dequeued {}x  task {}  {}",
                 letter.id,
                 bgw::record::format_time(&letter.dead_lettered_at),
                 letter.dequeue_count,
                 letter.row_key.as_deref().unwrap_or("-"),
                 letter.reason
-            );
+            )?;
         }
     }
     Ok(Finished::Done)
@@ -888,7 +896,7 @@ async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
             args.id
         );
     }
-    println!("requeued {}", args.id);
+    outln!("requeued {}", args.id)?;
     Ok(Finished::Done)
 }
 
