@@ -1503,6 +1503,9 @@ fn times_are_utc_across_time_zones(env: TestEnv) {
                 .map(|field| {
                     let text = record[field].as_str().unwrap_or_default();
                     assert!(text.ends_with('Z'), "{id}: {field} is UTC with Z: {text:?}");
+                    // Six fractional digits, as background-workflows reads them.
+                    let fraction = text.split_once('.').map_or("", |(_, fraction)| fraction);
+                    assert_eq!(fraction.len(), 7, "{id}: {field} has 6 digits: {text:?}");
                     chrono::DateTime::parse_from_rfc3339(text)
                         .unwrap_or_else(|error| panic!("{id}: {field} {text:?}: {error}"))
                 })

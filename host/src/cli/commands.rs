@@ -300,11 +300,11 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
                 ))
                 .into())
             }
-            Some(secs) => Some(
+            Some(secs) => Some(bgw::record::truncate_to_micros(
                 chrono::Utc::now()
                     + chrono::Duration::from_std(Duration::from_secs_f64(secs))
                         .expect("bounded above"),
-            ),
+            )),
             None => None,
         },
     };

@@ -363,7 +363,7 @@ fn idempotency_entity(key: &str, active_table: &str, record: &TaskRecord) -> Res
     text("RowKey", active_table);
     text("TaskId", &record.row_key);
     text("ResourceId", &record.partition_key);
-    set_time(&mut entity, "ClaimedAt", &Utc::now())?;
+    set_time(&mut entity, "ClaimedAt", &crate::record::now())?;
     Ok(entity)
 }
 
