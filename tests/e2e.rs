@@ -1695,3 +1695,32 @@ fn closed_stdout_ends_commands_quietly() {
         assert_eq!(result.stderr, "", "bgw {args:?}: no message");
     }
 }
+
+#[test]
+fn activities_json_matches_table() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let second = env.register("multiply", &rebuilt_guest(&env, "multiply", "2"), &[]);
+    env.register("echo", &guest("hostile"), &[]);
+
+    // Without a type: the current version of each type, in both formats.
+    let current = env.run_json(&["activities"]);
+    let current = current.as_array().expect("an array of versions");
+    let listed: Vec<(&str, u64)> = current
+        .iter()
+        .map(|version| {
+            let activity_type = version["activity_type"].as_str().unwrap();
+            (activity_type, version["version"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(listed, [("multiply", 2), ("echo", 1)], "{current:#?}");
+    assert_eq!(current[0]["digest"], second["digest"]);
+    let table = env.run_ok(&["activities"]);
+    assert_eq!(table.lines().count(), 1 + current.len(), "{table}");
+
+    // With a type: its whole history.
+    let history = env.run_json(&["activities", "multiply"]);
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history:#}");
+    let table = env.run_ok(&["activities", "multiply"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+}

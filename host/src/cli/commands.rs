@@ -214,7 +214,7 @@ async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Re
     if let (Some(activity_type), true) = (&args.activity_type, versions.is_empty()) {
         bail!("activity type {activity_type:?} is not registered: `bgw activities` lists the registered ones");
     }
-    if args.activity_type.is_none() && !json {
+    if args.activity_type.is_none() {
         versions.retain(|version| version.current);
     }
     if json {
