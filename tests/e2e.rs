@@ -911,13 +911,67 @@ fn corrupt_component_keeps_old_version(env: TestEnv) {
 }
 
 fn usage_errors_exit_with_code_2(env: TestEnv) {
+    let component = path_str(&guest("multiply")).to_owned();
+    let register = |flag: &'static str, value: &'static str| -> Vec<String> {
+        ["register", "multiply", &component, flag, value]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    // Each numeric flag names itself and its range, for a value too large to store, a
+    // negative one and text.
+    let range_cases = [
+        (
+            register("--fuel", "18446744073709551615"),
+            "'--fuel <N>': it must be a whole number from 1 to 9223372036854775807",
+        ),
+        (
+            register("--fuel", "-1"),
+            "'--fuel <N>': it must be a whole number from 1 to 9223372036854775807",
+        ),
+        (
+            register("--max-output", "18446744073709551615"),
+            "'--max-output <BYTES>': it must be a whole number from 0 to 9223372036854775807",
+        ),
+        (
+            register("--memory", "4097"),
+            "'--memory <MIB>': it must be a whole number from 1 to 4096",
+        ),
+        (
+            register("--timeout", "ten"),
+            "'--timeout <SECS>': it must be a whole number from 1 to 604800",
+        ),
+        (
+            register("--max-attempts", "101"),
+            "'--max-attempts <N>': it must be a whole number from 1 to 100",
+        ),
+        (
+            ["daemon", "--concurrency", "-1"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--concurrency <N>': it must be a whole number from 1 to",
+        ),
+        (
+            ["--queue", "Tasks", "list"].map(str::to_owned).to_vec(),
+            "--queue: invalid queue name \"Tasks\"",
+        ),
+    ];
+    for (args, expected) in range_cases {
+        let result = env.run(&args);
+        assert_eq!(result.code(), 2, "bgw {args:?}: {result:?}");
+        assert!(
+            result.stderr.contains(expected),
+            "bgw {args:?}: stderr lacks {expected:?}: {}",
+            result.stderr
+        );
+    }
+
     let cases: [(&[&str], &str); 8] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (&["submit", "multiply"], "--resource"),
         (&["register", "multiply"], "<FILE>"),
         (
             &["submit", "multiply", "--resource", "r", "--count", "0"],
-            "invalid --count 0",
+            "'--count <N>': it must be a whole number from 1 to 10000000",
         ),
         (&["list", "--status", "DONE"], "invalid status"),
         (&["status"], "<TASK_ID>"),
@@ -937,6 +991,28 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             result.stderr
         );
     }
+
+    // A value from the configuration file names the file and the key.
+    let config = env.data_dir().join("bgw.toml");
+    std::fs::write(&config, "[limits]\nmemory_mib = 99999\n").unwrap();
+    let result = env.run(&register("--fuel", "1"));
+    std::fs::remove_file(&config).unwrap();
+    assert_eq!(result.code(), 2, "{result:?}");
+    let expected = format!(
+        "invalid limits.memory_mib 99999 in config file {}: it must be between 1 and 4096",
+        config.display()
+    );
+    assert!(result.stderr.contains(&expected), "{}", result.stderr);
+
+    let mut command = env.command(&["list"]);
+    let result: support::CommandResult =
+        command.env("STORE_MODE", "redis").output().unwrap().into();
+    assert_eq!(result.code(), 2, "{result:?}");
+    assert!(
+        result.stderr.contains("invalid STORE_MODE"),
+        "{}",
+        result.stderr
+    );
 }
 
 fn cli_exit_codes_and_lookups(env: TestEnv) {

@@ -46,7 +46,7 @@ use crate::backend::azure::{AzureOptions, COMPONENT_TABLE};
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
-use crate::{validate, Error, Result};
+use crate::{registry, validate, Error, Result};
 
 /// Default limits of a new registration.
 pub const DEFAULT_LIMITS: Limits = Limits {
@@ -186,33 +186,54 @@ impl Settings {
             .or_else(|| env("SQLITE_DB_PATH").map(PathBuf::from))
             .or_else(|| file.sqlite_db_path.map(|path| data_dir.join(path)))
             .unwrap_or_else(|| data_dir.join("bgw.db"));
-        let text_setting =
-            |given: &Option<String>, name: &str, from_file: Option<String>, default: &str| {
-                given
-                    .clone()
-                    .or_else(|| env(name))
-                    .or(from_file)
-                    .unwrap_or_else(|| default.to_owned())
+        // The file's names were checked when it was read. A name from the command line or
+        // the environment is checked here, and its error names the flag or the variable.
+        let name_setting = |given: &Option<String>,
+                            flag: &str,
+                            variable: &str,
+                            from_file: Option<String>,
+                            default: &str,
+                            check: &dyn Fn(&str) -> Result<()>| {
+            let (value, source) = match (given, env(variable)) {
+                (Some(value), _) => (value.clone(), flag),
+                (None, Some(value)) => (value, variable),
+                (None, None) => return Ok(from_file.unwrap_or_else(|| default.to_owned())),
             };
-        let active_table_name = text_setting(
+            check(&value).map_err(|error| Error::Invalid(format!("{source}: {error}")))?;
+            Ok::<_, Error>(value)
+        };
+        let active_table_name = name_setting(
             &overrides.active_table_name,
+            "the command line",
             "ACTIVE_TABLE_NAME",
             file.active_table_name,
             DEFAULT_ACTIVE_TABLE,
-        );
-        let finished_table_name = text_setting(
+            &validate::table_name,
+        )?;
+        let finished_table_name = name_setting(
             &overrides.finished_table_name,
+            "the command line",
             "FINISHED_TABLE_NAME",
             file.finished_table_name,
             DEFAULT_FINISHED_TABLE,
-        );
-        let queue = text_setting(&overrides.queue, "BGW_QUEUE", file.queue, DEFAULT_QUEUE);
-        let component_table_name = text_setting(
+            &validate::table_name,
+        )?;
+        let queue = name_setting(
+            &overrides.queue,
+            "--queue",
+            "BGW_QUEUE",
+            file.queue,
+            DEFAULT_QUEUE,
+            &check_queue_name,
+        )?;
+        let component_table_name = name_setting(
             &None,
+            "the command line",
             "BGW_COMPONENT_TABLE",
             file.component_table_name,
             COMPONENT_TABLE,
-        );
+            &validate::table_name,
+        )?;
 
         let daemon = file.daemon;
         let concurrency = overrides
@@ -307,30 +328,25 @@ impl Settings {
         }
     }
 
+    /// Checks the values that [`Overrides`] can set and the file did not already check.
     fn validate(&self) -> Result<()> {
-        validate::table_name(&self.active_table_name)?;
-        validate::table_name(&self.finished_table_name)?;
-        validate::table_name(&self.component_table_name)?;
-        validate::azure_name("queue name", &self.queue)?;
         let at_least_one = [
-            ("daemon.concurrency", self.concurrency as u64),
-            (
-                "daemon.visibility_timeout_secs",
-                self.visibility_timeout.as_secs(),
-            ),
-            ("limits.fuel", self.limits.fuel),
-            ("limits.memory_mib", self.limits.memory_mib),
-            ("limits.timeout_secs", self.limits.timeout_secs),
+            ("concurrency", self.concurrency as u64),
+            ("visibility timeout", self.visibility_timeout.as_secs()),
         ];
         for (name, value) in at_least_one {
             if value == 0 {
                 return Err(Error::Invalid(format!(
-                    "{name} must be at least 1, but it is 0"
+                    "invalid {name} 0: it must be at least 1"
                 )));
             }
         }
         Ok(())
     }
+}
+
+fn check_queue_name(name: &str) -> Result<()> {
+    validate::azure_name("queue name", name)
 }
 
 /// A connection string, kept out of `Debug` output because it contains the account key.
@@ -381,6 +397,88 @@ struct LimitsSection {
     memory_mib: Option<u64>,
     timeout_secs: Option<u64>,
     max_output_bytes: Option<u64>,
+}
+
+/// A check of a table or queue name.
+type NameCheck = fn(&str) -> Result<()>;
+
+impl FileSettings {
+    /// Checks the names and numbers of the file, naming the key and the file in each error.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let names: [(&str, &Option<String>, NameCheck); 4] = [
+            (
+                "active_table_name",
+                &self.active_table_name,
+                validate::table_name,
+            ),
+            (
+                "finished_table_name",
+                &self.finished_table_name,
+                validate::table_name,
+            ),
+            (
+                "component_table_name",
+                &self.component_table_name,
+                validate::table_name,
+            ),
+            ("queue", &self.queue, check_queue_name),
+        ];
+        for (key, value, check) in names {
+            if let Some(value) = value {
+                check(value).map_err(|error| {
+                    Error::Invalid(format!("{key} in config file {}: {error}", path.display()))
+                })?;
+            }
+        }
+
+        let numbers = [
+            (
+                "daemon.concurrency",
+                self.daemon.concurrency.map(|value| value as u64),
+                1,
+                u64::MAX,
+            ),
+            (
+                "daemon.visibility_timeout_secs",
+                self.daemon.visibility_timeout_secs,
+                1,
+                u64::MAX,
+            ),
+            ("limits.fuel", self.limits.fuel, 1, registry::MAX_FUEL),
+            (
+                "limits.memory_mib",
+                self.limits.memory_mib,
+                1,
+                registry::MAX_MEMORY_MIB,
+            ),
+            (
+                "limits.timeout_secs",
+                self.limits.timeout_secs,
+                1,
+                registry::MAX_TIMEOUT_SECS,
+            ),
+            (
+                "limits.max_output_bytes",
+                self.limits.max_output_bytes,
+                0,
+                registry::MAX_OUTPUT_BYTES,
+            ),
+        ];
+        for (key, value, min, max) in numbers {
+            let Some(value) = value.filter(|value| !(min..=max).contains(value)) else {
+                continue;
+            };
+            let range = match max {
+                u64::MAX => format!("at least {min}"),
+                _ => format!("between {min} and {max}"),
+            };
+            return Err(Error::Invalid(format!(
+                "invalid {key} {value} in config file {}: it must be {range}",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Returns `$XDG_DATA_HOME/bgw`, or else `~/.local/share/bgw`. A relative `XDG_DATA_HOME`
@@ -434,7 +532,7 @@ fn read_config_file(
         }
     };
 
-    let settings = toml::from_str(&text).map_err(|error| {
+    let settings: FileSettings = toml::from_str(&text).map_err(|error| {
         let position = error.span().map(|span| {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
@@ -448,6 +546,7 @@ fn read_config_file(
             error.message()
         ))
     })?;
+    settings.validate(&path)?;
     Ok((settings, Some(path)))
 }
 
@@ -760,16 +859,53 @@ mod tests {
         ));
         assert!(error.contains("`off`"), "{error}");
 
-        std::fs::write(&path, "[daemon]\nconcurrency = 0\n").unwrap();
-        let error = invalid_message(Settings::resolve_with(
-            &with_data_dir(dir.path()),
-            &environment(&[]),
-        ));
-        assert!(
-            error.contains("daemon.concurrency must be at least 1"),
-            "{error}"
-        );
+        let cases = [
+            (
+                "[daemon]\nconcurrency = 0\n",
+                "invalid daemon.concurrency 0",
+                "at least 1",
+            ),
+            (
+                "[limits]\nmemory_mib = 99999\n",
+                "invalid limits.memory_mib 99999",
+                "between 1 and 4096",
+            ),
+            (
+                "[limits]\nfuel = 0\n",
+                "invalid limits.fuel 0",
+                "between 1 and 9223372036854775807",
+            ),
+            (
+                "[limits]\ntimeout_secs = 604801\n",
+                "invalid limits.timeout_secs 604801",
+                "between 1 and 604800",
+            ),
+            (
+                "queue = \"Tasks\"\n",
+                "queue in config file",
+                "invalid queue name",
+            ),
+            (
+                "active_table_name = \"1x\"\n",
+                "active_table_name in config file",
+                "invalid table name",
+            ),
+        ];
+        for (text, key, rule) in cases {
+            std::fs::write(&path, text).unwrap();
+            let error = invalid_message(Settings::resolve_with(
+                &with_data_dir(dir.path()),
+                &environment(&[]),
+            ));
+            assert!(error.contains(key), "{text:?}: {error}");
+            assert!(error.contains(rule), "{text:?}: {error}");
+            assert!(
+                error.contains(&path.display().to_string()),
+                "{text:?}: {error}"
+            );
+        }
 
+        std::fs::remove_file(&path).unwrap();
         let env = environment(&[("STORE_MODE", "redis")]);
         let error = invalid_message(Settings::resolve_with(&with_data_dir(dir.path()), &env));
         assert!(error.contains("STORE_MODE"), "{error}");
@@ -788,9 +924,19 @@ mod tests {
             "{error}"
         );
 
+        assert!(error.starts_with("ACTIVE_TABLE_NAME: "), "{error}");
+
         let env = environment(&[("BGW_DATA_DIR", "/data"), ("BGW_QUEUE", "Tasks")]);
         let error = invalid_message(Settings::resolve_with(&Overrides::default(), &env));
         assert!(error.contains("invalid queue name \"Tasks\""), "{error}");
+        assert!(error.starts_with("BGW_QUEUE: "), "{error}");
+
+        let overrides = Overrides {
+            queue: Some("Tasks".into()),
+            ..with_data_dir(Path::new("/data"))
+        };
+        let error = invalid_message(Settings::resolve_with(&overrides, &environment(&[])));
+        assert!(error.starts_with("--queue: "), "{error}");
     }
 
     #[test]

@@ -73,8 +73,9 @@ fn resolve_settings(global: &GlobalArgs) -> Result<Settings> {
         queue: global.queue.clone(),
         ..Overrides::default()
     };
-    let settings = Settings::resolve(&overrides)?;
-    settings.check_supported()?;
+    // A value that breaks a rule is bad usage, wherever it was set.
+    let settings = Settings::resolve(&overrides).map_err(usage_if_invalid)?;
+    settings.check_supported().map_err(usage_if_invalid)?;
     Ok(settings)
 }
 
@@ -460,9 +461,6 @@ fn seconds_to_ms(flag: &str, seconds: Option<f64>) -> Result<Option<u64>> {
     }
 }
 
-/// Most tasks one `bgw submit` starts.
-const MAX_SUBMIT_COUNT: u64 = 10_000_000;
-
 /// The payloads of one `bgw submit`: one payload repeated, or the lines of a file.
 /// Number of tasks that `bgw submit` passes to one `start_activities` call, so the
 /// progress bar moves and at most this many blob files are open at once.
@@ -625,13 +623,6 @@ fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
         }
         return Ok(Payloads::Lines(lines));
     }
-    if args.count == 0 || args.count > MAX_SUBMIT_COUNT {
-        return Err(UsageError(format!(
-            "invalid --count {}: it must be between 1 and {MAX_SUBMIT_COUNT}",
-            args.count
-        ))
-        .into());
-    }
     let payload = match args.payload.strip_prefix('@') {
         Some(path) => {
             std::fs::read(path).with_context(|| format!("failed to read payload file {path}"))?
@@ -648,6 +639,14 @@ fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
 /// Turns a validation error of a command-line value into a usage error (exit code 2).
 fn usage(error: bgw::Error) -> UsageError {
     UsageError(error.to_string())
+}
+
+/// Turns an [`bgw::Error::Invalid`] into a usage error, and keeps any other error.
+fn usage_if_invalid(error: bgw::Error) -> anyhow::Error {
+    match error {
+        bgw::Error::Invalid(_) => usage(error).into(),
+        other => other.into(),
+    }
 }
 
 /// Converts an optional number of seconds to a duration, rejecting negative, NaN and huge
