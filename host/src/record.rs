@@ -177,6 +177,33 @@ impl TaskRecord {
         self.end_time = Some(self.start_time.map_or(now, |start| start.max(now)));
     }
 
+    /// Checks that `request`, a new task with this record's idempotency key, has the same
+    /// activity type, resource id and payload, where payloads compare as JSON values.
+    /// Returns [`Error::IdempotencyConflict`](crate::Error) otherwise.
+    pub fn check_same_request(&self, request: &TaskRecord) -> crate::Result<()> {
+        let difference = if self.task_type != request.task_type {
+            format!(
+                "activity type ({:?}, not {:?})",
+                self.task_type, request.task_type
+            )
+        } else if self.partition_key != request.partition_key {
+            format!(
+                "resource id ({:?}, not {:?})",
+                self.partition_key, request.partition_key
+            )
+        } else if !same_json(&self.input_payload, &request.input_payload) {
+            "payload".to_owned()
+        } else {
+            return Ok(());
+        };
+        Err(crate::Error::IdempotencyConflict {
+            key: request.idempotency_key.clone().unwrap_or_default(),
+            task_id: self.row_key.clone(),
+            resource_id: self.partition_key.clone(),
+            difference,
+        })
+    }
+
     /// Creates a CREATED record for a new task.
     pub fn new(task_id: &str, resource_id: &str, activity_type: &str, payload_json: &str) -> Self {
         TaskRecord {
@@ -208,6 +235,16 @@ impl TaskRecord {
             idempotency_key: None,
             cancel_requested: false,
         }
+    }
+}
+
+/// Returns true when two texts are the same JSON value, or the same text if either is not
+/// JSON, so that `{"x":1}` and `{"x": 1}` are one payload.
+fn same_json(left: &str, right: &str) -> bool {
+    let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).ok();
+    match (parse(left), parse(right)) {
+        (Some(left), Some(right)) => left == right,
+        _ => left == right,
     }
 }
 

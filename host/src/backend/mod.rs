@@ -296,7 +296,9 @@ pub trait Backend: TaskStore + TaskQueue {
     fn table_names(&self) -> (&str, &str);
 
     /// Stores the record and enqueues its message, both or neither. When the record has an
-    /// idempotency key that an existing task has, nothing is written.
+    /// idempotency key that an existing task has, nothing is written, and the call returns
+    /// that task, or fails with [`Error::IdempotencyConflict`] when the task's activity
+    /// type, resource id or payload differs from the record's.
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted>;
 
     /// Stores many records and enqueues their messages, each item as [`Backend::submit`]

@@ -336,16 +336,27 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         Ok(task_ids) => task_ids,
         Err((task_ids, error)) => {
             bar.finish_and_clear();
+            if let Some(conflict @ bgw::Error::IdempotencyConflict { .. }) =
+                error.downcast_ref::<bgw::Error>()
+            {
+                return Err(UsageError(conflict.to_string()).into());
+            }
             for task_id in &task_ids {
                 // Report the submit error even when stdout fails.
                 let _ = outln!("{task_id}");
             }
-            return Err(error.context(format!(
-                "failed to submit task {} of {total} of type {:?} ({} started, their ids are printed above)",
+            let mut context = format!(
+                "failed to submit task {} of {total} of type {:?}",
                 task_ids.len() + 1,
-                args.activity_type,
-                task_ids.len()
-            )));
+                args.activity_type
+            );
+            if !task_ids.is_empty() {
+                context.push_str(&format!(
+                    " ({} started, their ids are printed above)",
+                    task_ids.len()
+                ));
+            }
+            return Err(error.context(context));
         }
     };
     bar.finish_and_clear();

@@ -1527,7 +1527,7 @@ async fn idempotency_key_returns_first_task() {
         backend.submit(&first, &message_for(&first)).await.unwrap(),
         Submitted::Created
     );
-    let mut second = new_record("res-0002", "echo");
+    let mut second = new_record("res-0001", "echo");
     second.idempotency_key = Some("order-17".into());
     assert_eq!(
         backend
@@ -1538,6 +1538,16 @@ async fn idempotency_key_returns_first_task() {
             task_id: first.row_key.clone(),
             resource_id: "res-0001".into()
         }
+    );
+    let mut other_resource = new_record("res-0002", "echo");
+    other_resource.idempotency_key = Some("order-17".into());
+    let error = backend
+        .submit(&other_resource, &message_for(&other_resource))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::IdempotencyConflict { task_id, .. } if *task_id == first.row_key),
+        "{error:?}"
     );
     assert_eq!(count_rows(dir.path(), "bgw_queue"), 1, "one message only");
     assert!(backend
