@@ -549,11 +549,27 @@ fn missing_component_fails_only_its_task(env: TestEnv) {
     // One worker slot: the tasks behind the failing one can only run if it does not block.
     let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "1"]);
 
-    let missing = env.submit("ghost-activity", r#"{"x": 1}"#, &[]);
+    // The submit succeeds with a warning, because the type may be registered next.
+    let submitted = env.run(&[
+        "submit",
+        "ghost-activity",
+        "--resource",
+        support::DEFAULT_RESOURCE,
+        "--payload",
+        r#"{"x": 1}"#,
+    ]);
+    assert_eq!(submitted.code(), 0, "{submitted:?}");
+    let warning = "warning: no component is registered for activity type \"ghost-activity\": \
+                   the task waits up to the daemon's --missing-component-grace";
+    assert!(submitted.stderr.contains(warning), "{}", submitted.stderr);
+    let missing = submitted.stdout.trim().to_owned();
+    let registered = env.run(&["submit", "multiply", "--resource", "res-1"]);
+    assert_eq!(registered.stderr, "", "no warning for a registered type");
+
     let behind: Vec<String> = (0..5)
         .map(|x| env.submit("multiply", &json!({"x": x}).to_string(), &[]))
         .collect();
-    let mut all = vec![missing.clone()];
+    let mut all = vec![missing.clone(), registered.stdout.trim().to_owned()];
     all.extend(behind.iter().cloned());
     let records = env.wait_all(&all, TASK_TIMEOUT);
 

@@ -360,6 +360,7 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         }
     };
     bar.finish_and_clear();
+    warn_if_unregistered(&client, &args.activity_type, task_ids.len()).await;
 
     if !args.wait {
         if json {
@@ -428,6 +429,28 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     } else {
         Finished::Done
     })
+}
+
+/// Warns on stderr when the activity type has no current component. Such tasks are valid,
+/// because a component may be registered next, but they end ERROR if none is.
+async fn warn_if_unregistered(client: &WorkflowClient, activity_type: &str, tasks: usize) {
+    match client.backend().registry().current(activity_type).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let (waits, ends) = match tasks {
+                1 => ("the task waits", "ends"),
+                _ => ("the tasks wait", "end"),
+            };
+            eprintln!(
+                "warning: no component is registered for activity type {activity_type:?}: \
+                 {waits} up to the daemon's --missing-component-grace (30 s by default) for \
+                 `bgw register {activity_type} FILE.wasm`, then {ends} ERROR"
+            );
+        }
+        Err(error) => {
+            tracing::debug!(%error, activity_type, "failed to read the current component");
+        }
+    }
 }
 
 /// Returns the start delay set by `--delay` or `--at`.
