@@ -836,6 +836,24 @@ fn bad_input_rejected_before_storing(env: TestEnv) {
         result.stderr
     );
 
+    // A directory as the blob is rejected before a task starts, naming the read that failed.
+    let directory = env.data_dir().join("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    let result = env.run(&[
+        "submit",
+        "multiply",
+        "--resource",
+        "res-1",
+        "--blob",
+        path_str(&directory),
+    ]);
+    assert_eq!(result.code(), 1, "{result:?}");
+    let expected = format!(
+        "failed to read blob file {}: it is a directory, not a file",
+        directory.display()
+    );
+    assert!(result.stderr.contains(&expected), "{}", result.stderr);
+
     // Every submit was rejected before the store was opened. On SQLite there is no
     // database file at all; on Azure the tables and the queue hold nothing.
     if env.is_azure() {
@@ -1815,4 +1833,23 @@ fn activities_json_matches_table() {
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history:#}");
     let table = env.run_ok(&["activities", "multiply"]);
     assert_eq!(table.lines().count(), 3, "{table}");
+}
+
+#[test]
+fn error_cause_printed_once() {
+    let env = TestEnv::new();
+    // A directory where the configuration file should be: an I/O error of the library.
+    std::fs::create_dir(env.data_dir().join("bgw.toml")).unwrap();
+
+    let result = env.run(&["list"]);
+    assert_eq!(result.code(), 1, "{result:?}");
+    let cause = "Is a directory (os error 21)";
+    assert_eq!(result.stderr.matches(cause).count(), 1, "{}", result.stderr);
+    assert!(
+        result
+            .stderr
+            .starts_with("error: failed to read config file "),
+        "{}",
+        result.stderr
+    );
 }

@@ -309,6 +309,18 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             None => None,
         },
     };
+    if let Some(path) = &args.blob {
+        // Fails before any task starts. Each task opens the file again to store its blob.
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("failed to open blob file {}", path.display()))?;
+        // Opening a directory succeeds on Linux, and only the first read fails.
+        if file.metadata().is_ok_and(|metadata| metadata.is_dir()) {
+            bail!(
+                "failed to read blob file {}: it is a directory, not a file",
+                path.display()
+            );
+        }
+    }
     let client = client(settings)?;
 
     // An idempotency key may return a task of another resource, so look such tasks up by
@@ -319,11 +331,6 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     };
     let total = payloads.count();
     let bulk = total > 1;
-    if let Some(path) = &args.blob {
-        // Fails before any task starts. Each task opens the file again to store its blob.
-        std::fs::File::open(path)
-            .with_context(|| format!("failed to open blob file {}", path.display()))?;
-    }
     let bar = output::progress_bar(bulk, total, "submitting");
     let started = match bulk {
         true => submit_in_chunks(&client, &args, &payloads, &options, &bar).await,

@@ -298,6 +298,24 @@ where
     }
 }
 
+/// Formats an error and its causes as `{:#}` does, but leaves out a cause whose message
+/// the text before it already ends with. The library's errors, such as `Error::Io`, put
+/// their source in their own message too, which would print it twice.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.ends_with(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
 /// Outcome of a command, besides its output.
 enum Finished {
     Done,
@@ -322,7 +340,7 @@ pub fn main() -> ExitCode {
         Ok(Finished::Done) => ExitCode::SUCCESS,
         Ok(Finished::TaskFailed) => ExitCode::from(EXIT_TASK_FAILED),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             let usage = error.downcast_ref::<commands::UsageError>().is_some();
             ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE })
         }
