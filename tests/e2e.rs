@@ -1811,7 +1811,7 @@ fn activities_json_matches_table() {
     let env = TestEnv::new();
     env.register("multiply", &guest("multiply"), &[]);
     let second = env.register("multiply", &rebuilt_guest(&env, "multiply", "2"), &[]);
-    env.register("echo", &guest("hostile"), &[]);
+    env.register("echo", &guest("hostile"), &["--max-output", "3072"]);
 
     // Without a type: the current version of each type, in both formats.
     let current = env.run_json(&["activities"]);
@@ -1827,6 +1827,10 @@ fn activities_json_matches_table() {
     assert_eq!(current[0]["digest"], second["digest"]);
     let table = env.run_ok(&["activities"]);
     assert_eq!(table.lines().count(), 1 + current.len(), "{table}");
+    // Sizes are in MiB or KiB, like memory.
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[1].contains(" 256 MiB "), "{table}");
+    assert!(lines[2].contains(" 3 KiB "), "{table}");
 
     // With a type: its whole history.
     let history = env.run_json(&["activities", "multiply"]);

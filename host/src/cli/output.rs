@@ -150,13 +150,25 @@ pub fn print_versions(versions: &[ComponentVersion]) -> Result<()> {
             version.limits.fuel,
             version.limits.memory_mib,
             version.limits.timeout_secs,
-            version.limits.max_output_bytes,
+            format_bytes(version.limits.max_output_bytes),
             version.limits.retry.max_attempts,
             format_time(&version.registered_at),
             if version.current { "  (current)" } else { "" }
         )?;
     }
     Ok(())
+}
+
+/// Formats a size in MiB or KiB when it is a whole number of them, and in bytes otherwise.
+fn format_bytes(bytes: u64) -> String {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+    match bytes {
+        0 => "0 B".to_owned(),
+        _ if bytes.is_multiple_of(MIB) => format!("{} MiB", bytes / MIB),
+        _ if bytes.is_multiple_of(KIB) => format!("{} KiB", bytes / KIB),
+        _ => format!("{bytes} B"),
+    }
 }
 
 /// Creates a progress bar on stderr, drawn only when `show` and stderr is a terminal.
