@@ -1110,13 +1110,16 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
     let by_resource = env.run_json(&["status", id, "--resource", "res-wait"]);
     assert_eq!(by_resource["RowKey"], json!(id));
 
-    let wrong_resource = env.run(&["status", id, "--resource", "res-other"]);
-    assert_eq!(wrong_resource.code(), 1, "{wrong_resource:?}");
-    assert!(
-        wrong_resource.stderr.contains("not found"),
-        "{}",
-        wrong_resource.stderr
-    );
+    for command in ["status", "result", "wait", "cancel"] {
+        let wrong_resource = env.run(&[command, id, "--resource", "res-other"]);
+        assert_eq!(wrong_resource.code(), 1, "{command}: {wrong_resource:?}");
+        let expected = format!("task {id} not found under resource \"res-other\"");
+        assert!(
+            wrong_resource.stderr.contains(&expected),
+            "{command}: {}",
+            wrong_resource.stderr
+        );
+    }
 
     let unknown = env.run(&["status", "01900000-0000-7000-8000-000000000000"]);
     assert_eq!(unknown.code(), 1, "{unknown:?}");

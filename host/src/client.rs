@@ -438,7 +438,7 @@ impl WorkflowClient {
             match self.get_task(task_id, resource_id).await? {
                 Some(record) if record.status.is_terminal() => return Ok(record),
                 Some(_) => {}
-                None => return Err(Error::NotFound(format!("task {task_id} not found"))),
+                None => return Err(Error::NotFound(task_not_found(task_id, resource_id))),
             }
             let mut pause = WAIT_POLL;
             if let Some(limit) = timeout {
@@ -459,6 +459,15 @@ impl WorkflowClient {
     /// Lists task records of both tables, newest first.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
         self.backend.list_tasks(filter).await
+    }
+}
+
+/// Returns the message for a task that a lookup did not find, naming the resource id the
+/// lookup was limited to.
+pub fn task_not_found(task_id: &str, resource_id: Option<&str>) -> String {
+    match resource_id {
+        Some(resource_id) => format!("task {task_id} not found under resource {resource_id:?}"),
+        None => format!("task {task_id} not found"),
     }
 }
 

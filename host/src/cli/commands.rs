@@ -710,7 +710,7 @@ async fn find_task(client: &WorkflowClient, args: &TaskArgs) -> Result<TaskRecor
     client
         .get_task(&args.task_id, args.resource.as_deref())
         .await?
-        .with_context(|| format!("task {} not found", args.task_id))
+        .with_context(|| bgw::client::task_not_found(&args.task_id, args.resource.as_deref()))
 }
 
 async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finished> {
@@ -854,7 +854,10 @@ async fn cancel(settings: &Settings, args: TaskArgs) -> Result<Finished> {
                 args.task_id
             )
         }
-        CancelOutcome::NotFound => bail!("task {} not found", args.task_id),
+        CancelOutcome::NotFound => bail!(bgw::client::task_not_found(
+            &args.task_id,
+            args.resource.as_deref()
+        )),
     }
     Ok(Finished::Done)
 }
