@@ -114,7 +114,7 @@ conformance!(
     finish_moves_record_and_deletes_message,
     retry_stores_record_and_delays_message,
     dead_letter_then_requeue,
-    idempotency_key_returns_existing_task,
+    idempotency_key_reuse_checks_request,
     cancel_queued_and_running_tasks,
     registry_register_rollback_and_generation,
     registry_unregister_then_restore,
@@ -475,31 +475,66 @@ async fn dead_letter_then_requeue(subject: &Subject, mode: &str) {
     assert_eq!(stale, Fenced::LeaseLost);
 }
 
-async fn idempotency_key_returns_existing_task(subject: &Subject, _mode: &str) {
+async fn idempotency_key_reuse_checks_request(subject: &Subject, _mode: &str) {
+    let key = format!("order-{}/#?", uuid::Uuid::new_v4());
     let options = StartOptions {
-        idempotency_key: Some(format!("order-{}/#?", uuid::Uuid::new_v4())),
+        idempotency_key: Some(key.clone()),
         ..StartOptions::default()
     };
-    let start = |payload: &'static str| {
+    let start = |activity_type: &'static str, resource_id: &'static str, payload: &'static str| {
         subject.client.start_activity_with(
-            "multiply",
-            "res-0001",
+            activity_type,
+            resource_id,
             payload.as_bytes(),
             None,
             &options,
         )
     };
-    let first = start(r#"{"x": 1}"#).await.unwrap();
-    let second = start(r#"{"x": 2}"#).await.unwrap();
+    let first = start("multiply", "res-0001", r#"{"x": 1}"#).await.unwrap();
+    // The same request, with the payload's JSON laid out differently, is the first task.
+    let second = start("multiply", "res-0001", r#"{"x":1}"#).await.unwrap();
     assert_eq!(first, second);
+
+    let changed = [
+        ("multiply", "res-0001", r#"{"x": 2}"#, "different payload"),
+        (
+            "multiply",
+            "res-0002",
+            r#"{"x": 1}"#,
+            r#"different resource id ("res-0001", not "res-0002")"#,
+        ),
+        (
+            "double",
+            "res-0001",
+            r#"{"x": 1}"#,
+            r#"different activity type ("multiply", not "double")"#,
+        ),
+    ];
+    for (activity_type, resource_id, payload, difference) in changed {
+        let error = start(activity_type, resource_id, payload)
+            .await
+            .unwrap_err();
+        let bgw::Error::IdempotencyConflict {
+            key: conflict_key,
+            task_id,
+            resource_id: existing_resource,
+            ..
+        } = &error
+        else {
+            panic!("{difference}: expected IdempotencyConflict, got {error:?}");
+        };
+        assert_eq!(conflict_key, &key, "{difference}");
+        assert_eq!(task_id, &first, "{difference}");
+        assert_eq!(existing_resource, "res-0001", "{difference}");
+        let message = error.to_string();
+        assert!(message.contains(difference), "{message}");
+        assert!(message.contains(&first), "{message}");
+    }
+
     assert_eq!(subject.backend.queue_length().await.unwrap(), 1);
-    let stored = subject
-        .backend
-        .get_task(None, &first)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.input_payload, r#"{"x": 1}"#);
+    let listed = subject.client.list(&ListFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), 1, "only the first task is stored");
+    assert_eq!(listed[0].input_payload, r#"{"x": 1}"#);
 }
 
 async fn cancel_queued_and_running_tasks(subject: &Subject, mode: &str) {
@@ -749,10 +784,17 @@ async fn timestamps_round_trip(subject: &Subject, mode: &str) {
             .await
             .unwrap()
             .unwrap();
-        // Both backends keep microseconds, the precision the Python library writes.
-        let expected = parse_time(&format_time(&time)).unwrap();
-        assert_eq!(stored.start_time, Some(expected), "{value:?}");
-        assert_eq!(stored.end_time, Some(expected), "{value:?}");
+        // Both backends keep 100 ns, the precision of Azure's Edm.DateTime, and every case
+        // value has at most seven fractional digits.
+        assert_eq!(stored.start_time, Some(time), "{value:?}");
+        assert_eq!(stored.end_time, Some(time), "{value:?}");
+        // A value with seven digits and a `Z` formats back to the same text.
+        let seven_digits = value
+            .split_once('.')
+            .is_some_and(|(_, fraction)| fraction.len() == "1234567Z".len());
+        if seven_digits {
+            assert_eq!(format_time(&stored.start_time.unwrap()), value);
+        }
     }
 }
 
@@ -892,7 +934,7 @@ async fn prune_deletes_old_finished_tasks(subject: &Subject, mode: &str) {
         .is_some());
 }
 
-async fn bulk_submit_stores_tasks_in_order(subject: &Subject, _mode: &str) {
+async fn bulk_submit_stores_tasks_in_order(subject: &Subject, mode: &str) {
     let key = format!("batch-{}", uuid::Uuid::new_v4());
     let payloads: Vec<String> = (0..5).map(|x| format!(r#"{{"x": {x}}}"#)).collect();
     let mut requests: Vec<StartRequest> = payloads
@@ -900,6 +942,7 @@ async fn bulk_submit_stores_tasks_in_order(subject: &Subject, _mode: &str) {
         .map(|payload| StartRequest::new("multiply", "res-0001", payload.as_bytes()))
         .collect();
     requests[1].options.idempotency_key = Some(key.clone());
+    requests[3].payload_json = payloads[1].as_bytes();
     requests[3].options.idempotency_key = Some(key.clone());
 
     let task_ids = subject.client.start_activities(requests).await.unwrap();
@@ -936,4 +979,33 @@ async fn bulk_submit_stores_tasks_in_order(subject: &Subject, _mode: &str) {
         .to_string();
     assert!(error.contains("index 1 of 2"), "{error}");
     assert_eq!(subject.backend.queue_length().await.unwrap(), 4);
+
+    // A key reused with another payload stops the call at that request. SQLite stores none
+    // of the tasks of that transaction; Azure stores the tasks before it, one by one.
+    let mut conflicting = vec![
+        StartRequest::new("multiply", "res-0001", b"{}"),
+        StartRequest::new("multiply", "res-0001", b"{\"x\": 9}"),
+    ];
+    conflicting[1].options.idempotency_key = Some(key.clone());
+    let error = subject
+        .client
+        .start_activities(conflicting)
+        .await
+        .unwrap_err();
+    let (stored, source) = match error {
+        bgw::Error::PartlySubmitted {
+            task_ids, source, ..
+        } => (task_ids.len(), *source),
+        other => (0, other),
+    };
+    assert!(
+        matches!(source, bgw::Error::IdempotencyConflict { .. }),
+        "{source:?}"
+    );
+    let expected_stored = if mode == "azure" { 1 } else { 0 };
+    assert_eq!(stored, expected_stored);
+    assert_eq!(
+        subject.backend.queue_length().await.unwrap(),
+        4 + expected_stored as u64
+    );
 }

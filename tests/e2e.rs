@@ -549,11 +549,27 @@ fn missing_component_fails_only_its_task(env: TestEnv) {
     // One worker slot: the tasks behind the failing one can only run if it does not block.
     let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "1"]);
 
-    let missing = env.submit("ghost-activity", r#"{"x": 1}"#, &[]);
+    // The submit succeeds with a warning, because the type may be registered next.
+    let submitted = env.run(&[
+        "submit",
+        "ghost-activity",
+        "--resource",
+        support::DEFAULT_RESOURCE,
+        "--payload",
+        r#"{"x": 1}"#,
+    ]);
+    assert_eq!(submitted.code(), 0, "{submitted:?}");
+    let warning = "warning: no component is registered for activity type \"ghost-activity\": \
+                   the task waits up to the daemon's --missing-component-grace";
+    assert!(submitted.stderr.contains(warning), "{}", submitted.stderr);
+    let missing = submitted.stdout.trim().to_owned();
+    let registered = env.run(&["submit", "multiply", "--resource", "res-1"]);
+    assert_eq!(registered.stderr, "", "no warning for a registered type");
+
     let behind: Vec<String> = (0..5)
         .map(|x| env.submit("multiply", &json!({"x": x}).to_string(), &[]))
         .collect();
-    let mut all = vec![missing.clone()];
+    let mut all = vec![missing.clone(), registered.stdout.trim().to_owned()];
     all.extend(behind.iter().cloned());
     let records = env.wait_all(&all, TASK_TIMEOUT);
 
@@ -820,6 +836,24 @@ fn bad_input_rejected_before_storing(env: TestEnv) {
         result.stderr
     );
 
+    // A directory as the blob is rejected before a task starts, naming the read that failed.
+    let directory = env.data_dir().join("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    let result = env.run(&[
+        "submit",
+        "multiply",
+        "--resource",
+        "res-1",
+        "--blob",
+        path_str(&directory),
+    ]);
+    assert_eq!(result.code(), 1, "{result:?}");
+    let expected = format!(
+        "failed to read blob file {}: it is a directory, not a file",
+        directory.display()
+    );
+    assert!(result.stderr.contains(&expected), "{}", result.stderr);
+
     // Every submit was rejected before the store was opened. On SQLite there is no
     // database file at all; on Azure the tables and the queue hold nothing.
     if env.is_azure() {
@@ -911,13 +945,67 @@ fn corrupt_component_keeps_old_version(env: TestEnv) {
 }
 
 fn usage_errors_exit_with_code_2(env: TestEnv) {
+    let component = path_str(&guest("multiply")).to_owned();
+    let register = |flag: &'static str, value: &'static str| -> Vec<String> {
+        ["register", "multiply", &component, flag, value]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    // Each numeric flag names itself and its range, for a value too large to store, a
+    // negative one and text.
+    let range_cases = [
+        (
+            register("--fuel", "18446744073709551615"),
+            "'--fuel <N>': it must be a whole number from 1 to 9223372036854775807",
+        ),
+        (
+            register("--fuel", "-1"),
+            "'--fuel <N>': it must be a whole number from 1 to 9223372036854775807",
+        ),
+        (
+            register("--max-output", "18446744073709551615"),
+            "'--max-output <BYTES>': it must be a whole number from 0 to 9223372036854775807",
+        ),
+        (
+            register("--memory", "4097"),
+            "'--memory <MIB>': it must be a whole number from 1 to 4096",
+        ),
+        (
+            register("--timeout", "ten"),
+            "'--timeout <SECS>': it must be a whole number from 1 to 604800",
+        ),
+        (
+            register("--max-attempts", "101"),
+            "'--max-attempts <N>': it must be a whole number from 1 to 100",
+        ),
+        (
+            ["daemon", "--concurrency", "-1"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--concurrency <N>': it must be a whole number from 1 to",
+        ),
+        (
+            ["--queue", "Tasks", "list"].map(str::to_owned).to_vec(),
+            "--queue: invalid queue name \"Tasks\"",
+        ),
+    ];
+    for (args, expected) in range_cases {
+        let result = env.run(&args);
+        assert_eq!(result.code(), 2, "bgw {args:?}: {result:?}");
+        assert!(
+            result.stderr.contains(expected),
+            "bgw {args:?}: stderr lacks {expected:?}: {}",
+            result.stderr
+        );
+    }
+
     let cases: [(&[&str], &str); 8] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (&["submit", "multiply"], "--resource"),
         (&["register", "multiply"], "<FILE>"),
         (
             &["submit", "multiply", "--resource", "r", "--count", "0"],
-            "invalid --count 0",
+            "'--count <N>': it must be a whole number from 1 to 10000000",
         ),
         (&["list", "--status", "DONE"], "invalid status"),
         (&["status"], "<TASK_ID>"),
@@ -937,6 +1025,28 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             result.stderr
         );
     }
+
+    // A value from the configuration file names the file and the key.
+    let config = env.data_dir().join("bgw.toml");
+    std::fs::write(&config, "[limits]\nmemory_mib = 99999\n").unwrap();
+    let result = env.run(&register("--fuel", "1"));
+    std::fs::remove_file(&config).unwrap();
+    assert_eq!(result.code(), 2, "{result:?}");
+    let expected = format!(
+        "invalid limits.memory_mib 99999 in config file {}: it must be between 1 and 4096",
+        config.display()
+    );
+    assert!(result.stderr.contains(&expected), "{}", result.stderr);
+
+    let mut command = env.command(&["list"]);
+    let result: support::CommandResult =
+        command.env("STORE_MODE", "redis").output().unwrap().into();
+    assert_eq!(result.code(), 2, "{result:?}");
+    assert!(
+        result.stderr.contains("invalid STORE_MODE"),
+        "{}",
+        result.stderr
+    );
 }
 
 fn cli_exit_codes_and_lookups(env: TestEnv) {
@@ -1000,13 +1110,16 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
     let by_resource = env.run_json(&["status", id, "--resource", "res-wait"]);
     assert_eq!(by_resource["RowKey"], json!(id));
 
-    let wrong_resource = env.run(&["status", id, "--resource", "res-other"]);
-    assert_eq!(wrong_resource.code(), 1, "{wrong_resource:?}");
-    assert!(
-        wrong_resource.stderr.contains("not found"),
-        "{}",
-        wrong_resource.stderr
-    );
+    for command in ["status", "result", "wait", "cancel"] {
+        let wrong_resource = env.run(&[command, id, "--resource", "res-other"]);
+        assert_eq!(wrong_resource.code(), 1, "{command}: {wrong_resource:?}");
+        let expected = format!("task {id} not found under resource \"res-other\"");
+        assert!(
+            wrong_resource.stderr.contains(&expected),
+            "{command}: {}",
+            wrong_resource.stderr
+        );
+    }
 
     let unknown = env.run(&["status", "01900000-0000-7000-8000-000000000000"]);
     assert_eq!(unknown.code(), 1, "{unknown:?}");
@@ -1503,6 +1616,9 @@ fn times_are_utc_across_time_zones(env: TestEnv) {
                 .map(|field| {
                     let text = record[field].as_str().unwrap_or_default();
                     assert!(text.ends_with('Z'), "{id}: {field} is UTC with Z: {text:?}");
+                    // Six fractional digits, as background-workflows reads them.
+                    let fraction = text.split_once('.').map_or("", |(_, fraction)| fraction);
+                    assert_eq!(fraction.len(), 7, "{id}: {field} has 6 digits: {text:?}");
                     chrono::DateTime::parse_from_rfc3339(text)
                         .unwrap_or_else(|error| panic!("{id}: {field} {text:?}: {error}"))
                 })
@@ -1610,5 +1726,137 @@ fn bulk_submit_wait_prints_each_task() {
             .contains("2 of 2 started tasks not seen finished"),
         "{}",
         timed_out.stderr
+    );
+}
+
+#[test]
+fn config_db_path_follows_data_dir() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.data_dir().join("bgw.toml"),
+        "sqlite_db_path = \"relative.db\"\n",
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+
+    let mut submit = env.command(&["submit", "multiply", "--resource", "res-1"]);
+    let submitted: support::CommandResult = submit
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("failed to start the bgw binary")
+        .into();
+    assert_eq!(submitted.code(), 0, "{submitted:?}");
+
+    assert!(
+        env.data_dir().join("relative.db").is_file(),
+        "the database is in the data directory"
+    );
+    assert!(
+        !elsewhere.path().join("relative.db").exists(),
+        "no database in the current directory"
+    );
+    assert_eq!(
+        env.list_json().len(),
+        1,
+        "a command run elsewhere sees the task"
+    );
+}
+
+#[test]
+fn closed_stdout_ends_commands_quietly() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let ids = env.submit_many("multiply", r#"{"x": 1}"#, &["--count", "1000"]);
+
+    // A reader that takes the first lines of a long output and then closes, as `head` does.
+    let mut list = env.command(&["--json", "list", "--limit", "1000"]);
+    let mut child = list
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("failed to start the bgw binary");
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..5 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(
+            !line.is_empty(),
+            "`bgw --json list` printed fewer than 5 lines"
+        );
+    }
+    drop(reader);
+    let listed: support::CommandResult = child.wait_with_output().unwrap().into();
+    assert_eq!(listed.code(), 0, "{listed:?}");
+    assert_eq!(listed.stderr, "", "no message after the reader closed");
+
+    // Every command, with a pipe whose reader closed before the command wrote anything.
+    let commands: [&[&str]; 7] = [
+        &["list"],
+        &["--json", "list"],
+        &["status", &ids[0]],
+        &["--json", "status", &ids[0]],
+        &["activities"],
+        &["--json", "activities"],
+        &["submit", "multiply", "--resource", "res-1"],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut command = env.command(args);
+        let result: support::CommandResult = command.stdout(writer).output().unwrap().into();
+        assert_eq!(result.code(), 0, "bgw {args:?}: {result:?}");
+        assert_eq!(result.stderr, "", "bgw {args:?}: no message");
+    }
+}
+
+#[test]
+fn activities_json_matches_table() {
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let second = env.register("multiply", &rebuilt_guest(&env, "multiply", "2"), &[]);
+    env.register("echo", &guest("hostile"), &["--max-output", "3072"]);
+
+    // Without a type: the current version of each type, in both formats.
+    let current = env.run_json(&["activities"]);
+    let current = current.as_array().expect("an array of versions");
+    let listed: Vec<(&str, u64)> = current
+        .iter()
+        .map(|version| {
+            let activity_type = version["activity_type"].as_str().unwrap();
+            (activity_type, version["version"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(listed, [("multiply", 2), ("echo", 1)], "{current:#?}");
+    assert_eq!(current[0]["digest"], second["digest"]);
+    let table = env.run_ok(&["activities"]);
+    assert_eq!(table.lines().count(), 1 + current.len(), "{table}");
+    // Sizes are in MiB or KiB, like memory.
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[1].contains(" 256 MiB "), "{table}");
+    assert!(lines[2].contains(" 3 KiB "), "{table}");
+
+    // With a type: its whole history.
+    let history = env.run_json(&["activities", "multiply"]);
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history:#}");
+    let table = env.run_ok(&["activities", "multiply"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+}
+
+#[test]
+fn error_cause_printed_once() {
+    let env = TestEnv::new();
+    // A directory where the configuration file should be: an I/O error of the library.
+    std::fs::create_dir(env.data_dir().join("bgw.toml")).unwrap();
+
+    let result = env.run(&["list"]);
+    assert_eq!(result.code(), 1, "{result:?}");
+    let cause = "Is a directory (os error 21)";
+    assert_eq!(result.stderr.matches(cause).count(), 1, "{}", result.stderr);
+    assert!(
+        result
+            .stderr
+            .starts_with("error: failed to read config file "),
+        "{}",
+        result.stderr
     );
 }

@@ -920,6 +920,33 @@ fn idempotency_key_creates_one_task(env: TestEnv) {
     );
     assert_eq!(env.queue_length(), keys.len() as u64, "one message per key");
 
+    // The key with another payload or resource is an error that names the key and the task.
+    let first_id = &ids_per_key[keys[0]][0];
+    let changed: [&[&str]; 2] = [
+        &["--payload", r#"{"x": 4}"#],
+        &["--payload", r#"{"x": 3}"#, "--resource", "res-other"],
+    ];
+    for extra in changed {
+        let mut args = vec!["submit", "multiply", "--idempotency-key", keys[0]];
+        if !extra.contains(&"--resource") {
+            args.extend(["--resource", support::DEFAULT_RESOURCE]);
+        }
+        args.extend_from_slice(extra);
+        let result = env.run(&args);
+        assert_eq!(result.code(), 2, "{extra:?}: {result:?}");
+        assert_eq!(result.stdout, "", "{extra:?}: no task id is printed");
+        let expected = format!(
+            "idempotency key \"{}\" was already used by task {first_id} with a different",
+            keys[0]
+        );
+        assert!(
+            result.stderr.contains(&expected),
+            "{extra:?}: {}",
+            result.stderr
+        );
+    }
+    assert_eq!(env.list_json().len(), keys.len(), "no task was added");
+
     // Keys belong to one deployment: another one in the same account reuses them freely.
     let other = env.another_deployment();
     other.register("multiply", &guest("multiply"), &[]);

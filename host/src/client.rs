@@ -25,7 +25,9 @@ pub struct InputBlob<'a> {
 pub struct StartOptions {
     /// Delay before the task may start.
     pub delay: Duration,
-    /// Key that makes a retried submit return the task the first one created.
+    /// Key that makes a retried submit return the task the first one created. A submit
+    /// that reuses the key with another activity type, resource id or payload fails with
+    /// [`Error::IdempotencyConflict`]. The input blob is not compared.
     pub idempotency_key: Option<String>,
     /// Time after which the task must not start or go on running.
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
@@ -153,7 +155,8 @@ impl WorkflowClient {
     /// records and messages are written in as few transactions as the backend allows: on
     /// SQLite up to 1,000 tasks per transaction, on other backends one by one. A request
     /// with the idempotency key of an existing task, or of an earlier request in the call,
-    /// returns that task's id instead of starting a task.
+    /// returns that task's id instead of starting a task, and stops the call with
+    /// [`Error::IdempotencyConflict`] as a failed write when the requests differ.
     ///
     /// When a write fails, the input blobs of the tasks that were not stored are deleted.
     /// If no task was stored, the call returns the write's error. Otherwise it returns
@@ -435,7 +438,7 @@ impl WorkflowClient {
             match self.get_task(task_id, resource_id).await? {
                 Some(record) if record.status.is_terminal() => return Ok(record),
                 Some(_) => {}
-                None => return Err(Error::NotFound(format!("task {task_id} not found"))),
+                None => return Err(Error::NotFound(task_not_found(task_id, resource_id))),
             }
             let mut pause = WAIT_POLL;
             if let Some(limit) = timeout {
@@ -456,6 +459,15 @@ impl WorkflowClient {
     /// Lists task records of both tables, newest first.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>> {
         self.backend.list_tasks(filter).await
+    }
+}
+
+/// Returns the message for a task that a lookup did not find, naming the resource id the
+/// lookup was limited to.
+pub fn task_not_found(task_id: &str, resource_id: Option<&str>) -> String {
+    match resource_id {
+        Some(resource_id) => format!("task {task_id} not found under resource {resource_id:?}"),
+        None => format!("task {task_id} not found"),
     }
 }
 

@@ -10,7 +10,10 @@
 //! key stays out of configuration files.
 //!
 //! The TOML file is `--config FILE` or `BGW_CONFIG` when given, and `<data dir>/bgw.toml`
-//! otherwise if that file exists. Every key is optional and an unknown key is an error:
+//! otherwise if that file exists. Every key is optional and an unknown key is an error. A
+//! relative `sqlite_db_path` in the file is relative to the data directory, whereas a
+//! relative `SQLITE_DB_PATH` is relative to the current directory, as in
+//! `background-workflows`:
 //!
 //! ```toml
 //! store_mode = "sqlite"
@@ -51,7 +54,7 @@ use crate::backend::azure::{
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
-use crate::{validate, Error, Result};
+use crate::{registry, validate, Error, Result};
 
 /// Default limits of a new registration.
 pub const DEFAULT_LIMITS: Limits = Limits {
@@ -188,39 +191,63 @@ impl Settings {
                 .map_err(|error| Error::Invalid(format!("invalid STORE_MODE: {error}")))?,
             (None, None) => file.store_mode.unwrap_or_default(),
         };
+        // A relative SQLITE_DB_PATH is relative to the current directory, because
+        // `background-workflows` reads it that way. A relative path from the file is relative
+        // to the data directory, so the file names one database wherever `bgw` runs.
         let sqlite_db_path = overrides
             .sqlite_db_path
             .clone()
             .or_else(|| env("SQLITE_DB_PATH").map(PathBuf::from))
-            .or(file.sqlite_db_path)
+            .or_else(|| file.sqlite_db_path.map(|path| data_dir.join(path)))
             .unwrap_or_else(|| data_dir.join("bgw.db"));
-        let text_setting =
-            |given: &Option<String>, name: &str, from_file: Option<String>, default: &str| {
-                given
-                    .clone()
-                    .or_else(|| env(name))
-                    .or(from_file)
-                    .unwrap_or_else(|| default.to_owned())
+        // The file's names were checked when it was read. A name from the command line or
+        // the environment is checked here, and its error names the flag or the variable.
+        let name_setting = |given: &Option<String>,
+                            flag: &str,
+                            variable: &str,
+                            from_file: Option<String>,
+                            default: &str,
+                            check: &dyn Fn(&str) -> Result<()>| {
+            let (value, source) = match (given, env(variable)) {
+                (Some(value), _) => (value.clone(), flag),
+                (None, Some(value)) => (value, variable),
+                (None, None) => return Ok(from_file.unwrap_or_else(|| default.to_owned())),
             };
-        let active_table_name = text_setting(
+            check(&value).map_err(|error| Error::Invalid(format!("{source}: {error}")))?;
+            Ok::<_, Error>(value)
+        };
+        let active_table_name = name_setting(
             &overrides.active_table_name,
+            "the command line",
             "ACTIVE_TABLE_NAME",
             file.active_table_name,
             DEFAULT_ACTIVE_TABLE,
-        );
-        let finished_table_name = text_setting(
+            &validate::table_name,
+        )?;
+        let finished_table_name = name_setting(
             &overrides.finished_table_name,
+            "the command line",
             "FINISHED_TABLE_NAME",
             file.finished_table_name,
             DEFAULT_FINISHED_TABLE,
-        );
-        let queue = text_setting(&overrides.queue, "BGW_QUEUE", file.queue, DEFAULT_QUEUE);
-        let component_table_name = text_setting(
+            &validate::table_name,
+        )?;
+        let queue = name_setting(
+            &overrides.queue,
+            "--queue",
+            "BGW_QUEUE",
+            file.queue,
+            DEFAULT_QUEUE,
+            &check_queue_name,
+        )?;
+        let component_table_name = name_setting(
             &None,
+            "the command line",
             "BGW_COMPONENT_TABLE",
             file.component_table_name,
             COMPONENT_TABLE,
-        );
+            &validate::table_name,
+        )?;
 
         let daemon = file.daemon;
         let concurrency = overrides
@@ -331,25 +358,16 @@ impl Settings {
         }
     }
 
+    /// Checks the values that [`Overrides`] can set and the file did not already check.
     fn validate(&self) -> Result<()> {
-        validate::table_name(&self.active_table_name)?;
-        validate::table_name(&self.finished_table_name)?;
-        validate::table_name(&self.component_table_name)?;
-        validate::azure_name("queue name", &self.queue)?;
         let at_least_one = [
-            ("daemon.concurrency", self.concurrency as u64),
-            (
-                "daemon.visibility_timeout_secs",
-                self.visibility_timeout.as_secs(),
-            ),
-            ("limits.fuel", self.limits.fuel),
-            ("limits.memory_mib", self.limits.memory_mib),
-            ("limits.timeout_secs", self.limits.timeout_secs),
+            ("concurrency", self.concurrency as u64),
+            ("visibility timeout", self.visibility_timeout.as_secs()),
         ];
         for (name, value) in at_least_one {
             if value == 0 {
                 return Err(Error::Invalid(format!(
-                    "{name} must be at least 1, but it is 0"
+                    "invalid {name} 0: it must be at least 1"
                 )));
             }
         }
@@ -363,6 +381,10 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+fn check_queue_name(name: &str) -> Result<()> {
+    validate::azure_name("queue name", name)
 }
 
 /// A connection string, kept out of `Debug` output because it contains the account key.
@@ -424,6 +446,88 @@ struct LimitsSection {
     max_output_bytes: Option<u64>,
 }
 
+/// A check of a table or queue name.
+type NameCheck = fn(&str) -> Result<()>;
+
+impl FileSettings {
+    /// Checks the names and numbers of the file, naming the key and the file in each error.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let names: [(&str, &Option<String>, NameCheck); 4] = [
+            (
+                "active_table_name",
+                &self.active_table_name,
+                validate::table_name,
+            ),
+            (
+                "finished_table_name",
+                &self.finished_table_name,
+                validate::table_name,
+            ),
+            (
+                "component_table_name",
+                &self.component_table_name,
+                validate::table_name,
+            ),
+            ("queue", &self.queue, check_queue_name),
+        ];
+        for (key, value, check) in names {
+            if let Some(value) = value {
+                check(value).map_err(|error| {
+                    Error::Invalid(format!("{key} in config file {}: {error}", path.display()))
+                })?;
+            }
+        }
+
+        let numbers = [
+            (
+                "daemon.concurrency",
+                self.daemon.concurrency.map(|value| value as u64),
+                1,
+                u64::MAX,
+            ),
+            (
+                "daemon.visibility_timeout_secs",
+                self.daemon.visibility_timeout_secs,
+                1,
+                u64::MAX,
+            ),
+            ("limits.fuel", self.limits.fuel, 1, registry::MAX_FUEL),
+            (
+                "limits.memory_mib",
+                self.limits.memory_mib,
+                1,
+                registry::MAX_MEMORY_MIB,
+            ),
+            (
+                "limits.timeout_secs",
+                self.limits.timeout_secs,
+                1,
+                registry::MAX_TIMEOUT_SECS,
+            ),
+            (
+                "limits.max_output_bytes",
+                self.limits.max_output_bytes,
+                0,
+                registry::MAX_OUTPUT_BYTES,
+            ),
+        ];
+        for (key, value, min, max) in numbers {
+            let Some(value) = value.filter(|value| !(min..=max).contains(value)) else {
+                continue;
+            };
+            let range = match max {
+                u64::MAX => format!("at least {min}"),
+                _ => format!("between {min} and {max}"),
+            };
+            return Err(Error::Invalid(format!(
+                "invalid {key} {value} in config file {}: it must be {range}",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Returns `$XDG_DATA_HOME/bgw`, or else `~/.local/share/bgw`. A relative `XDG_DATA_HOME`
 /// is ignored, as the XDG base directory specification requires.
 fn default_data_dir(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf> {
@@ -475,7 +579,7 @@ fn read_config_file(
         }
     };
 
-    let settings = toml::from_str(&text).map_err(|error| {
+    let settings: FileSettings = toml::from_str(&text).map_err(|error| {
         let position = error.span().map(|span| {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
@@ -489,6 +593,7 @@ fn read_config_file(
             error.message()
         ))
     })?;
+    settings.validate(&path)?;
     Ok((settings, Some(path)))
 }
 
@@ -720,6 +825,26 @@ mod tests {
     }
 
     #[test]
+    fn file_db_path_relative_to_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("elsewhere.toml");
+        std::fs::write(&config, "sqlite_db_path = \"db/tasks.db\"\n").unwrap();
+        let data_dir = dir.path().join("data");
+        let overrides = Overrides {
+            config_file: Some(config),
+            ..with_data_dir(&data_dir)
+        };
+        let settings = Settings::resolve_with(&overrides, &environment(&[])).unwrap();
+        assert_eq!(settings.db_path(), data_dir.join("db/tasks.db"));
+
+        // SQLITE_DB_PATH still wins over the file, and stays relative to the current directory.
+        let env = environment(&[("SQLITE_DB_PATH", "env.db")]);
+        let settings = Settings::resolve_with(&overrides, &env).unwrap();
+        let expected = std::env::current_dir().unwrap().join("env.db");
+        assert_eq!(settings.db_path(), expected);
+    }
+
+    #[test]
     fn explicit_config_file_must_exist() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.toml");
@@ -799,16 +924,53 @@ mod tests {
         ));
         assert!(error.contains("`off`"), "{error}");
 
-        std::fs::write(&path, "[daemon]\nconcurrency = 0\n").unwrap();
-        let error = invalid_message(Settings::resolve_with(
-            &with_data_dir(dir.path()),
-            &environment(&[]),
-        ));
-        assert!(
-            error.contains("daemon.concurrency must be at least 1"),
-            "{error}"
-        );
+        let cases = [
+            (
+                "[daemon]\nconcurrency = 0\n",
+                "invalid daemon.concurrency 0",
+                "at least 1",
+            ),
+            (
+                "[limits]\nmemory_mib = 99999\n",
+                "invalid limits.memory_mib 99999",
+                "between 1 and 4096",
+            ),
+            (
+                "[limits]\nfuel = 0\n",
+                "invalid limits.fuel 0",
+                "between 1 and 9223372036854775807",
+            ),
+            (
+                "[limits]\ntimeout_secs = 604801\n",
+                "invalid limits.timeout_secs 604801",
+                "between 1 and 604800",
+            ),
+            (
+                "queue = \"Tasks\"\n",
+                "queue in config file",
+                "invalid queue name",
+            ),
+            (
+                "active_table_name = \"1x\"\n",
+                "active_table_name in config file",
+                "invalid table name",
+            ),
+        ];
+        for (text, key, rule) in cases {
+            std::fs::write(&path, text).unwrap();
+            let error = invalid_message(Settings::resolve_with(
+                &with_data_dir(dir.path()),
+                &environment(&[]),
+            ));
+            assert!(error.contains(key), "{text:?}: {error}");
+            assert!(error.contains(rule), "{text:?}: {error}");
+            assert!(
+                error.contains(&path.display().to_string()),
+                "{text:?}: {error}"
+            );
+        }
 
+        std::fs::remove_file(&path).unwrap();
         let env = environment(&[("STORE_MODE", "redis")]);
         let error = invalid_message(Settings::resolve_with(&with_data_dir(dir.path()), &env));
         assert!(error.contains("STORE_MODE"), "{error}");
@@ -827,9 +989,19 @@ mod tests {
             "{error}"
         );
 
+        assert!(error.starts_with("ACTIVE_TABLE_NAME: "), "{error}");
+
         let env = environment(&[("BGW_DATA_DIR", "/data"), ("BGW_QUEUE", "Tasks")]);
         let error = invalid_message(Settings::resolve_with(&Overrides::default(), &env));
         assert!(error.contains("invalid queue name \"Tasks\""), "{error}");
+        assert!(error.starts_with("BGW_QUEUE: "), "{error}");
+
+        let overrides = Overrides {
+            queue: Some("Tasks".into()),
+            ..with_data_dir(Path::new("/data"))
+        };
+        let error = invalid_message(Settings::resolve_with(&overrides, &environment(&[])));
+        assert!(error.starts_with("--queue: "), "{error}");
     }
 
     #[test]

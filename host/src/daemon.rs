@@ -347,7 +347,7 @@ impl Controller {
             component_digest: component.version.digest.clone(),
             component_version: component.version.version,
             host_id: self.options.host_id.clone(),
-            start_time: Utc::now(),
+            start_time: crate::record::now(),
         };
         if self.starter.call((lease.clone(), start.clone())).await?? == Fenced::LeaseLost {
             tracing::warn!("lease lost before the attempt started: another worker has the task");
@@ -460,7 +460,7 @@ impl Controller {
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
         let slot = self.pipeline.execution_slot().await;
-        let start_time = Utc::now();
+        let start_time = crate::record::now();
         record.start_time = Some(start_time);
         let started = std::time::Instant::now();
         let run = self.sandbox.run(&component.prepared, context, limits);
@@ -477,8 +477,9 @@ impl Controller {
 
         // Measured on the monotonic clock, so that a step of the wall clock during the run
         // cannot make the attempt end before it started.
-        record.end_time =
-            Some(start_time + chrono::TimeDelta::from_std(run_time).unwrap_or_default());
+        record.end_time = Some(crate::record::truncate_to_micros(
+            start_time + chrono::TimeDelta::from_std(run_time).unwrap_or_default(),
+        ));
         record.fuel_used = Some(report.fuel_used);
         record.task_log = Some(report.task_log).filter(|log| !log.is_empty());
         if let Some((percent, message)) = watch
@@ -673,7 +674,7 @@ impl Controller {
         record.attempt = attempt_number(&lease, &record);
         record.host_id = Some(self.options.host_id.clone());
         record.start_time = None;
-        record.end_time = Some(Utc::now());
+        record.end_time = Some(crate::record::now());
 
         if waited < grace {
             let delay = (grace - waited).min(COMPONENT_RECHECK);
@@ -946,7 +947,7 @@ fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Ar
                 component_digest: component.version.digest.clone(),
                 component_version: component.version.version,
                 host_id: options.host_id.clone(),
-                start_time: Utc::now(),
+                start_time: crate::record::now(),
             };
             let token: Box<dyn std::any::Any + Send> = Box::new(component);
             Some((start, token))

@@ -34,6 +34,21 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A submit that reused the idempotency key of an existing task with a different
+    /// request. Nothing was written.
+    #[error(
+        "idempotency key {key:?} was already used by task {task_id} with a different {difference}: \
+         the key returns that task only for the same activity type, resource id and payload, \
+         so use a new key for a new task"
+    )]
+    IdempotencyConflict {
+        key: String,
+        /// The task that has the key.
+        task_id: String,
+        resource_id: String,
+        /// The field that differs, such as `payload` or `activity type ("a", not "b")`.
+        difference: String,
+    },
     /// Any other failure, with its context.
     #[error(transparent)]
     Other(#[from] anyhow::Error),

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, SubsecRound, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Default name of the table of tasks that have not finished, as in `background-workflows`.
@@ -173,8 +173,35 @@ impl TaskRecord {
     /// stamped by another host whose clock is ahead of this one's, and no record may end
     /// before it starts.
     pub fn set_end_time_now(&mut self) {
-        let now = Utc::now();
+        let now = now();
         self.end_time = Some(self.start_time.map_or(now, |start| start.max(now)));
+    }
+
+    /// Checks that `request`, a new task with this record's idempotency key, has the same
+    /// activity type, resource id and payload, where payloads compare as JSON values.
+    /// Returns [`Error::IdempotencyConflict`](crate::Error) otherwise.
+    pub fn check_same_request(&self, request: &TaskRecord) -> crate::Result<()> {
+        let difference = if self.task_type != request.task_type {
+            format!(
+                "activity type ({:?}, not {:?})",
+                self.task_type, request.task_type
+            )
+        } else if self.partition_key != request.partition_key {
+            format!(
+                "resource id ({:?}, not {:?})",
+                self.partition_key, request.partition_key
+            )
+        } else if !same_json(&self.input_payload, &request.input_payload) {
+            "payload".to_owned()
+        } else {
+            return Ok(());
+        };
+        Err(crate::Error::IdempotencyConflict {
+            key: request.idempotency_key.clone().unwrap_or_default(),
+            task_id: self.row_key.clone(),
+            resource_id: self.partition_key.clone(),
+            difference,
+        })
     }
 
     /// Creates a CREATED record for a new task.
@@ -202,12 +229,22 @@ impl TaskRecord {
             output_blob_name: None,
             task_log: None,
             host_id: None,
-            created_time: Some(Utc::now()),
+            created_time: Some(now()),
             attempt_history: Vec::new(),
             deadline_time: None,
             idempotency_key: None,
             cancel_requested: false,
         }
+    }
+}
+
+/// Returns true when two texts are the same JSON value, or the same text if either is not
+/// JSON, so that `{"x":1}` and `{"x": 1}` are one payload.
+fn same_json(left: &str, right: &str) -> bool {
+    let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).ok();
+    match (parse(left), parse(right)) {
+        (Some(left), Some(right)) => left == right,
+        _ => left == right,
     }
 }
 
@@ -320,9 +357,33 @@ fn write_separator<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> s
     }
 }
 
-/// Formats a time as the records store it: UTC, microseconds and a `Z` suffix.
+/// Formats a time as the records store it: RFC 3339 in UTC with a `Z` suffix and six
+/// fractional digits, or seven when the 100 ns digit is not zero. Digits below 100 ns are
+/// dropped.
+///
+/// `background-workflows` 0.3.0 writes and reads six digits, because Python's `datetime`
+/// has microseconds, and every time `bgw` creates is in whole microseconds (see [`now`]).
+/// Seven digits keep the 100 ns precision of Azure's `Edm.DateTime` for times that other
+/// writers stored.
 pub fn format_time(time: &DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+    let micros = time.to_rfc3339_opts(SecondsFormat::Micros, true);
+    let hundreds_of_nanos = time.nanosecond() % 1_000 / 100;
+    if hundreds_of_nanos == 0 {
+        return micros;
+    }
+    let without_zone = micros.strip_suffix('Z').unwrap_or(&micros);
+    format!("{without_zone}{hundreds_of_nanos}Z")
+}
+
+/// Returns the current time in whole microseconds, the time `bgw` stores in the records it
+/// writes, so that [`format_time`] writes it with the six digits Python reads.
+pub fn now() -> DateTime<Utc> {
+    truncate_to_micros(Utc::now())
+}
+
+/// Drops the digits of a time below one microsecond.
+pub fn truncate_to_micros(time: DateTime<Utc>) -> DateTime<Utc> {
+    time.trunc_subsecs(6)
 }
 
 /// Parses a stored time.
@@ -442,6 +503,45 @@ mod tests {
     fn seven_digit_fraction_keeps_100ns() {
         let time = parse_time("2014-09-02T21:09:14.8848547Z").unwrap();
         assert_eq!(time.timestamp_subsec_nanos(), 884_854_700);
+    }
+
+    #[test]
+    fn format_time_round_trips_100ns() {
+        let cases = [
+            "2014-09-02T21:09:14.8848547Z",
+            "9999-12-31T23:59:59.9999999Z",
+            "2024-02-29T23:59:59.0000001Z",
+            "2014-09-02T21:09:14.884854Z",
+            "2014-09-02T21:09:14.000000Z",
+        ];
+        for text in cases {
+            let time = parse_time(text).unwrap();
+            assert_eq!(format_time(&time), text);
+        }
+    }
+
+    #[test]
+    fn format_time_drops_digits_below_100ns() {
+        let time = parse_time("2014-09-02T21:09:14.884854789Z").unwrap();
+        assert_eq!(format_time(&time), "2014-09-02T21:09:14.8848547Z");
+        let time = parse_time("2014-09-02T21:09:14.884854099Z").unwrap();
+        assert_eq!(format_time(&time), "2014-09-02T21:09:14.884854Z");
+    }
+
+    #[test]
+    fn times_bgw_creates_have_six_digits() {
+        let texts = [
+            format_time(&now()),
+            format_time(
+                &TaskRecord::new("k", "r", "demo", "{}")
+                    .created_time
+                    .unwrap(),
+            ),
+        ];
+        for text in texts {
+            let fraction = text.split_once('.').unwrap().1;
+            assert_eq!(fraction.len(), "123456Z".len(), "{text}");
+        }
     }
 
     #[test]

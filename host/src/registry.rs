@@ -46,22 +46,44 @@ pub async fn register(
         .await
 }
 
-/// Rejects limits that could never let a task run.
+/// Largest fuel budget. The stores keep limits as signed 64-bit integers.
+pub const MAX_FUEL: u64 = i64::MAX as u64;
+
+/// Largest memory limit in MiB, because a wasm32 memory is at most 4 GiB.
+pub const MAX_MEMORY_MIB: u64 = 4096;
+
+/// Longest deadline of one attempt, in seconds: 7 days.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+/// Largest output blob limit in bytes. The stores keep limits as signed 64-bit integers.
+pub const MAX_OUTPUT_BYTES: u64 = i64::MAX as u64;
+
+/// Most attempts of one task.
+pub const MAX_ATTEMPTS: u32 = 100;
+
+/// Rejects limits that could never let a task run, or that the stores cannot keep.
 pub fn check_limits(limits: &Limits) -> Result<()> {
-    if limits.fuel == 0 {
-        return Err(Error::Invalid(
-            "invalid fuel limit 0: it must be at least 1".into(),
-        ));
-    }
-    if limits.memory_mib == 0 || limits.memory_mib > 4096 {
+    if limits.fuel == 0 || limits.fuel > MAX_FUEL {
         return Err(Error::Invalid(format!(
-            "invalid memory limit {} MiB: it must be between 1 and 4096 MiB (a wasm32 memory is at most 4 GiB)",
+            "invalid fuel limit {}: it must be between 1 and {MAX_FUEL}",
+            limits.fuel
+        )));
+    }
+    if limits.memory_mib == 0 || limits.memory_mib > MAX_MEMORY_MIB {
+        return Err(Error::Invalid(format!(
+            "invalid memory limit {} MiB: it must be between 1 and {MAX_MEMORY_MIB} MiB (a wasm32 memory is at most 4 GiB)",
             limits.memory_mib
         )));
     }
-    if limits.retry.max_attempts == 0 || limits.retry.max_attempts > 100 {
+    if limits.max_output_bytes > MAX_OUTPUT_BYTES {
         return Err(Error::Invalid(format!(
-            "invalid max attempts {}: it must be between 1 and 100",
+            "invalid output blob limit {} bytes: it must be between 0 and {MAX_OUTPUT_BYTES} bytes",
+            limits.max_output_bytes
+        )));
+    }
+    if limits.retry.max_attempts == 0 || limits.retry.max_attempts > MAX_ATTEMPTS {
+        return Err(Error::Invalid(format!(
+            "invalid max attempts {}: it must be between 1 and {MAX_ATTEMPTS}",
             limits.retry.max_attempts
         )));
     }
@@ -72,9 +94,9 @@ pub fn check_limits(limits: &Limits) -> Result<()> {
             limits.retry.max_backoff_ms as f64 / 1000.0
         )));
     }
-    if limits.timeout_secs == 0 || limits.timeout_secs > 7 * 24 * 3600 {
+    if limits.timeout_secs == 0 || limits.timeout_secs > MAX_TIMEOUT_SECS {
         return Err(Error::Invalid(format!(
-            "invalid timeout {} s: it must be between 1 s and 604800 s (7 days)",
+            "invalid timeout {} s: it must be between 1 s and {MAX_TIMEOUT_SECS} s (7 days)",
             limits.timeout_secs
         )));
     }
@@ -209,5 +231,41 @@ impl ComponentCache {
             version: version.clone(),
             prepared,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_LIMITS;
+
+    #[test]
+    fn limits_above_i64_are_rejected() {
+        let cases = [
+            (
+                Limits {
+                    fuel: u64::MAX,
+                    ..DEFAULT_LIMITS
+                },
+                "invalid fuel limit 18446744073709551615: it must be between 1 and 9223372036854775807",
+            ),
+            (
+                Limits {
+                    max_output_bytes: MAX_OUTPUT_BYTES + 1,
+                    ..DEFAULT_LIMITS
+                },
+                "invalid output blob limit 9223372036854775808 bytes: it must be between 0 and 9223372036854775807 bytes",
+            ),
+        ];
+        for (limits, expected) in cases {
+            let error = check_limits(&limits).unwrap_err().to_string();
+            assert_eq!(error, expected);
+        }
+        let largest = Limits {
+            fuel: MAX_FUEL,
+            max_output_bytes: MAX_OUTPUT_BYTES,
+            ..DEFAULT_LIMITS
+        };
+        assert!(check_limits(&largest).is_ok());
     }
 }

@@ -297,7 +297,9 @@ pub trait Backend: TaskStore + TaskQueue {
     fn table_names(&self) -> (&str, &str);
 
     /// Stores the record and enqueues its message, both or neither. When the record has an
-    /// idempotency key that an existing task has, nothing is written.
+    /// idempotency key that an existing task has, nothing is written, and the call returns
+    /// that task, or fails with [`Error::IdempotencyConflict`] when the task's activity
+    /// type, resource id or payload differs from the record's.
     async fn submit(&self, record: &TaskRecord, message: &OutgoingMessage) -> Result<Submitted>;
 
     /// Returns the ages of a message, counted from when it was enqueued, at which a record

@@ -13,7 +13,7 @@ use bgw::daemon::DaemonOptions;
 use bgw::record::{Status, TaskRecord};
 use bgw::sandbox::{EngineSettings, Sandbox};
 
-use super::output;
+use super::output::{self, outln};
 use super::{
     ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, PruneArgs,
     RegisterArgs, RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, UnregisterArgs,
@@ -73,8 +73,9 @@ fn resolve_settings(global: &GlobalArgs) -> Result<Settings> {
         queue: global.queue.clone(),
         ..Overrides::default()
     };
-    let settings = Settings::resolve(&overrides)?;
-    settings.check_supported()?;
+    // A value that breaks a rule is bad usage, wherever it was set.
+    let settings = Settings::resolve(&overrides).map_err(usage_if_invalid)?;
+    settings.check_supported().map_err(usage_if_invalid)?;
     Ok(settings)
 }
 
@@ -195,10 +196,12 @@ async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result
     if json {
         output::print_json(&version)?;
     } else {
-        println!(
+        outln!(
             "registered {} version {} digest {}",
-            version.activity_type, version.version, version.digest
-        );
+            version.activity_type,
+            version.version,
+            version.digest
+        )?;
     }
     Ok(Finished::Done)
 }
@@ -212,20 +215,20 @@ async fn activities(settings: &Settings, args: ActivitiesArgs, json: bool) -> Re
     if let (Some(activity_type), true) = (&args.activity_type, versions.is_empty()) {
         bail!("activity type {activity_type:?} is not registered: `bgw activities` lists the registered ones");
     }
-    if args.activity_type.is_none() && !json {
+    if args.activity_type.is_none() {
         versions.retain(|version| version.current);
     }
     if json {
         output::print_json(&versions)?;
     } else {
-        output::print_versions(&versions);
+        output::print_versions(&versions)?;
     }
     if let (Some(activity_type), false) = (&args.activity_type, json) {
         if !versions.iter().any(|version| version.current) {
-            println!(
+            outln!(
                 "no version of {activity_type} is current: it is unregistered, and \
                  `bgw rollback {activity_type}` makes the last current one current again"
-            );
+            )?;
         }
     }
     Ok(Finished::Done)
@@ -241,10 +244,12 @@ async fn rollback(settings: &Settings, args: RollbackArgs, json: bool) -> Result
     if json {
         output::print_json(&version)?;
     } else {
-        println!(
+        outln!(
             "{} now runs version {} digest {}",
-            version.activity_type, version.version, version.digest
-        );
+            version.activity_type,
+            version.version,
+            version.digest
+        )?;
     }
     Ok(Finished::Done)
 }
@@ -265,15 +270,18 @@ async fn unregister(settings: &Settings, args: UnregisterArgs, json: bool) -> Re
     if json {
         output::print_json(&version)?;
     } else {
-        println!(
+        outln!(
             "unregistered {}: version {} digest {} is no longer current",
-            version.activity_type, version.version, version.digest
-        );
-        println!(
+            version.activity_type,
+            version.version,
+            version.digest
+        )?;
+        outln!(
             "queued tasks of {0} wait for a component, then end ERROR; `bgw rollback {0}` \
              makes version {1} current again",
-            version.activity_type, version.version
-        );
+            version.activity_type,
+            version.version
+        )?;
     }
     Ok(Finished::Done)
 }
@@ -293,14 +301,26 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
                 ))
                 .into())
             }
-            Some(secs) => Some(
+            Some(secs) => Some(bgw::record::truncate_to_micros(
                 chrono::Utc::now()
                     + chrono::Duration::from_std(Duration::from_secs_f64(secs))
                         .expect("bounded above"),
-            ),
+            )),
             None => None,
         },
     };
+    if let Some(path) = &args.blob {
+        // Fails before any task starts. Each task opens the file again to store its blob.
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("failed to open blob file {}", path.display()))?;
+        // Opening a directory succeeds on Linux, and only the first read fails.
+        if file.metadata().is_ok_and(|metadata| metadata.is_dir()) {
+            bail!(
+                "failed to read blob file {}: it is a directory, not a file",
+                path.display()
+            );
+        }
+    }
     let client = client(settings)?;
 
     // An idempotency key may return a task of another resource, so look such tasks up by
@@ -311,11 +331,6 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
     };
     let total = payloads.count();
     let bulk = total > 1;
-    if let Some(path) = &args.blob {
-        // Fails before any task starts. Each task opens the file again to store its blob.
-        std::fs::File::open(path)
-            .with_context(|| format!("failed to open blob file {}", path.display()))?;
-    }
     let bar = output::progress_bar(bulk, total, "submitting");
     let started = match bulk {
         true => submit_in_chunks(&client, &args, &payloads, &options, &bar).await,
@@ -328,18 +343,31 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         Ok(task_ids) => task_ids,
         Err((task_ids, error)) => {
             bar.finish_and_clear();
-            for task_id in &task_ids {
-                println!("{task_id}");
+            if let Some(conflict @ bgw::Error::IdempotencyConflict { .. }) =
+                error.downcast_ref::<bgw::Error>()
+            {
+                return Err(UsageError(conflict.to_string()).into());
             }
-            return Err(error.context(format!(
-                "failed to submit task {} of {total} of type {:?} ({} started, their ids are printed above)",
+            for task_id in &task_ids {
+                // Report the submit error even when stdout fails.
+                let _ = outln!("{task_id}");
+            }
+            let mut context = format!(
+                "failed to submit task {} of {total} of type {:?}",
                 task_ids.len() + 1,
-                args.activity_type,
-                task_ids.len()
-            )));
+                args.activity_type
+            );
+            if !task_ids.is_empty() {
+                context.push_str(&format!(
+                    " ({} started, their ids are printed above)",
+                    task_ids.len()
+                ));
+            }
+            return Err(error.context(context));
         }
     };
     bar.finish_and_clear();
+    warn_if_unregistered(&client, &args.activity_type, task_ids.len()).await;
 
     if !args.wait {
         if json {
@@ -356,7 +384,7 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             }
         } else {
             for task_id in &task_ids {
-                println!("{task_id}");
+                outln!("{task_id}")?;
             }
         }
         return Ok(Finished::Done);
@@ -397,17 +425,39 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         }
     } else if bulk {
         for record in &records {
-            println!("{}  {}", record.row_key, record.status);
+            outln!("{}  {}", record.row_key, record.status)?;
         }
-        output::print_summary(&records);
+        output::print_summary(&records)?;
     } else {
-        output::print_record(&records[0]);
+        output::print_record(&records[0])?;
     }
     Ok(if failed {
         Finished::TaskFailed
     } else {
         Finished::Done
     })
+}
+
+/// Warns on stderr when the activity type has no current component. Such tasks are valid,
+/// because a component may be registered next, but they end ERROR if none is.
+async fn warn_if_unregistered(client: &WorkflowClient, activity_type: &str, tasks: usize) {
+    match client.backend().registry().current(activity_type).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let (waits, ends) = match tasks {
+                1 => ("the task waits", "ends"),
+                _ => ("the tasks wait", "end"),
+            };
+            eprintln!(
+                "warning: no component is registered for activity type {activity_type:?}: \
+                 {waits} up to the daemon's --missing-component-grace (30 s by default) for \
+                 `bgw register {activity_type} FILE.wasm`, then {ends} ERROR"
+            );
+        }
+        Err(error) => {
+            tracing::debug!(%error, activity_type, "failed to read the current component");
+        }
+    }
 }
 
 /// Returns the start delay set by `--delay` or `--at`.
@@ -451,9 +501,6 @@ fn seconds_to_ms(flag: &str, seconds: Option<f64>) -> Result<Option<u64>> {
         .into()),
     }
 }
-
-/// Most tasks one `bgw submit` starts.
-const MAX_SUBMIT_COUNT: u64 = 10_000_000;
 
 /// The payloads of one `bgw submit`: one payload repeated, or the lines of a file.
 /// Number of tasks that `bgw submit` passes to one `start_activities` call, so the
@@ -617,13 +664,6 @@ fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
         }
         return Ok(Payloads::Lines(lines));
     }
-    if args.count == 0 || args.count > MAX_SUBMIT_COUNT {
-        return Err(UsageError(format!(
-            "invalid --count {}: it must be between 1 and {MAX_SUBMIT_COUNT}",
-            args.count
-        ))
-        .into());
-    }
     let payload = match args.payload.strip_prefix('@') {
         Some(path) => {
             std::fs::read(path).with_context(|| format!("failed to read payload file {path}"))?
@@ -640,6 +680,14 @@ fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
 /// Turns a validation error of a command-line value into a usage error (exit code 2).
 fn usage(error: bgw::Error) -> UsageError {
     UsageError(error.to_string())
+}
+
+/// Turns an [`bgw::Error::Invalid`] into a usage error, and keeps any other error.
+fn usage_if_invalid(error: bgw::Error) -> anyhow::Error {
+    match error {
+        bgw::Error::Invalid(_) => usage(error).into(),
+        other => other.into(),
+    }
 }
 
 /// Converts an optional number of seconds to a duration, rejecting negative, NaN and huge
@@ -662,7 +710,7 @@ async fn find_task(client: &WorkflowClient, args: &TaskArgs) -> Result<TaskRecor
     client
         .get_task(&args.task_id, args.resource.as_deref())
         .await?
-        .with_context(|| format!("task {} not found", args.task_id))
+        .with_context(|| bgw::client::task_not_found(&args.task_id, args.resource.as_deref()))
 }
 
 async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finished> {
@@ -671,7 +719,7 @@ async fn status(settings: &Settings, args: TaskArgs, json: bool) -> Result<Finis
     if json {
         output::print_json(&record)?;
     } else {
-        output::print_record(&record);
+        output::print_record(&record)?;
     }
     Ok(Finished::Done)
 }
@@ -686,7 +734,7 @@ async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finishe
     if json {
         output::print_json(&record)?;
     } else {
-        output::print_record(&record);
+        output::print_record(&record)?;
     }
     Ok(if record.status == Status::Completed {
         Finished::Done
@@ -710,7 +758,7 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
                     })?;
                 output::print_json(&value)?;
             } else {
-                println!("{}", record.output_payload);
+                outln!("{}", record.output_payload)?;
             }
             Ok(Finished::Done)
         }
@@ -783,7 +831,7 @@ async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finishe
     if json {
         output::print_json(&records)?;
     } else {
-        output::print_table(&records);
+        output::print_table(&records)?;
     }
     Ok(Finished::Done)
 }
@@ -795,18 +843,21 @@ async fn cancel(settings: &Settings, args: TaskArgs) -> Result<Finished> {
         .cancel(&args.task_id, args.resource.as_deref())
         .await?
     {
-        CancelOutcome::Cancelled => println!("cancelled {}: it will not start", args.task_id),
-        CancelOutcome::Requested => println!(
+        CancelOutcome::Cancelled => outln!("cancelled {}: it will not start", args.task_id)?,
+        CancelOutcome::Requested => outln!(
             "cancellation requested for {}: its daemon stops it (`bgw wait` shows the end)",
             args.task_id
-        ),
+        )?,
         CancelOutcome::AlreadyFinished(status) => {
             bail!(
                 "task {} already finished with status {status}",
                 args.task_id
             )
         }
-        CancelOutcome::NotFound => bail!("task {} not found", args.task_id),
+        CancelOutcome::NotFound => bail!(bgw::client::task_not_found(
+            &args.task_id,
+            args.resource.as_deref()
+        )),
     }
     Ok(Finished::Done)
 }
@@ -853,10 +904,10 @@ async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
             break;
         }
     }
-    println!(
+    outln!(
         "pruned {pruned} finished tasks that ended before {}",
         bgw::record::format_time(&before)
-    );
+    )?;
     Ok(Finished::Done)
 }
 
@@ -867,14 +918,14 @@ async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
         output::print_json(&letters)?;
     } else {
         for letter in &letters {
-            println!(
+            outln!(
                 "{}  {}  dequeued {}x  task {}  {}",
                 letter.id,
                 bgw::record::format_time(&letter.dead_lettered_at),
                 letter.dequeue_count,
                 letter.row_key.as_deref().unwrap_or("-"),
                 letter.reason
-            );
+            )?;
         }
     }
     Ok(Finished::Done)
@@ -888,7 +939,7 @@ async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
             args.id
         );
     }
-    println!("requeued {}", args.id);
+    outln!("requeued {}", args.id)?;
     Ok(Finished::Done)
 }
 

@@ -7,7 +7,11 @@ mod output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bgw::registry::{MAX_ATTEMPTS, MAX_FUEL, MAX_MEMORY_MIB, MAX_OUTPUT_BYTES, MAX_TIMEOUT_SECS};
 use clap::{Args, Parser, Subcommand};
+
+/// Maximum number of tasks one `bgw submit` starts.
+const MAX_SUBMIT_COUNT: u64 = 10_000_000;
 
 /// Exit code of a command that failed.
 const EXIT_FAILURE: u8 = 1;
@@ -48,6 +52,9 @@ enum Command {
     /// Run the host daemon: lease tasks, run their components, record the outcomes
     Daemon(DaemonArgs),
     /// Register a component for an activity type (it takes effect in running daemons)
+    ///
+    /// The [limits] table of the configuration file (DATA_DIR/bgw.toml by default) sets the
+    /// defaults of --fuel, --memory, --timeout and --max-output.
     Register(RegisterArgs),
     /// List registered activity types and their component versions
     Activities(ActivitiesArgs),
@@ -79,28 +86,31 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct DaemonArgs {
-    /// Tasks run at once [default: number of cores, or the configuration's daemon.concurrency]
-    #[arg(allow_negative_numbers = true, long, value_name = "N")]
+    /// Tasks run at once, 1 or more [default: number of cores, or the configuration's
+    /// daemon.concurrency]
+    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, usize::MAX))]
     concurrency: Option<usize>,
-    /// Seconds a leased message stays hidden before another worker may take it over
-    /// [default: 30, or the configuration's daemon.visibility_timeout_secs]
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
+    /// Seconds a leased message stays hidden before another worker may take it over, 1 or
+    /// more [default: 30, or the configuration's daemon.visibility_timeout_secs]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = whole_number(1, u64::MAX))]
     visibility_timeout: Option<u64>,
-    /// Seconds running tasks get to finish after SIGTERM or SIGINT
+    /// Seconds running tasks get to finish after SIGTERM or SIGINT, 0 or more
     #[arg(
         allow_negative_numbers = true,
         long,
         value_name = "SECS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = whole_number(0, u64::MAX)
     )]
     shutdown_grace: u64,
     /// Seconds a task whose activity type has no component waits for a registration
-    /// before it ends ERROR and is dead-lettered
+    /// before it ends ERROR and is dead-lettered, 0 or more
     #[arg(
         allow_negative_numbers = true,
         long,
         value_name = "SECS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = whole_number(0, u64::MAX)
     )]
     missing_component_grace: u64,
 }
@@ -111,27 +121,31 @@ struct RegisterArgs {
     activity_type: String,
     /// Component file built for wasm32-wasip2 with the bgw guest SDK
     file: PathBuf,
-    /// Fuel budget of one attempt, roughly one unit per wasm instruction [default:
-    /// 10000000000, or the configuration's limits.fuel]
-    #[arg(allow_negative_numbers = true, long, value_name = "N")]
+    /// Fuel budget of one attempt, roughly one unit per wasm instruction, from 1 to
+    /// 9223372036854775807 [default: 10000000000, or the configuration's limits.fuel]
+    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, MAX_FUEL))]
     fuel: Option<u64>,
-    /// Maximum linear memory of one attempt, in MiB [default: 512]
-    #[arg(allow_negative_numbers = true, long, value_name = "MIB")]
+    /// Maximum linear memory of one attempt, in MiB, from 1 to 4096 [default: 512, or the
+    /// configuration's limits.memory_mib]
+    #[arg(allow_negative_numbers = true, long, value_name = "MIB", value_parser = whole_number(1, MAX_MEMORY_MIB))]
     memory: Option<u64>,
-    /// Wall-clock deadline of one attempt, in seconds [default: 60]
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
+    /// Wall-clock deadline of one attempt, in seconds, from 1 to 604800 (7 days) [default:
+    /// 60, or the configuration's limits.timeout_secs]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = whole_number(1, MAX_TIMEOUT_SECS))]
     timeout: Option<u64>,
-    /// Maximum size of the output blob, in bytes [default: 268435456]
-    #[arg(allow_negative_numbers = true, long, value_name = "BYTES")]
+    /// Maximum size of the output blob, in bytes, from 0 to 9223372036854775807 [default:
+    /// 268435456, or the configuration's limits.max_output_bytes]
+    #[arg(allow_negative_numbers = true, long, value_name = "BYTES", value_parser = whole_number(0, MAX_OUTPUT_BYTES))]
     max_output: Option<u64>,
-    /// Attempts in all before a failing task ends ERROR; 1 means no retry [default: 3]
-    #[arg(allow_negative_numbers = true, long, value_name = "N")]
+    /// Attempts in all before a failing task ends ERROR, from 1 to 100; 1 means no retry
+    /// [default: 3]
+    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, MAX_ATTEMPTS))]
     max_attempts: Option<u32>,
-    /// Delay before the first retry in seconds, doubled for each later one, with jitter
-    /// [default: 1]
+    /// Delay before the first retry in seconds, doubled for each later one, with jitter,
+    /// from 0 to 86400 and at most --max-backoff [default: 1]
     #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     backoff: Option<f64>,
-    /// Maximum delay between attempts, in seconds [default: 60]
+    /// Maximum delay between attempts, in seconds, from 0 to 86400 [default: 60]
     #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     max_backoff: Option<f64>,
 }
@@ -167,18 +181,19 @@ struct SubmitArgs {
     /// File of payloads, one JSON object per line: starts one task per line
     #[arg(long, value_name = "FILE", conflicts_with = "count")]
     payloads: Option<PathBuf>,
-    /// Start N tasks with the same payload
+    /// Start N tasks with the same payload, from 1 to 10000000
     #[arg(
         allow_negative_numbers = true,
         long,
         value_name = "N",
-        default_value_t = 1
+        default_value_t = 1,
+        value_parser = whole_number(1, MAX_SUBMIT_COUNT)
     )]
     count: u64,
     /// Input blob for the task
     #[arg(long, value_name = "FILE")]
     blob: Option<PathBuf>,
-    /// Delay before the task may start, in seconds
+    /// Delay before the task may start, in seconds, from 0 to 2592000 (30 days)
     #[arg(
         allow_negative_numbers = true,
         long,
@@ -189,7 +204,8 @@ struct SubmitArgs {
     /// Time before which the task may not start, in RFC 3339 (2026-12-24T18:00:00Z)
     #[arg(long, value_name = "TIME")]
     at: Option<String>,
-    /// Seconds from now after which the task must not start or go on running
+    /// Seconds from now after which the task must not start or go on running, more than 0
+    /// and at most 2592000 (30 days)
     #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     deadline: Option<f64>,
     /// Key that makes a retried submit return the task the first submit created
@@ -198,7 +214,7 @@ struct SubmitArgs {
     /// Wait until every started task has finished, and print the final records
     #[arg(long)]
     wait: bool,
-    /// Give up waiting after this many seconds
+    /// Give up waiting after this many seconds, from 0 to 2592000 (30 days)
     #[arg(
         allow_negative_numbers = true,
         long,
@@ -221,7 +237,7 @@ struct TaskArgs {
 struct WaitArgs {
     #[command(flatten)]
     task: TaskArgs,
-    /// Give up after this many seconds
+    /// Give up after this many seconds, from 0 to 2592000 (30 days)
     #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     timeout: Option<f64>,
 }
@@ -246,19 +262,20 @@ struct ListArgs {
     /// Only tasks of this resource id
     #[arg(long, value_name = "ID")]
     resource: Option<String>,
-    /// Show at most N tasks
+    /// Show at most N tasks, 0 or more
     #[arg(
         allow_negative_numbers = true,
         long,
         value_name = "N",
-        default_value_t = 100
+        default_value_t = 100,
+        value_parser = whole_number(0, usize::MAX)
     )]
     limit: usize,
 }
 
 #[derive(Args, Debug)]
 struct PruneArgs {
-    /// Delete finished tasks whose EndTime is more than this many days ago
+    /// Delete finished tasks whose EndTime is more than this many days ago, from 0 to 36500
     #[arg(allow_negative_numbers = true, long, value_name = "DAYS")]
     older_than: f64,
 }
@@ -267,6 +284,36 @@ struct PruneArgs {
 struct RequeueArgs {
     /// Id of the dead letter, as `bgw dead-letters` shows it
     id: String,
+}
+
+/// Returns a parser of a flag's value that accepts a whole number from `min` to `max`, and
+/// otherwise fails with a message that gives the range.
+fn whole_number<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |text: &str| match text.parse::<T>() {
+        Ok(value) if min <= value && value <= max => Ok(value),
+        _ => Err(format!("it must be a whole number from {min} to {max}")),
+    }
+}
+
+/// Formats an error and its causes as `{:#}` does, but leaves out a cause whose message
+/// the text before it already ends with. The library's errors, such as `Error::Io`, put
+/// their source in their own message too, which would print it twice.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.ends_with(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 /// Outcome of a command, besides its output.
@@ -293,7 +340,7 @@ pub fn main() -> ExitCode {
         Ok(Finished::Done) => ExitCode::SUCCESS,
         Ok(Finished::TaskFailed) => ExitCode::from(EXIT_TASK_FAILED),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             let usage = error.downcast_ref::<commands::UsageError>().is_some();
             ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE })
         }

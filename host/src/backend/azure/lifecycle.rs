@@ -373,7 +373,8 @@ fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Res
 }
 
 /// Claims an idempotency key for a new task. Returns the task that already has the key,
-/// or `None` when this submit may create its task.
+/// or `None` when this submit may create its task. Fails with
+/// [`Error::IdempotencyConflict`] when that task was submitted with a different request.
 ///
 /// NOTE: a key claimed less than a minute ago by a submit that has not stored its task
 /// yet returns that task's id, even if that submit fails later.
@@ -399,16 +400,20 @@ async fn claim_idempotency_key(
             .and_then(|text| crate::record::parse_time(&text).ok())
             .unwrap_or_default();
 
-        let exists = [&shared.active, &shared.finished];
         let mut found = false;
-        for table in exists {
-            found |= find_task(table, Some(&resource_id), &task_id)
-                .await?
-                .is_some();
+        for (table, table_name) in shared.task_tables() {
+            if let Some((entity, _)) = find_task(table, Some(&resource_id), &task_id).await? {
+                let existing = shared.read_record(table_name, entity).await?;
+                existing.check_same_request(record)?;
+                found = true;
+                break;
+            }
         }
         // NOTE: `ClaimedAt` is on the claiming client's clock. With clocks more than
         // STALE_CLAIM apart, a fresh claim can look stale (two submits may then store a task
         // each) or a stale one fresh for longer.
+        // NOTE: a claim whose task is not stored yet has no request to compare with, so a
+        // different request with its key returns that task without an error.
         if found || Utc::now() - claimed_at < STALE_CLAIM {
             return Ok(Some(Submitted::Existing {
                 task_id,
@@ -461,7 +466,7 @@ fn idempotency_entity(key: &str, active_table: &str, record: &TaskRecord) -> Res
     text("RowKey", active_table);
     text("TaskId", &record.row_key);
     text("ResourceId", &record.partition_key);
-    set_time(&mut entity, "ClaimedAt", &Utc::now())?;
+    set_time(&mut entity, "ClaimedAt", &crate::record::now())?;
     Ok(entity)
 }
 

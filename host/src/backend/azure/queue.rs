@@ -337,7 +337,7 @@ impl Shared {
             text("BodyBlob", format!("{PAYLOAD_CONTAINER}/{name}"));
         }
         entity.insert("DequeueCount".to_owned(), Value::from(lease.dequeue_count));
-        set_time(&mut entity, "DeadLetteredAt", &Utc::now())?;
+        set_time(&mut entity, "DeadLetteredAt", &crate::record::now())?;
         Ok(entity)
     }
 

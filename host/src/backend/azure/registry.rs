@@ -29,7 +29,7 @@ use crate::backend::sqlite::registry::{
     validate_digest, validate_engine_hash, wasm_path, write_atomically,
 };
 use crate::backend::{ComponentRegistry, ComponentVersion, Limits, RetryPolicy};
-use crate::record::{format_time, parse_time};
+use crate::record::parse_time;
 use crate::{Error, Result};
 
 const GENERATION_PARTITION: &str = "_registry";
@@ -76,7 +76,7 @@ impl ComponentRegistry for AzureBackend {
         })
         .await?;
 
-        let registered_at = parse_time(&format_time(&Utc::now())).map_err(Error::Invalid)?;
+        let registered_at = crate::record::now();
         let version =
             insert_next_version(shared, activity_type, digest, &limits, &registered_at).await?;
         point_current_to(shared, activity_type, version, PointerMove::Forward).await?;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use super::connection::is_busy;
 use super::queue::{delete_message, fenced, insert_message, lease, lease_holds, release_message};
-use super::store::{find_task, insert_new_task, move_to_finished, write_task};
+use super::schema::TASK_COLUMNS;
+use super::store::{find_task, insert_new_task, move_to_finished, task_from_row, write_task};
 use super::{Shared, SqliteBackend};
 use crate::backend::{
     AttemptStart, Backend, BeginDecision, BegunAttempt, BlobStore, ComponentRegistry, Fenced,
@@ -176,7 +177,8 @@ impl Backend for SqliteBackend {
 }
 
 /// Stores a new record and its message, or returns the task that already has the
-/// record's idempotency key.
+/// record's idempotency key. Fails with [`Error::IdempotencyConflict`] when that task was
+/// submitted with a different request.
 fn submit_one(
     connection: &Connection,
     shared: &Shared,
@@ -185,7 +187,11 @@ fn submit_one(
 ) -> Result<Submitted> {
     if let Some(key) = &record.idempotency_key {
         if let Some(existing) = find_by_idempotency_key(connection, shared, key)? {
-            return Ok(existing);
+            existing.check_same_request(record)?;
+            return Ok(Submitted::Existing {
+                task_id: existing.row_key,
+                resource_id: existing.partition_key,
+            });
         }
     }
     insert_new_task(connection, shared, record).map_err(|error| {
@@ -313,17 +319,13 @@ fn find_by_idempotency_key(
     connection: &Connection,
     shared: &Shared,
     key: &str,
-) -> Result<Option<Submitted>> {
+) -> Result<Option<TaskRecord>> {
     for table in [&shared.active, &shared.finished] {
-        let sql =
-            format!("SELECT row_key, resource_id FROM {table} WHERE idempotency_key = ?1 LIMIT 1");
+        let sql = format!("SELECT {TASK_COLUMNS} FROM {table} WHERE idempotency_key = ?1 LIMIT 1");
         let mut statement = connection.prepare_cached(&sql)?;
         let mut rows = statement.query([key])?;
         if let Some(row) = rows.next()? {
-            return Ok(Some(Submitted::Existing {
-                task_id: row.get(0)?,
-                resource_id: row.get(1)?,
-            }));
+            return Ok(Some(task_from_row(row, table)?));
         }
     }
     Ok(None)

@@ -10,7 +10,6 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use chrono::Utc;
 use rusqlite::{Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
@@ -60,7 +59,7 @@ impl ComponentRegistry for SqliteBackend {
         })
         .await?;
 
-        let registered_at = parse_time(&format_time(&Utc::now())).map_err(Error::Invalid)?;
+        let registered_at = crate::record::now();
         self.write(move |_, connection| {
             let version: u32 = connection
                 .prepare_cached(

@@ -140,7 +140,9 @@ impl TaskStore for SqliteBackend {
         let cutoff = format_time(&before);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |shared, connection| {
-            // Times are stored as RFC 3339 UTC text of one width, so text order is time order.
+            // Times `bgw` writes are RFC 3339 UTC text of one width, so text order is time
+            // order. NOTE: a time with a seventh fractional digit, which only other writers
+            // store, sorts before the six-digit times of its own microsecond.
             let sql = format!(
                 "SELECT {TASK_COLUMNS} FROM {} WHERE end_time < ?1 ORDER BY end_time LIMIT ?2",
                 shared.finished

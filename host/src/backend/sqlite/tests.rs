@@ -16,7 +16,7 @@ use crate::backend::{
 
 /// Visibility timeout of leases in tests that lease more than once.
 const VISIBILITY: Duration = Duration::from_secs(60);
-use crate::record::{format_time, parse_time, QueueMessage, Status, TaskRecord};
+use crate::record::{QueueMessage, Status, TaskRecord};
 use crate::Error;
 
 const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
@@ -37,14 +37,9 @@ fn open(dir: &Path) -> SqliteBackend {
     SqliteBackend::open(SqliteOptions::in_dir(dir)).unwrap()
 }
 
-/// Creates a record with its creation time cut to the microseconds that the stored text
-/// keeps, so that it compares equal to the record read back.
 fn new_record(resource_id: &str, task_type: &str) -> TaskRecord {
     let task_id = uuid::Uuid::now_v7().to_string();
-    let mut record = TaskRecord::new(&task_id, resource_id, task_type, r#"{"x": 1}"#);
-    let created = format_time(&record.created_time.unwrap());
-    record.created_time = Some(parse_time(&created).unwrap());
-    record
+    TaskRecord::new(&task_id, resource_id, task_type, r#"{"x": 1}"#)
 }
 
 fn message_for(record: &TaskRecord) -> OutgoingMessage {
@@ -1174,7 +1169,7 @@ async fn custom_names_keep_queues_apart() {
 }
 
 #[tokio::test]
-async fn stored_timestamps_never_fail_reads() {
+async fn stored_timestamps_read_and_round_trip() {
     let text = std::fs::read_to_string(format!("{CASES}/C15-timestamps.json")).unwrap();
     let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
     let values: Vec<&str> = cases["values"]
@@ -1183,44 +1178,72 @@ async fn stored_timestamps_never_fail_reads() {
         .iter()
         .map(|value| value.as_str().unwrap())
         .collect();
-    // Each value with the time it must read back as, in RFC 3339 with nanoseconds.
-    let expected: HashMap<&str, Option<&str>> = HashMap::from([
+    // Each value with the time it must read back as, in RFC 3339 with nanoseconds, and the
+    // text the store writes for that time.
+    let expected: HashMap<&str, (&str, &str)> = HashMap::from([
         (
             "2014-09-02T21:09:14.8848547Z",
-            Some("2014-09-02T21:09:14.884854700Z"),
+            (
+                "2014-09-02T21:09:14.884854700Z",
+                "2014-09-02T21:09:14.8848547Z",
+            ),
         ),
         (
             "2014-09-02T21:09:14Z",
-            Some("2014-09-02T21:09:14.000000000Z"),
+            (
+                "2014-09-02T21:09:14.000000000Z",
+                "2014-09-02T21:09:14.000000Z",
+            ),
         ),
         (
             "2014-09-02T21:09:14.884854+00:00",
-            Some("2014-09-02T21:09:14.884854000Z"),
+            (
+                "2014-09-02T21:09:14.884854000Z",
+                "2014-09-02T21:09:14.884854Z",
+            ),
         ),
         (
             "2014-09-02T21:09:14.884854",
-            Some("2014-09-02T21:09:14.884854000Z"),
+            (
+                "2014-09-02T21:09:14.884854000Z",
+                "2014-09-02T21:09:14.884854Z",
+            ),
         ),
         (
             "1601-01-01T00:00:00Z",
-            Some("1601-01-01T00:00:00.000000000Z"),
+            (
+                "1601-01-01T00:00:00.000000000Z",
+                "1601-01-01T00:00:00.000000Z",
+            ),
         ),
         (
             "1600-12-31T23:59:59Z",
-            Some("1600-12-31T23:59:59.000000000Z"),
+            (
+                "1600-12-31T23:59:59.000000000Z",
+                "1600-12-31T23:59:59.000000Z",
+            ),
         ),
         (
             "9999-12-31T23:59:59.9999999Z",
-            Some("9999-12-31T23:59:59.999999900Z"),
+            (
+                "9999-12-31T23:59:59.999999900Z",
+                "9999-12-31T23:59:59.9999999Z",
+            ),
         ),
         (
             "2024-02-29T23:59:59.9999999Z",
-            Some("2024-02-29T23:59:59.999999900Z"),
+            (
+                "2024-02-29T23:59:59.999999900Z",
+                "2024-02-29T23:59:59.9999999Z",
+            ),
         ),
         // chrono keeps a leap second as 23:59:59 plus a second of nanoseconds.
         (
             "2016-12-31T23:59:60Z",
-            Some("2016-12-31T23:59:60.000000000Z"),
+            (
+                "2016-12-31T23:59:60.000000000Z",
+                "2016-12-31T23:59:60.000000Z",
+            ),
         ),
     ]);
     assert_eq!(values.len(), expected.len());
@@ -1229,6 +1252,7 @@ async fn stored_timestamps_never_fail_reads() {
     let backend = open(dir.path());
     let connection = Connection::open(dir.path().join("bgw.db")).unwrap();
     for value in values {
+        let (read_as, written_as) = expected[value];
         let record = submit_new(&backend, "res-0001").await;
         connection
             .execute(
@@ -1244,8 +1268,28 @@ async fn stored_timestamps_never_fail_reads() {
         let read_back = stored
             .start_time
             .map(|time| time.to_rfc3339_opts(SecondsFormat::Nanos, true));
-        let wanted = expected[value].map(str::to_owned);
-        assert_eq!(read_back, wanted, "{value:?}");
+        assert_eq!(read_back.as_deref(), Some(read_as), "{value:?}");
+
+        // Written back by the store, the time keeps its 100 ns digit.
+        let mut finished = stored.clone();
+        finished.status = Status::Completed;
+        finished.end_time = stored.start_time;
+        backend.finish_without_lease(&finished).await.unwrap();
+        let text: String = connection
+            .query_row(
+                "SELECT end_time FROM FinishedTasks WHERE row_key = ?1",
+                [record.row_key.as_str()],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(text, written_as, "{value:?}");
+        let again = backend
+            .get_task(None, &record.row_key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.start_time, stored.start_time, "{value:?}");
+        assert_eq!(again.end_time, stored.start_time, "{value:?}");
     }
 }
 
@@ -1496,7 +1540,7 @@ async fn idempotency_key_returns_first_task() {
         backend.submit(&first, &message_for(&first)).await.unwrap(),
         Submitted::Created
     );
-    let mut second = new_record("res-0002", "echo");
+    let mut second = new_record("res-0001", "echo");
     second.idempotency_key = Some("order-17".into());
     assert_eq!(
         backend
@@ -1507,6 +1551,16 @@ async fn idempotency_key_returns_first_task() {
             task_id: first.row_key.clone(),
             resource_id: "res-0001".into()
         }
+    );
+    let mut other_resource = new_record("res-0002", "echo");
+    other_resource.idempotency_key = Some("order-17".into());
+    let error = backend
+        .submit(&other_resource, &message_for(&other_resource))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::IdempotencyConflict { task_id, .. } if *task_id == first.row_key),
+        "{error:?}"
     );
     assert_eq!(count_rows(dir.path(), "bgw_queue"), 1, "one message only");
     assert!(backend
