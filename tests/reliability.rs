@@ -450,11 +450,11 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         "ERROR",
         "no component registered for activity type \"no_such_activity\"",
     );
-    let unknown_attempts = unknown["Attempt"].as_u64().unwrap_or(0);
-    assert!(
-        (1..=3).contains(&unknown_attempts),
-        "an unknown type is looked at no more than 3 times in a 1 s grace period: {unknown:#}"
+    assert_eq!(
+        unknown["Attempt"], 1,
+        "looking for a component is no attempt, only the final error is: {unknown:#}"
     );
+    assert_eq!(history_of(unknown).len(), 1, "{unknown:#}");
     let trapped = &records[&trapping_id];
     assert_ended_with(trapped, "ERROR", "guest trapped");
     assert_eq!(

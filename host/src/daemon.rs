@@ -35,7 +35,8 @@ pub const DEFAULT_MISSING_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 /// Interval at which a task waiting for a component is looked at again.
 const COMPONENT_RECHECK: Duration = Duration::from_secs(2);
 
-/// Default number of deliveries after which a message is dead-lettered.
+/// Default number of attempts in a row without a recorded outcome after which a message is
+/// dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
 /// Largest number of attempt starts or terminal records committed in one batch.
@@ -57,8 +58,9 @@ pub struct DaemonOptions {
     pub shutdown_grace: Duration,
     /// Name of this host, stored in each record it runs.
     pub host_id: String,
-    /// Deliveries after which a message is dead-lettered instead of run again, so a
-    /// message that crashes its worker every time cannot loop forever.
+    /// Attempts in a row that began and recorded no outcome, because their worker stopped,
+    /// after which the task ends ERROR and its message is dead-lettered instead of run
+    /// again. So a message that crashes its worker every time cannot loop forever.
     pub max_deliveries: u32,
     /// Time a task whose activity type has no component waits for a registration, counted
     /// from when its message was first enqueued, before it ends ERROR.
@@ -257,11 +259,14 @@ impl Controller {
                 return;
             }
         };
+        // `attempt` is filled in once the delivery begins an attempt, so that the log and
+        // the record agree. A delivery that only waits for a component has none.
         let span = tracing::info_span!(
             "task",
             task_id = %message.row_key,
             activity_type = %message.task_type,
-            attempt = lease.dequeue_count,
+            delivery = lease.dequeue_count,
+            attempt = tracing::field::Empty,
             digest = tracing::field::Empty,
         );
         async {
@@ -302,16 +307,10 @@ impl Controller {
             self.backend.delete(std::slice::from_ref(&lease)).await?;
             return Ok(());
         }
-        // Deliveries whose attempt recorded no outcome: the worker stopped during them.
-        // Retries are recorded in the attempt history, so they do not count here.
-        let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-        let lost_deliveries = lease
-            .dequeue_count
-            .saturating_sub(1)
-            .saturating_sub(recorded);
-        if lost_deliveries >= self.options.max_deliveries {
+        let lost = lost_attempts(&record);
+        if lost >= self.options.max_deliveries {
             let reason = format!(
-                "message delivered {} times with {lost_deliveries} attempts that recorded no outcome, reaching the limit of {} deliveries: a worker stopped during each of them{}",
+                "message delivered {} times with {lost} attempts in a row that recorded no outcome, reaching the limit of {} deliveries: a worker stopped during each of them{}",
                 lease.dequeue_count,
                 self.options.max_deliveries,
                 record
@@ -321,9 +320,13 @@ impl Controller {
                     .unwrap_or_default()
             );
             tracing::warn!(%reason, "dead-lettering message");
+            // The entry of the last lost attempt carries the outcome, so that a requeued
+            // task starts with no lost attempts.
             record.status = Status::Error;
             record.error_message = Some(reason.clone());
+            record.fuel_used = None;
             record.set_end_time_now();
+            record.attempt_history.push(record.current_attempt());
             self.backend.finish_without_lease(&record).await?;
             self.dead_letter(&lease, &reason).await;
             return Ok(());
@@ -339,8 +342,9 @@ impl Controller {
                 "task deadline {} passed before the task could start",
                 format_time(&deadline)
             );
+            record.attempt = next_attempt(&record);
+            tracing::Span::current().record("attempt", record.attempt);
             tracing::warn!(%reason, "task failed");
-            record.attempt = attempt_number(&lease, &record);
             return self.end_with_error(lease, record, reason).await;
         }
 
@@ -353,12 +357,13 @@ impl Controller {
         let start = AttemptStart {
             resource_id: record.partition_key.clone(),
             task_id: record.row_key.clone(),
-            attempt: attempt_number(&lease, &record),
+            attempt: next_attempt(&record),
             component_digest: component.version.digest.clone(),
             component_version: component.version.version,
             host_id: self.options.host_id.clone(),
             start_time: Utc::now(),
         };
+        tracing::Span::current().record("attempt", start.attempt);
         if self.starter.call((lease.clone(), start.clone())).await?? == Fenced::LeaseLost {
             tracing::warn!("lease lost before the attempt started: another worker has the task");
             return Ok(());
@@ -383,7 +388,9 @@ impl Controller {
                 ))
             }
         };
-        tracing::Span::current().record("digest", component.version.digest.as_str());
+        let span = tracing::Span::current();
+        span.record("attempt", start.attempt);
+        span.record("digest", component.version.digest.as_str());
         mark_running(&mut record, &start);
 
         self.run_attempt(lease, record, component, ticket).await
@@ -628,16 +635,14 @@ impl Controller {
     /// Handles a task whose activity type has no component.
     ///
     /// Within the grace period after its message was first enqueued, the task waits for a
-    /// registration and is looked at again. After it, the task ends ERROR and its message
-    /// is dead-lettered, so that `bgw requeue` can send it again once a component exists.
+    /// registration and is looked at again. A wait is not an attempt: the attempt number,
+    /// the history and the retry budget stay as they are. After the grace period, the task
+    /// ends ERROR and its message is dead-lettered, so that `bgw requeue` can send it again
+    /// once a component exists.
     async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
         let activity_type = record.task_type.clone();
         let grace = self.options.missing_component_grace;
         let waited = queued_for(&lease, self.options.visibility_timeout);
-        record.attempt = attempt_number(&lease, &record);
-        record.host_id = Some(self.options.host_id.clone());
-        record.start_time = None;
-        record.end_time = Some(Utc::now());
 
         if waited < grace {
             let delay = (grace - waited).min(COMPONENT_RECHECK);
@@ -645,10 +650,18 @@ impl Controller {
                 "no component registered for activity type {activity_type:?} yet: waiting up to {} s for `bgw register {activity_type} FILE.wasm`",
                 grace.as_secs()
             );
-            tracing::info!(%reason, "task waits for a component");
+            // A record whose error message is already this reason was stored by an earlier
+            // look, so only the first look of a wait logs at info level.
+            if record.error_message.as_deref() == Some(reason.as_str()) {
+                tracing::debug!(
+                    waited_secs = waited.as_secs(),
+                    "task still waits for a component"
+                );
+            } else {
+                tracing::info!(%reason, "task waits for a component");
+            }
             record.status = Status::Created;
             record.error_message = Some(reason);
-            record.attempt_history.push(record.current_attempt());
             if self.backend.retry(&lease, &record, delay).await? == Fenced::LeaseLost {
                 tracing::warn!("lease lost while the task waits for a component");
             }
@@ -659,9 +672,14 @@ impl Controller {
             "no component registered for activity type {activity_type:?} within {} s: register one with `bgw register {activity_type} FILE.wasm`, then `bgw requeue` the dead letter",
             grace.as_secs()
         );
+        record.attempt = next_attempt(&record);
+        tracing::Span::current().record("attempt", record.attempt);
         tracing::warn!(%reason, "task failed and its message is dead-lettered");
+        record.host_id = Some(self.options.host_id.clone());
+        record.start_time = None;
         record.status = Status::Error;
         record.error_message = Some(reason.clone());
+        record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
         self.backend.finish_without_lease(&record).await?;
         self.dead_letter(&lease, &reason).await;
@@ -692,6 +710,7 @@ impl Controller {
             "{reason}; its message body was base64 and was dead-lettered: resubmit the task, \
              or requeue the message as plain JSON text"
         ));
+        record.attempt = next_attempt(&record);
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
         if let Err(error) = self.backend.finish_without_lease(&record).await {
@@ -882,22 +901,17 @@ const MAX_PREFETCH: usize = 256;
 /// Builds the decision that lets the backend begin an attempt when it leases the message.
 ///
 /// It accepts only the common case: an active record that is not terminal, has not reached
-/// the delivery limit or its deadline, and whose activity type has a component. Anything
-/// else is left to [`Controller::process_message`], which checks every case again and
-/// handles it. The component version chosen here travels with the attempt, so the task
+/// the limit of lost attempts or its deadline, and whose activity type has a component.
+/// Anything else is left to [`Controller::process_message`], which checks every case again
+/// and handles it. The component version chosen here travels with the attempt, so the task
 /// runs the version its record names even if a new one is registered meanwhile.
 fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Arc<BeginDecision> {
     Arc::new(
-        move |lease: &Lease, message: &QueueMessage, record: &TaskRecord| {
+        move |_lease: &Lease, message: &QueueMessage, record: &TaskRecord| {
             if record.status.is_terminal() {
                 return None;
             }
-            let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-            let lost_deliveries = lease
-                .dequeue_count
-                .saturating_sub(1)
-                .saturating_sub(recorded);
-            if lost_deliveries >= options.max_deliveries {
+            if lost_attempts(record) >= options.max_deliveries {
                 return None;
             }
             if record
@@ -910,7 +924,7 @@ fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Ar
             let start = AttemptStart {
                 resource_id: record.partition_key.clone(),
                 task_id: record.row_key.clone(),
-                attempt: attempt_number(lease, record),
+                attempt: next_attempt(record),
                 component_digest: component.version.digest.clone(),
                 component_version: component.version.version,
                 host_id: options.host_id.clone(),
@@ -934,12 +948,21 @@ fn mark_running(record: &mut TaskRecord, start: &AttemptStart) {
     record.end_time = None;
 }
 
-/// Returns the number of the attempt a delivery starts: its dequeue count, which also
-/// counts attempts a stopped worker never recorded, but at least one more than the
-/// recorded attempts (a requeued dead letter starts its dequeue count again).
-fn attempt_number(lease: &Lease, record: &TaskRecord) -> u32 {
-    let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-    lease.dequeue_count.max(recorded.saturating_add(1))
+/// Returns the number of the attempt a delivery begins: one more than the last attempt
+/// that began. The dequeue count is not used, because it also counts deliveries that only
+/// waited for a component and restarts when a dead letter is requeued.
+fn next_attempt(record: &TaskRecord) -> u32 {
+    record.attempt.saturating_add(1)
+}
+
+/// Returns the attempts that began after the last one with a recorded outcome. Their
+/// workers stopped during them, for example because the host was killed.
+fn lost_attempts(record: &TaskRecord) -> u32 {
+    let last_recorded = record
+        .attempt_history
+        .last()
+        .map_or(0, |entry| entry.attempt);
+    record.attempt.saturating_sub(last_recorded)
 }
 
 /// Returns how long a message had been in the queue when it was leased, counted on the
@@ -1129,6 +1152,24 @@ mod tests {
             visible_at: epoch + chrono::TimeDelta::seconds(visible_after_secs),
             held_until: std::time::Instant::now(),
         }
+    }
+
+    #[test]
+    fn lost_attempts_count_from_last_outcome() {
+        let mut record = TaskRecord::new("t", "r", "a", "{}");
+        assert_eq!(lost_attempts(&record), 0, "a new task");
+        assert_eq!(next_attempt(&record), 1);
+
+        // Attempt 1 failed and was recorded, then the workers of attempts 2 and 3 stopped.
+        record.attempt = 1;
+        record.attempt_history.push(record.current_attempt());
+        record.attempt = 3;
+        assert_eq!(lost_attempts(&record), 2);
+        assert_eq!(next_attempt(&record), 4);
+
+        // The entry of a lost attempt that ends the task resets the count, for a requeue.
+        record.attempt_history.push(record.current_attempt());
+        assert_eq!(lost_attempts(&record), 0);
     }
 
     #[test]
