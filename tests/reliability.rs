@@ -1080,23 +1080,47 @@ fn grace_over_releases_task_at_once(env: TestEnv) {
         "the interrupted attempt released its message{}",
         first.log_tail()
     );
+    // The record went back to CREATED with the release, before any daemon took the task.
+    let released = env.status_json(&id);
+    assert_eq!(status_of(&released), "CREATED", "{released:#}");
+    assert_eq!(released["Attempt"], 1, "{released:#}");
+    assert!(
+        error_of(&released).contains("interrupted by a daemon shutdown"),
+        "{released:#}"
+    );
+    let history = history_of(&released);
+    assert_eq!(history.len(), 1, "{released:#}");
+    assert_eq!(history[0]["Interrupted"], true, "{released:#}");
+
+    // Two more attempts of the 60 s sleep hit a 1 s timeout. The interrupted attempt does
+    // not count, so both run under `--max-attempts 2`.
+    env.register(
+        "hostile",
+        &guest("hostile"),
+        &["--timeout", "1", "--max-attempts", "2", "--backoff", "0.05"],
+    );
 
     // The default 30 s visibility timeout has not passed: only the release lets a second
     // daemon take the task at once.
+    let second_started = Utc::now();
     let second = env.start_daemon(&["--concurrency", "1"]);
-    let record = env.wait_for(
-        "the released task to run again",
-        Duration::from_secs(5),
-        || {
-            let record = env.status_json(&id);
-            (record["Status"] == "RUNNING" && record["Attempt"] == 2).then_some(record)
-        },
-    );
-    let host = record["HostId"].as_str().unwrap_or("");
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_ended_with(&record, "ERROR", "deadline exceeded");
+    assert_eq!(record["Attempt"], 3, "{record:#}");
+    let history = history_of(&record);
+    assert_eq!(history.len(), 3, "{record:#}");
     assert!(
-        host.ends_with(&format!(":{}", second.pid())),
-        "the second daemon runs attempt 2: {record:#}"
+        seconds_between(second_started, time_of(&history[1], "StartTime")) < 5.0,
+        "the second daemon started attempt 2 at once: {record:#}"
     );
+    for entry in &history[1..] {
+        let host = entry["HostId"].as_str().unwrap_or("");
+        assert!(
+            host.ends_with(&format!(":{}", second.pid())),
+            "the second daemon runs attempts 2 and 3: {record:#}"
+        );
+        assert_eq!(entry["Interrupted"], Value::Null, "{record:#}");
+    }
 }
 
 fn second_signal_exits_at_once(env: TestEnv) {

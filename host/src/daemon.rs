@@ -508,13 +508,7 @@ impl Controller {
 
         let cancelled = watch.cancelled.load(Ordering::Relaxed);
         if matches!(report.outcome, Outcome::Interrupted) && !cancelled {
-            tracing::info!(
-                "attempt interrupted by shutdown: releasing the message for another worker"
-            );
-            if self.backend.release(&lease, Duration::ZERO).await? == Fenced::LeaseLost {
-                tracing::warn!("lease already lost when releasing the message");
-            }
-            return Ok(());
+            return self.put_back_interrupted(lease, record).await;
         }
 
         let mut output = report.output;
@@ -569,15 +563,16 @@ impl Controller {
         record.attempt_history.push(record.current_attempt());
 
         let retry = &component.version.limits.retry;
+        let counted = counted_attempts(&record);
         let deadline_passed = record
             .deadline_time
             .is_some_and(|deadline| deadline <= Utc::now());
         if record.status == Status::Error
             && retryable
-            && record.attempt < retry.max_attempts
+            && counted < retry.max_attempts
             && !deadline_passed
         {
-            let delay = retry.delay_before(record.attempt + 1);
+            let delay = retry.delay_before(counted + 1);
             let error = record.error_message.take().unwrap_or_default();
             tracing::warn!(
                 fuel_used = report.fuel_used,
@@ -585,11 +580,16 @@ impl Controller {
                 retry_in_ms = delay.as_millis() as u64,
                 "attempt failed, retrying"
             );
+            let attempt = match counted == record.attempt {
+                true => format!("attempt {} of {}", record.attempt, retry.max_attempts),
+                false => format!(
+                    "attempt {} ({counted} of {} that count toward the retry policy)",
+                    record.attempt, retry.max_attempts
+                ),
+            };
             record.status = Status::Created;
             record.error_message = Some(format!(
-                "attempt {} of {} failed, retrying in {:.1} s: {error}",
-                record.attempt,
-                retry.max_attempts,
+                "{attempt} failed, retrying in {:.1} s: {error}",
                 delay.as_secs_f64()
             ));
             if self.backend.retry(&lease, &record, delay).await? == Fenced::LeaseLost {
@@ -630,6 +630,39 @@ impl Controller {
             ),
         }
         self.finish(lease, record).await
+    }
+
+    /// Puts a task whose attempt was interrupted, by a shutdown or a lost lease, back in the
+    /// queue. The record goes back to CREATED, with the attempt marked as interrupted in its
+    /// history, in the same fenced write that makes the message visible again at once. So
+    /// the record does not stay RUNNING until another daemon takes the task, and the attempt
+    /// uses none of the retry budget.
+    async fn put_back_interrupted(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
+        let shutdown = self.interrupt.is_cancelled();
+        if shutdown {
+            tracing::info!(
+                "attempt interrupted by shutdown: releasing the message for another worker"
+            );
+        }
+        let cause = match shutdown {
+            true => "a daemon shutdown",
+            false => "the loss of its lease",
+        };
+        record.status = Status::Created;
+        let mut interrupted = record.current_attempt();
+        interrupted.error_message = Some(format!("interrupted by {cause}"));
+        interrupted.interrupted = true;
+        record.attempt_history.push(interrupted);
+        record.error_message = Some(format!(
+            "attempt {} was interrupted by {cause} and runs again; it does not count toward \
+             the retry policy",
+            record.attempt
+        ));
+
+        if self.backend.retry(&lease, &record, Duration::ZERO).await? == Fenced::LeaseLost {
+            tracing::warn!("lease already lost when releasing the message");
+        }
+        Ok(())
     }
 
     /// Handles a task whose activity type has no component.
@@ -965,6 +998,19 @@ fn lost_attempts(record: &TaskRecord) -> u32 {
     record.attempt.saturating_sub(last_recorded)
 }
 
+/// Returns the attempts that count toward the retry policy: every attempt that began, less
+/// those that a shutdown interrupted.
+fn counted_attempts(record: &TaskRecord) -> u32 {
+    let interrupted = record
+        .attempt_history
+        .iter()
+        .filter(|entry| entry.interrupted)
+        .count();
+    record
+        .attempt
+        .saturating_sub(u32::try_from(interrupted).unwrap_or(u32::MAX))
+}
+
 /// Returns how long a message had been in the queue when it was leased, counted on the
 /// queue's clock. Both its enqueue time and its lease time come from the queue, so a host
 /// whose own clock is skewed still counts the right time. On Azure both are whole seconds.
@@ -1170,6 +1216,20 @@ mod tests {
         // The entry of a lost attempt that ends the task resets the count, for a requeue.
         record.attempt_history.push(record.current_attempt());
         assert_eq!(lost_attempts(&record), 0);
+    }
+
+    #[test]
+    fn interrupted_attempts_do_not_count() {
+        let mut record = TaskRecord::new("t", "r", "a", "{}");
+        record.attempt = 1;
+        let mut interrupted = record.current_attempt();
+        interrupted.interrupted = true;
+        record.attempt_history.push(interrupted);
+        record.attempt = 2;
+        record.attempt_history.push(record.current_attempt());
+
+        assert_eq!(counted_attempts(&record), 1);
+        assert_eq!(next_attempt(&record), 3);
     }
 
     #[test]

@@ -153,6 +153,10 @@ pub struct AttemptSummary {
     pub host_id: Option<String>,
     /// Error of the attempt; `None` for the attempt that completed.
     pub error_message: Option<String>,
+    /// True for an attempt that a daemon shutdown interrupted: it did not fail, and it does
+    /// not count toward the attempts of the retry policy. Left out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 impl TaskRecord {
@@ -166,6 +170,7 @@ impl TaskRecord {
             fuel_used: self.fuel_used,
             host_id: self.host_id.clone(),
             error_message: self.error_message.clone(),
+            interrupted: false,
         }
     }
 
