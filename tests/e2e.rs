@@ -1235,18 +1235,28 @@ fn poison_tasks_do_not_block_healthy_task(env: TestEnv) {
     assert_completed(healthy);
     assert_eq!(output_of(healthy), json!({"product": 4}));
 
-    // Only the task without a component is dead-lettered, once its grace period is over.
+    // The task without a component is dead-lettered once its grace period is over, and
+    // the trapping task once its attempts are used up, with its last error.
     let dead_letters = env.run_json(&["dead-letters"]);
     let letters = dead_letters.as_array().expect("an array");
-    assert_eq!(letters.len(), 1, "{dead_letters:#}");
-    assert_eq!(letters[0]["RowKey"], json!(ids[0]), "{dead_letters:#}");
+    assert_eq!(letters.len(), 2, "{dead_letters:#}");
+    let reason_for = |id: &str| -> &str {
+        letters
+            .iter()
+            .find(|letter| letter["RowKey"] == id)
+            .and_then(|letter| letter["Reason"].as_str())
+            .unwrap_or_else(|| panic!("no dead letter for task {id}: {dead_letters:#}"))
+    };
     assert!(
-        letters[0]["Reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no component registered"),
+        reason_for(&ids[0]).contains("no component registered"),
         "{dead_letters:#}"
     );
+    let trap_reason = reason_for(&ids[1]);
+    assert!(
+        trap_reason.contains("attempt 3 of 3 failed and no attempts are left"),
+        "{dead_letters:#}"
+    );
+    assert!(trap_reason.contains("guest trapped"), "{dead_letters:#}");
 }
 
 fn task_waits_for_late_registration(env: TestEnv) {
@@ -1358,11 +1368,17 @@ fn task_waits_for_late_registration(env: TestEnv) {
             "{later:#?}"
         );
     }
+
+    // Only the task whose attempts are used up is dead-lettered.
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["RowKey"], retrying.as_str(), "{letters:#?}");
     assert!(
-        env.run_json(&["dead-letters"])
-            .as_array()
-            .is_some_and(Vec::is_empty),
-        "nothing is dead-lettered"
+        letters[0]["Reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("attempt 3 of 3 failed and no attempts are left: retryable error"),
+        "{letters:#?}"
     );
 }
 

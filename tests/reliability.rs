@@ -244,6 +244,16 @@ fn error_kinds_decide_retry(env: TestEnv) {
             "history entries of {payload}: {record:#}"
         );
     }
+
+    // Only the trap, a retryable failure whose attempts are used up, is dead-lettered.
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["RowKey"], ids[2].as_str(), "{letters:#?}");
+    assert!(
+        reason_of(&letters[0]).contains("attempt 3 of 3 failed and no attempts are left"),
+        "{letters:#?}"
+    );
+    assert_eq!(env.queue_length(), 0, "the other messages were deleted");
 }
 
 fn max_attempts_above_delivery_limit(env: TestEnv) {
@@ -268,10 +278,11 @@ fn max_attempts_above_delivery_limit(env: TestEnv) {
         "--max-attempts 8 is honoured: {record:#}"
     );
     assert_eq!(history_of(&record).len(), 8, "{record:#}");
-    assert_eq!(
-        env.dead_letters_json().len(),
-        0,
-        "no dead letter for a retried task"
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        reason_of(&letters[0]).contains("attempt 8 of 8 failed"),
+        "dead-lettered after its last attempt, not for crashes: {letters:#?}"
     );
 }
 
@@ -410,12 +421,13 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
     // Records for the messages that name a real task. The daemon runs a record's own
     // payload, so the trapping task's record carries the mode the guest needs.
     insert_record(&env, &unknown_id, "res-0008", "no_such_activity", "{}");
+    // `x` is for the fix registered later.
     insert_record(
         &env,
         &trapping_id,
         "res-0008",
         "always-trap",
-        r#"{"mode": "trap"}"#,
+        r#"{"mode": "trap", "x": 3}"#,
     );
     insert_record(&env, &extra_key_id, "res-0008", "multiply", r#"{"x": 2}"#);
     enqueue_raw(&env, &lines);
@@ -464,10 +476,11 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
     assert_eq!(history_of(trapped).len(), 3, "{trapped:#}");
 
     // The three messages that name no usable record are dead-lettered on first delivery,
-    // and the task without a component once its grace period is over.
-    let letters = env.wait_for("four dead letters", TASK_TIMEOUT, || {
+    // the task without a component once its grace period is over, and the trapping task
+    // after its last attempt.
+    let letters = env.wait_for("five dead letters", TASK_TIMEOUT, || {
         let letters = env.dead_letters_json();
-        (letters.len() == 4).then_some(letters)
+        (letters.len() == 5).then_some(letters)
     });
     for letter in &letters {
         let count = letter["DequeueCount"].as_u64().unwrap_or(0);
@@ -507,6 +520,39 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         "{no_record_letter:#}"
     );
     assert_eq!(env.queue_length(), 0, "queue");
+    let trapping_letter = letters
+        .iter()
+        .find(|letter| letter["RowKey"] == trapping_id.as_str())
+        .expect("the trapping task is dead-lettered");
+    assert!(
+        reason_of(trapping_letter).contains("attempt 3 of 3 failed and no attempts are left"),
+        "{trapping_letter:#}"
+    );
+    assert!(
+        reason_of(trapping_letter).contains("guest trapped"),
+        "the reason carries the last error: {trapping_letter:#}"
+    );
+    assert_eq!(trapping_letter["DequeueCount"], 3, "{trapping_letter:#}");
+
+    // Requeued once a fixed component is registered, the trapping task runs again.
+    env.register("always-trap", &guest("multiply"), &[]);
+    // Longer than the daemon's 50 ms registry poll, with room for a loaded machine.
+    std::thread::sleep(Duration::from_secs(1));
+    env.run_ok(&[
+        "requeue",
+        trapping_letter["Id"]
+            .as_str()
+            .expect("dead letter ids are strings"),
+    ]);
+    let record = env.wait_one(&trapping_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(output_of(&record), json!({"product": 6}));
+    assert_eq!(record["Attempt"], 4, "attempt numbers go on: {record:#}");
+    assert_eq!(
+        history_of(&record).len(),
+        4,
+        "the history is kept: {record:#}"
+    );
 
     // Requeued after its record exists, the message runs.
     insert_record(&env, &no_record_id, "res-0008", "multiply", r#"{"x": 1}"#);
@@ -1121,6 +1167,13 @@ fn grace_over_releases_task_at_once(env: TestEnv) {
         );
         assert_eq!(entry["Interrupted"], Value::Null, "{record:#}");
     }
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        reason_of(&letters[0])
+            .contains("attempt 3 (2 of 2 that count toward the retry policy) failed"),
+        "{letters:#?}"
+    );
 }
 
 fn second_signal_exits_at_once(env: TestEnv) {

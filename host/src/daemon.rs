@@ -327,9 +327,7 @@ impl Controller {
             record.fuel_used = None;
             record.set_end_time_now();
             record.attempt_history.push(record.current_attempt());
-            self.backend.finish_without_lease(&record).await?;
-            self.dead_letter(&lease, &reason).await;
-            return Ok(());
+            return self.finish(lease, record, Some(reason)).await;
         }
 
         // NOTE: a deadline is a time on the submitting client's clock, and every check of it
@@ -564,14 +562,12 @@ impl Controller {
 
         let retry = &component.version.limits.retry;
         let counted = counted_attempts(&record);
+        let attempt = describe_attempt(&record, retry.max_attempts);
         let deadline_passed = record
             .deadline_time
             .is_some_and(|deadline| deadline <= Utc::now());
-        if record.status == Status::Error
-            && retryable
-            && counted < retry.max_attempts
-            && !deadline_passed
-        {
+        let retryable_error = record.status == Status::Error && retryable && !deadline_passed;
+        if retryable_error && counted < retry.max_attempts {
             let delay = retry.delay_before(counted + 1);
             let error = record.error_message.take().unwrap_or_default();
             tracing::warn!(
@@ -580,13 +576,6 @@ impl Controller {
                 retry_in_ms = delay.as_millis() as u64,
                 "attempt failed, retrying"
             );
-            let attempt = match counted == record.attempt {
-                true => format!("attempt {} of {}", record.attempt, retry.max_attempts),
-                false => format!(
-                    "attempt {} ({counted} of {} that count toward the retry policy)",
-                    record.attempt, retry.max_attempts
-                ),
-            };
             record.status = Status::Created;
             record.error_message = Some(format!(
                 "{attempt} failed, retrying in {:.1} s: {error}",
@@ -614,12 +603,21 @@ impl Controller {
             }
         }
 
+        // A retryable failure with no attempts left may succeed later, for example on a
+        // fixed component, so its message goes to the dead letters for `bgw requeue`.
+        let dead_letter = retryable_error.then(|| {
+            format!(
+                "{attempt} failed and no attempts are left: {}",
+                record.error_message.as_deref().unwrap_or_default()
+            )
+        });
         match record.error_message.as_deref() {
             Some(error) => tracing::warn!(
                 status = %record.status,
                 fuel_used = report.fuel_used,
                 duration_us = report.duration.as_micros() as u64,
                 error,
+                dead_lettered = dead_letter.is_some(),
                 "task finished"
             ),
             None => tracing::info!(
@@ -629,7 +627,7 @@ impl Controller {
                 "task finished"
             ),
         }
-        self.finish(lease, record).await
+        self.finish(lease, record, dead_letter).await
     }
 
     /// Puts a task whose attempt was interrupted, by a shutdown or a lost lease, back in the
@@ -714,9 +712,7 @@ impl Controller {
         record.error_message = Some(reason.clone());
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
-        self.backend.finish_without_lease(&record).await?;
-        self.dead_letter(&lease, &reason).await;
-        Ok(())
+        self.finish(lease, record, Some(reason)).await
     }
 
     /// Ends ERROR the unfinished task that a base64-encoded message names, so that the task
@@ -762,7 +758,7 @@ impl Controller {
         record.error_message = Some(reason);
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
-        self.finish(lease, record).await
+        self.finish(lease, record, None).await
     }
 
     async fn component_for(&self, activity_type: &str) -> Option<Arc<LoadedComponent>> {
@@ -776,9 +772,21 @@ impl Controller {
         self.components.get(activity_type)
     }
 
-    async fn finish(&self, lease: Lease, record: TaskRecord) -> Result<()> {
+    /// Stores a terminal record and deletes its message, or moves the message to the dead
+    /// letters with `dead_letter` as the reason, under the lease.
+    async fn finish(
+        &self,
+        lease: Lease,
+        record: TaskRecord,
+        dead_letter: Option<String>,
+    ) -> Result<()> {
         let task_id = record.row_key.clone();
-        if self.finisher.call(Finish { lease, record }).await? == Fenced::LeaseLost {
+        let finish = Finish {
+            lease,
+            record,
+            dead_letter,
+        };
+        if self.finisher.call(finish).await? == Fenced::LeaseLost {
             tracing::warn!(task_id = %task_id, "outcome discarded: the lease was lost to another worker");
         }
         Ok(())
@@ -996,6 +1004,19 @@ fn lost_attempts(record: &TaskRecord) -> u32 {
         .last()
         .map_or(0, |entry| entry.attempt);
     record.attempt.saturating_sub(last_recorded)
+}
+
+/// Describes the record's attempt for an error message: "attempt 2 of 3", with the count
+/// toward the retry policy when an interrupted attempt makes it differ.
+fn describe_attempt(record: &TaskRecord, max_attempts: u32) -> String {
+    let counted = counted_attempts(record);
+    match counted == record.attempt {
+        true => format!("attempt {} of {max_attempts}", record.attempt),
+        false => format!(
+            "attempt {} ({counted} of {max_attempts} that count toward the retry policy)",
+            record.attempt
+        ),
+    }
 }
 
 /// Returns the attempts that count toward the retry policy: every attempt that began, less

@@ -176,7 +176,8 @@ impl Backend for AzureBackend {
 
 /// Stores one terminal record: renews the message (proving the lease), writes the
 /// finished entity, deletes the active one if unchanged since it was read, then deletes
-/// the message with the renewed receipt.
+/// the message with the renewed receipt, or moves it to the dead letters when the finish
+/// gives a reason.
 ///
 /// The finished entity is written before the active one is deleted, so a crash in between
 /// leaves the task in both tables; its message then comes back, and the daemon sees the
@@ -223,7 +224,11 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
         return Err(conflict_error(&record.row_key));
     }
 
-    if !shared.delete_message(&held).await? {
+    let removed = match &finish.dead_letter {
+        Some(reason) => shared.move_to_dead_letters(&held, reason).await?,
+        None => shared.delete_message(&held).await?,
+    };
+    if !removed {
         // The record is stored; the message comes back and is acknowledged as a duplicate.
         tracing::warn!(
             task_id = %record.row_key,

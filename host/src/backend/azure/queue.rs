@@ -133,14 +133,7 @@ impl TaskQueue for AzureBackend {
         else {
             return Ok(Fenced::LeaseLost);
         };
-        let id = dead_letter_id();
-        let entity = shared.dead_letter_entity(&id, &held, reason).await?;
-        table::insert(&shared.dead_letters, &entity).await?;
-        if !shared.delete_message(&held).await? {
-            table::delete(&shared.dead_letters, &shared.queue_name, &id, None).await?;
-            return Ok(Fenced::LeaseLost);
-        }
-        Ok(Fenced::Written)
+        Ok(fenced(shared.move_to_dead_letters(&held, reason).await?))
     }
 
     async fn list_dead_letters(&self) -> Result<Vec<DeadLetter>> {
@@ -288,6 +281,20 @@ impl Shared {
                 error,
             )),
         }
+    }
+
+    /// Stores a dead letter for a message whose lease was just renewed, then deletes the
+    /// message. When the delete finds the lease lost, deletes the dead letter again and
+    /// returns false.
+    pub(super) async fn move_to_dead_letters(&self, held: &Lease, reason: &str) -> Result<bool> {
+        let id = dead_letter_id();
+        let entity = self.dead_letter_entity(&id, held, reason).await?;
+        table::insert(&self.dead_letters, &entity).await?;
+        if !self.delete_message(held).await? {
+            table::delete(&self.dead_letters, &self.queue_name, &id, None).await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     async fn dead_letter_entity(&self, id: &str, lease: &Lease, reason: &str) -> Result<Entity> {

@@ -295,7 +295,8 @@ fn lease_sql() -> String {
     )
 }
 
-fn dead_letter(
+/// Moves a leased message to the dead letters if its lease still holds.
+pub(super) fn dead_letter(
     connection: &Connection,
     queue: &str,
     lease: &Lease,
