@@ -656,6 +656,7 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         letter["DequeueCount"], 1,
         "dead-lettered at once: {letter:#}"
     );
+    assert_eq!(letter["RowKey"], task_id, "{letter:#}");
     assert!(
         reason_of(&letter).contains("invalid queue message"),
         "{letter:#}"
@@ -691,12 +692,21 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         error_of(&failed).contains("base64"),
         "the error names the encoding: {failed:#}"
     );
+    assert!(
+        error_of(&failed).contains("submit the task again with `bgw submit`"),
+        "the error names a command that helps: {failed:#}"
+    );
     let other_letter = env.wait_for(
         "the second base64 message to be dead-lettered",
         TASK_TIMEOUT,
         || dead_letter_with_body(&env, &other_encoded),
     );
     assert_eq!(other_letter["DequeueCount"], 1, "{other_letter:#}");
+    assert_eq!(
+        other_letter["RowKey"], other_id,
+        "the dead letter names the decoded task: {other_letter:#}"
+    );
+    assert_eq!(other_letter["ResourceId"], resource_id, "{other_letter:#}");
 }
 
 // Cancellation

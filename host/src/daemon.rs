@@ -736,8 +736,9 @@ impl Controller {
         };
         record.status = Status::Error;
         record.error_message = Some(format!(
-            "{reason}; its message body was base64 and was dead-lettered: resubmit the task, \
-             or requeue the message as plain JSON text"
+            "{reason}; its message body was base64, which bgw does not decode, so the message \
+             was dead-lettered: send task messages as plain UTF-8 JSON text, then submit the \
+             task again with `bgw submit`, because `bgw requeue` would send the same base64 body"
         ));
         record.attempt = next_attempt(&record);
         record.set_end_time_now();

@@ -306,7 +306,7 @@ impl Shared {
         text("RowKey", id.to_owned());
         text("MessageId", lease.message_id.clone());
         text("Reason", truncate_chars(reason, MAX_PROPERTY_UTF16 / 2));
-        let (task_id, resource_id) = task_key_of(&lease.body);
+        let (task_id, resource_id) = QueueMessage::task_key_of(&lease.body);
         if let Some(task_id) = task_id {
             text("TaskId", task_id);
         }
@@ -420,15 +420,6 @@ fn dead_letter_id() -> String {
     let micros = Utc::now().timestamp_micros();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     format!("{:019}-{suffix}", i64::MAX - micros)
-}
-
-/// Reads the task id and resource id a message body names, when the body is JSON.
-fn task_key_of(body: &str) -> (Option<String>, Option<String>) {
-    let Ok(value) = serde_json::from_str::<Value>(body) else {
-        return (None, None);
-    };
-    let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
-    (field("row_key"), field("resource_id"))
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {
