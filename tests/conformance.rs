@@ -112,6 +112,7 @@ conformance!(
     stale_receipt_after_extend_is_fenced,
     begin_attempt_is_fenced_after_takeover,
     finish_moves_record_and_deletes_message,
+    finish_dead_letters_message_then_requeue,
     retry_stores_record_and_delays_message,
     dead_letter_then_requeue,
     idempotency_key_reuse_checks_request,
@@ -308,6 +309,7 @@ async fn begin_attempt_is_fenced_after_takeover(subject: &Subject, mode: &str) {
     let finish = Finish {
         lease: old,
         record: completed(&record),
+        dead_letter: None,
     };
     assert_eq!(
         subject.backend.finish(&[finish]).await.unwrap(),
@@ -351,6 +353,7 @@ async fn finish_moves_record_and_deletes_message(subject: &Subject, mode: &str) 
     let finish = Finish {
         lease: extended,
         record: done.clone(),
+        dead_letter: None,
     };
     assert_eq!(
         subject.backend.finish(&[finish]).await.unwrap(),
@@ -375,6 +378,86 @@ async fn finish_moves_record_and_deletes_message(subject: &Subject, mode: &str) 
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn finish_dead_letters_message_then_requeue(subject: &Subject, mode: &str) {
+    let record = submit_new(subject, mode).await;
+    let lease = lease_one(subject, Duration::from_secs(30)).await;
+    let start = attempt_of(&record, &lease);
+    subject.backend.begin_attempt(&lease, &start).await.unwrap();
+    let mut failed = record.clone();
+    failed.status = Status::Error;
+    failed.attempt = 1;
+    failed.error_message = Some("guest trapped: wasm trap: unreachable".into());
+    failed.end_time = Some(parse_time(&format_time(&chrono::Utc::now())).unwrap());
+    failed.attempt_history.push(failed.current_attempt());
+    let reason = "attempt 1 of 1 failed and no attempts are left: guest trapped";
+
+    // A stale receipt writes neither the record nor the dead letter.
+    let extended = subject
+        .backend
+        .extend(&lease, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let stale = Finish {
+        lease,
+        record: failed.clone(),
+        dead_letter: Some(reason.into()),
+    };
+    assert_eq!(
+        subject.backend.finish(&[stale]).await.unwrap(),
+        [Fenced::LeaseLost]
+    );
+    assert!(subject
+        .backend
+        .list_dead_letters()
+        .await
+        .unwrap()
+        .is_empty());
+
+    let finish = Finish {
+        lease: extended.clone(),
+        record: failed.clone(),
+        dead_letter: Some(reason.into()),
+    };
+    assert_eq!(
+        subject.backend.finish(&[finish]).await.unwrap(),
+        [Fenced::Written]
+    );
+    let stored = subject
+        .backend
+        .get_task(None, &record.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, failed);
+    assert_eq!(subject.backend.queue_length().await.unwrap(), 0);
+    let letters = subject.backend.list_dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.body, extended.body);
+    assert_eq!(letter.reason, reason);
+    assert_eq!(letter.row_key.as_deref(), Some(record.row_key.as_str()));
+    assert_eq!(letter.resource_id.as_deref(), Some("res-0001"));
+
+    // Requeued, the task is CREATED again with its history, and its message is back.
+    assert!(subject
+        .backend
+        .requeue_dead_letter(&letter.id)
+        .await
+        .unwrap());
+    let reopened = subject
+        .backend
+        .get_task(None, &record.row_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reopened.status, Status::Created);
+    assert_eq!(reopened.attempt, 1);
+    assert_eq!(reopened.attempt_history, failed.attempt_history);
+    let again = lease_one(subject, Duration::from_secs(30)).await;
+    assert_eq!(again.body, extended.body);
 }
 
 async fn retry_stores_record_and_delays_message(subject: &Subject, mode: &str) {

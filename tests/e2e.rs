@@ -1348,23 +1348,37 @@ fn poison_tasks_do_not_block_healthy_task(env: TestEnv) {
     assert_completed(healthy);
     assert_eq!(output_of(healthy), json!({"product": 4}));
 
-    // Only the task without a component is dead-lettered, once its grace period is over.
+    // The task without a component is dead-lettered once its grace period is over, and
+    // the trapping task once its attempts are used up, with its last error.
     let dead_letters = env.run_json(&["dead-letters"]);
     let letters = dead_letters.as_array().expect("an array");
-    assert_eq!(letters.len(), 1, "{dead_letters:#}");
-    assert_eq!(letters[0]["RowKey"], json!(ids[0]), "{dead_letters:#}");
+    assert_eq!(letters.len(), 2, "{dead_letters:#}");
+    let reason_for = |id: &str| -> &str {
+        letters
+            .iter()
+            .find(|letter| letter["RowKey"] == id)
+            .and_then(|letter| letter["Reason"].as_str())
+            .unwrap_or_else(|| panic!("no dead letter for task {id}: {dead_letters:#}"))
+    };
     assert!(
-        letters[0]["Reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no component registered"),
+        reason_for(&ids[0]).contains("no component registered"),
         "{dead_letters:#}"
     );
+    let trap_reason = reason_for(&ids[1]);
+    assert!(
+        trap_reason.contains("attempt 3 of 3 failed and no attempts are left"),
+        "{dead_letters:#}"
+    );
+    assert!(trap_reason.contains("guest trapped"), "{dead_letters:#}");
 }
 
 fn task_waits_for_late_registration(env: TestEnv) {
-    let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "30"]);
+    let daemon = env.start_daemon_with_env(
+        &["--concurrency", "1", "--missing-component-grace", "30"],
+        &[("RUST_LOG", "info,bgw::daemon=debug")],
+    );
     let early = env.submit("late-type", r#"{"x": 4}"#, &[]);
+    let retrying = env.submit("late-retryable", r#"{"mode": "retryable"}"#, &[]);
     // The record is CREATED from the submit on, so wait for the daemon's note on it.
     let waiting = env.wait_for("the record to say it waits", TASK_TIMEOUT, || {
         let record = env.status_json(&early);
@@ -1378,15 +1392,106 @@ fn task_waits_for_late_registration(env: TestEnv) {
         "the record names the grace period: {waiting:#}"
     );
 
+    // Let the daemon look at each task again before the registration: a look is not an attempt.
+    let log_lines = |id: &str, text: &str| -> usize {
+        let log = daemon.log();
+        log.lines()
+            .filter(|line| line.contains(id) && line.contains(text))
+            .count()
+    };
+    env.wait_for("a second look at each task", TASK_TIMEOUT, || {
+        let looked_again = [&early, &retrying]
+            .iter()
+            .all(|id| log_lines(id, "task still waits for a component") > 0);
+        looked_again.then_some(())
+    });
+    let waiting = env.status_json(&early);
+    assert_eq!(waiting["Attempt"], 0, "no attempt ran: {waiting:#}");
+    assert_eq!(
+        waiting["AttemptHistory"].as_array().map_or(0, Vec::len),
+        0,
+        "waiting leaves no history entry: {waiting:#}"
+    );
+
     env.register("late-type", &guest("multiply"), &[]);
-    let record = env.wait_one(&early, TASK_TIMEOUT);
-    assert_completed(&record);
-    assert_eq!(output_of(&record), json!({"product": 8}));
+    env.register(
+        "late-retryable",
+        &guest("hostile"),
+        &["--max-attempts", "3", "--backoff", "0.05"],
+    );
+    let records = env.wait_all(&[early.clone(), retrying.clone()], TASK_TIMEOUT);
+
+    let record = &records[&early];
+    assert_completed(record);
+    assert_eq!(output_of(record), json!({"product": 8}));
+    assert_eq!(record["Attempt"], 1, "one attempt ran: {record:#}");
+    assert_eq!(
+        record["AttemptHistory"].as_array().map(Vec::len),
+        Some(1),
+        "one history entry: {record:#}"
+    );
+
+    // The waits used none of the three attempts of the retry policy.
+    let record = &records[&retrying];
+    assert_failed_with(record, "retryable error");
+    assert_eq!(record["Attempt"], 3, "three attempts ran: {record:#}");
+    let history = record["AttemptHistory"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(history.len(), 3, "one entry per attempt: {record:#}");
+    for (index, entry) in history.iter().enumerate() {
+        assert_eq!(
+            entry["Attempt"],
+            index + 1,
+            "attempt numbers count up: {record:#}"
+        );
+        assert!(
+            entry["ErrorMessage"]
+                .as_str()
+                .unwrap_or("")
+                .contains("retryable error"),
+            "each entry is a run of the guest: {record:#}"
+        );
+    }
+
+    // The first look logs at info level and the later ones at debug level.
+    let log = daemon.log();
+    for id in [&early, &retrying] {
+        let lines_of = |text: &str| -> Vec<&str> {
+            log.lines()
+                .filter(|line| line.contains(id.as_str()) && line.contains(text))
+                .collect()
+        };
+        let first = lines_of("task waits for a component");
+        assert_eq!(
+            first.len(),
+            1,
+            "one line for the first look at {id}: {first:#?}"
+        );
+        assert!(first[0].contains(" INFO "), "{first:#?}");
+        let later = lines_of("task still waits for a component");
+        assert!(
+            !later.is_empty(),
+            "no later look at {id}{}",
+            daemon.log_tail()
+        );
+        assert!(
+            later.iter().all(|line| line.contains("DEBUG")),
+            "{later:#?}"
+        );
+    }
+
+    // Only the task whose attempts are used up is dead-lettered.
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["RowKey"], retrying.as_str(), "{letters:#?}");
     assert!(
-        env.run_json(&["dead-letters"])
-            .as_array()
-            .is_some_and(Vec::is_empty),
-        "nothing is dead-lettered"
+        letters[0]["Reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("attempt 3 of 3 failed and no attempts are left: retryable error"),
+        "{letters:#?}"
     );
 }
 

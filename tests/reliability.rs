@@ -247,6 +247,16 @@ fn error_kinds_decide_retry(env: TestEnv) {
             "history entries of {payload}: {record:#}"
         );
     }
+
+    // Only the trap, a retryable failure whose attempts are used up, is dead-lettered.
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["RowKey"], ids[2].as_str(), "{letters:#?}");
+    assert!(
+        reason_of(&letters[0]).contains("attempt 3 of 3 failed and no attempts are left"),
+        "{letters:#?}"
+    );
+    assert_eq!(env.queue_length(), 0, "the other messages were deleted");
 }
 
 fn max_attempts_above_delivery_limit(env: TestEnv) {
@@ -271,10 +281,11 @@ fn max_attempts_above_delivery_limit(env: TestEnv) {
         "--max-attempts 8 is honoured: {record:#}"
     );
     assert_eq!(history_of(&record).len(), 8, "{record:#}");
-    assert_eq!(
-        env.dead_letters_json().len(),
-        0,
-        "no dead letter for a retried task"
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        reason_of(&letters[0]).contains("attempt 8 of 8 failed"),
+        "dead-lettered after its last attempt, not for crashes: {letters:#?}"
     );
 }
 
@@ -413,12 +424,13 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
     // Records for the messages that name a real task. The daemon runs a record's own
     // payload, so the trapping task's record carries the mode the guest needs.
     insert_record(&env, &unknown_id, "res-0008", "no_such_activity", "{}");
+    // `x` is for the fix registered later.
     insert_record(
         &env,
         &trapping_id,
         "res-0008",
         "always-trap",
-        r#"{"mode": "trap"}"#,
+        r#"{"mode": "trap", "x": 3}"#,
     );
     insert_record(&env, &extra_key_id, "res-0008", "multiply", r#"{"x": 2}"#);
     enqueue_raw(&env, &lines);
@@ -453,11 +465,11 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         "ERROR",
         "no component registered for activity type \"no_such_activity\"",
     );
-    let unknown_attempts = unknown["Attempt"].as_u64().unwrap_or(0);
-    assert!(
-        (1..=3).contains(&unknown_attempts),
-        "an unknown type is looked at no more than 3 times in a 1 s grace period: {unknown:#}"
+    assert_eq!(
+        unknown["Attempt"], 1,
+        "looking for a component is no attempt, only the final error is: {unknown:#}"
     );
+    assert_eq!(history_of(unknown).len(), 1, "{unknown:#}");
     let trapped = &records[&trapping_id];
     assert_ended_with(trapped, "ERROR", "guest trapped");
     assert_eq!(
@@ -467,10 +479,11 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
     assert_eq!(history_of(trapped).len(), 3, "{trapped:#}");
 
     // The three messages that name no usable record are dead-lettered on first delivery,
-    // and the task without a component once its grace period is over.
-    let letters = env.wait_for("four dead letters", TASK_TIMEOUT, || {
+    // the task without a component once its grace period is over, and the trapping task
+    // after its last attempt.
+    let letters = env.wait_for("five dead letters", TASK_TIMEOUT, || {
         let letters = env.dead_letters_json();
-        (letters.len() == 4).then_some(letters)
+        (letters.len() == 5).then_some(letters)
     });
     for letter in &letters {
         let count = letter["DequeueCount"].as_u64().unwrap_or(0);
@@ -510,6 +523,39 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         "{no_record_letter:#}"
     );
     assert_eq!(env.queue_length(), 0, "queue");
+    let trapping_letter = letters
+        .iter()
+        .find(|letter| letter["RowKey"] == trapping_id.as_str())
+        .expect("the trapping task is dead-lettered");
+    assert!(
+        reason_of(trapping_letter).contains("attempt 3 of 3 failed and no attempts are left"),
+        "{trapping_letter:#}"
+    );
+    assert!(
+        reason_of(trapping_letter).contains("guest trapped"),
+        "the reason carries the last error: {trapping_letter:#}"
+    );
+    assert_eq!(trapping_letter["DequeueCount"], 3, "{trapping_letter:#}");
+
+    // Requeued once a fixed component is registered, the trapping task runs again.
+    env.register("always-trap", &guest("multiply"), &[]);
+    // Longer than the daemon's 50 ms registry poll, with room for a loaded machine.
+    std::thread::sleep(Duration::from_secs(1));
+    env.run_ok(&[
+        "requeue",
+        trapping_letter["Id"]
+            .as_str()
+            .expect("dead letter ids are strings"),
+    ]);
+    let record = env.wait_one(&trapping_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&record), "COMPLETED", "{record:#}");
+    assert_eq!(output_of(&record), json!({"product": 6}));
+    assert_eq!(record["Attempt"], 4, "attempt numbers go on: {record:#}");
+    assert_eq!(
+        history_of(&record).len(),
+        4,
+        "the history is kept: {record:#}"
+    );
 
     // Requeued after its record exists, the message runs.
     insert_record(&env, &no_record_id, "res-0008", "multiply", r#"{"x": 1}"#);
@@ -613,6 +659,7 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         letter["DequeueCount"], 1,
         "dead-lettered at once: {letter:#}"
     );
+    assert_eq!(letter["RowKey"], task_id, "{letter:#}");
     assert!(
         reason_of(&letter).contains("invalid queue message"),
         "{letter:#}"
@@ -648,12 +695,21 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         error_of(&failed).contains("base64"),
         "the error names the encoding: {failed:#}"
     );
+    assert!(
+        error_of(&failed).contains("submit the task again with `bgw submit`"),
+        "the error names a command that helps: {failed:#}"
+    );
     let other_letter = env.wait_for(
         "the second base64 message to be dead-lettered",
         TASK_TIMEOUT,
         || dead_letter_with_body(&env, &other_encoded),
     );
     assert_eq!(other_letter["DequeueCount"], 1, "{other_letter:#}");
+    assert_eq!(
+        other_letter["RowKey"], other_id,
+        "the dead letter names the decoded task: {other_letter:#}"
+    );
+    assert_eq!(other_letter["ResourceId"], resource_id, "{other_letter:#}");
 }
 
 // Cancellation
@@ -1110,22 +1166,53 @@ fn grace_over_releases_task_at_once(env: TestEnv) {
         "the interrupted attempt released its message{}",
         first.log_tail()
     );
+    // The record went back to CREATED with the release, before any daemon took the task.
+    let released = env.status_json(&id);
+    assert_eq!(status_of(&released), "CREATED", "{released:#}");
+    assert_eq!(released["Attempt"], 1, "{released:#}");
+    assert!(
+        error_of(&released).contains("interrupted by a daemon shutdown"),
+        "{released:#}"
+    );
+    let history = history_of(&released);
+    assert_eq!(history.len(), 1, "{released:#}");
+    assert_eq!(history[0]["Interrupted"], true, "{released:#}");
+
+    // Two more attempts of the 60 s sleep hit a 1 s timeout. The interrupted attempt does
+    // not count, so both run under `--max-attempts 2`.
+    env.register(
+        "hostile",
+        &guest("hostile"),
+        &["--timeout", "1", "--max-attempts", "2", "--backoff", "0.05"],
+    );
 
     // The default 30 s visibility timeout has not passed: only the release lets a second
     // daemon take the task at once.
+    let second_started = Utc::now();
     let second = env.start_daemon(&["--concurrency", "1"]);
-    let record = env.wait_for(
-        "the released task to run again",
-        Duration::from_secs(5),
-        || {
-            let record = env.status_json(&id);
-            (record["Status"] == "RUNNING" && record["Attempt"] == 2).then_some(record)
-        },
-    );
-    let host = record["HostId"].as_str().unwrap_or("");
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_ended_with(&record, "ERROR", "deadline exceeded");
+    assert_eq!(record["Attempt"], 3, "{record:#}");
+    let history = history_of(&record);
+    assert_eq!(history.len(), 3, "{record:#}");
     assert!(
-        host.ends_with(&format!(":{}", second.pid())),
-        "the second daemon runs attempt 2: {record:#}"
+        seconds_between(second_started, time_of(&history[1], "StartTime")) < 5.0,
+        "the second daemon started attempt 2 at once: {record:#}"
+    );
+    for entry in &history[1..] {
+        let host = entry["HostId"].as_str().unwrap_or("");
+        assert!(
+            host.ends_with(&format!(":{}", second.pid())),
+            "the second daemon runs attempts 2 and 3: {record:#}"
+        );
+        assert_eq!(entry["Interrupted"], Value::Null, "{record:#}");
+    }
+    let letters = env.dead_letters_json();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        reason_of(&letters[0])
+            .contains("attempt 3 (2 of 2 that count toward the retry policy) failed"),
+        "{letters:#?}"
     );
 }
 

@@ -181,6 +181,22 @@ async fn spin_is_stopped_by_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_into_deadline_is_charged_its_fuel() {
+    let mut limits = limits();
+    limits.fuel = 1_000_000_000_000;
+    limits.timeout_secs = 1;
+    let (report, _) = run_with("hostile", json!({"mode": "spin"}), None, limits).await;
+    assert_eq!(fault(&report), FaultKind::Deadline { seconds: 1 });
+    // A second of spinning burned 1.5e9 to 1.8e9 units on 2-core virtual machines, and the
+    // bound leaves room for a slow or shared core.
+    assert!(
+        report.fuel_used > 100_000_000,
+        "fuel burned before the deadline is charged: {}",
+        report.fuel_used
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burn_then_trap_is_charged_its_fuel() {
     let mut limits = limits();
     limits.fuel = 100_000_000_000;

@@ -38,7 +38,8 @@ const COMPONENT_RECHECK: Duration = Duration::from_secs(2);
 /// Maximum interval at which a message whose record may still be stored is looked at again.
 const MISSING_RECORD_RECHECK: Duration = Duration::from_secs(2);
 
-/// Default number of deliveries after which a message is dead-lettered.
+/// Default number of attempts in a row without a recorded outcome after which a message is
+/// dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
 /// Largest number of attempt starts or terminal records committed in one batch.
@@ -60,8 +61,9 @@ pub struct DaemonOptions {
     pub shutdown_grace: Duration,
     /// Name of this host, stored in each record it runs.
     pub host_id: String,
-    /// Deliveries after which a message is dead-lettered instead of run again, so a
-    /// message that crashes its worker every time cannot loop forever.
+    /// Attempts in a row that began and recorded no outcome, because their worker stopped,
+    /// after which the task ends ERROR and its message is dead-lettered instead of run
+    /// again. So a message that crashes its worker every time cannot loop forever.
     pub max_deliveries: u32,
     /// Time a task whose activity type has no component waits for a registration, counted
     /// from when its message was first enqueued, before it ends ERROR.
@@ -259,11 +261,14 @@ impl Controller {
                 return;
             }
         };
+        // `attempt` is filled in once the delivery begins an attempt, so that the log and
+        // the record agree. A delivery that only waits for a component has none.
         let span = tracing::info_span!(
             "task",
             task_id = %message.row_key,
             activity_type = %message.task_type,
-            attempt = lease.dequeue_count,
+            delivery = lease.dequeue_count,
+            attempt = tracing::field::Empty,
             digest = tracing::field::Empty,
         );
         async {
@@ -298,10 +303,10 @@ impl Controller {
             self.backend.delete(std::slice::from_ref(&lease)).await?;
             return Ok(());
         }
-        let lost_deliveries = lost_deliveries(&lease, &record);
-        if lost_deliveries >= self.options.max_deliveries {
+        let lost = lost_attempts(&record);
+        if lost >= self.options.max_deliveries {
             let reason = format!(
-                "message delivered {} times with {lost_deliveries} attempts that recorded no outcome, reaching the limit of {} deliveries: a worker stopped during each of them{}",
+                "message delivered {} times with {lost} attempts in a row that recorded no outcome, reaching the limit of {} deliveries: a worker stopped during each of them{}",
                 lease.dequeue_count,
                 self.options.max_deliveries,
                 record
@@ -311,12 +316,14 @@ impl Controller {
                     .unwrap_or_default()
             );
             tracing::warn!(%reason, "dead-lettering message");
+            // The entry of the last lost attempt carries the outcome, so that a requeued
+            // task starts with no lost attempts.
             record.status = Status::Error;
             record.error_message = Some(reason.clone());
+            record.fuel_used = None;
             record.set_end_time_now();
-            self.backend.finish_without_lease(&record).await?;
-            self.dead_letter(&lease, &reason).await;
-            return Ok(());
+            record.attempt_history.push(record.current_attempt());
+            return self.finish(lease, record, Some(reason)).await;
         }
 
         // NOTE: a deadline is a time on the submitting client's clock, and every check of it
@@ -329,8 +336,9 @@ impl Controller {
                 "task deadline {} passed before the task could start",
                 format_time(&deadline)
             );
+            record.attempt = next_attempt(&record);
+            tracing::Span::current().record("attempt", record.attempt);
             tracing::warn!(%reason, "task failed");
-            record.attempt = attempt_number(&lease, &record);
             return self.end_with_error(lease, record, reason).await;
         }
 
@@ -343,12 +351,13 @@ impl Controller {
         let start = AttemptStart {
             resource_id: record.partition_key.clone(),
             task_id: record.row_key.clone(),
-            attempt: attempt_number(&lease, &record),
+            attempt: next_attempt(&record),
             component_digest: component.version.digest.clone(),
             component_version: component.version.version,
             host_id: self.options.host_id.clone(),
             start_time: crate::record::now(),
         };
+        tracing::Span::current().record("attempt", start.attempt);
         if self.starter.call((lease.clone(), start.clone())).await?? == Fenced::LeaseLost {
             tracing::warn!("lease lost before the attempt started: another worker has the task");
             return Ok(());
@@ -373,7 +382,9 @@ impl Controller {
                 ))
             }
         };
-        tracing::Span::current().record("digest", component.version.digest.as_str());
+        let span = tracing::Span::current();
+        span.record("attempt", start.attempt);
+        span.record("digest", component.version.digest.as_str());
         mark_running(&mut record, &start);
 
         self.run_attempt(lease, record, component, ticket).await
@@ -494,13 +505,7 @@ impl Controller {
 
         let cancelled = watch.cancelled.load(Ordering::Relaxed);
         if matches!(report.outcome, Outcome::Interrupted) && !cancelled {
-            tracing::info!(
-                "attempt interrupted by shutdown: releasing the message for another worker"
-            );
-            if self.backend.release(&lease, Duration::ZERO).await? == Fenced::LeaseLost {
-                tracing::warn!("lease already lost when releasing the message");
-            }
-            return Ok(());
+            return self.put_back_interrupted(lease, record).await;
         }
 
         let mut output = report.output;
@@ -555,15 +560,14 @@ impl Controller {
         record.attempt_history.push(record.current_attempt());
 
         let retry = &component.version.limits.retry;
+        let counted = counted_attempts(&record);
+        let attempt = describe_attempt(&record, retry.max_attempts);
         let deadline_passed = record
             .deadline_time
             .is_some_and(|deadline| deadline <= Utc::now());
-        if record.status == Status::Error
-            && retryable
-            && record.attempt < retry.max_attempts
-            && !deadline_passed
-        {
-            let delay = retry.delay_before(record.attempt + 1);
+        let retryable_error = record.status == Status::Error && retryable && !deadline_passed;
+        if retryable_error && counted < retry.max_attempts {
+            let delay = retry.delay_before(counted + 1);
             let error = record.error_message.take().unwrap_or_default();
             tracing::warn!(
                 fuel_used = report.fuel_used,
@@ -573,9 +577,7 @@ impl Controller {
             );
             record.status = Status::Created;
             record.error_message = Some(format!(
-                "attempt {} of {} failed, retrying in {:.1} s: {error}",
-                record.attempt,
-                retry.max_attempts,
+                "{attempt} failed, retrying in {:.1} s: {error}",
                 delay.as_secs_f64()
             ));
             if self.backend.retry(&lease, &record, delay).await? == Fenced::LeaseLost {
@@ -600,12 +602,21 @@ impl Controller {
             }
         }
 
+        // A retryable failure with no attempts left may succeed later, for example on a
+        // fixed component, so its message goes to the dead letters for `bgw requeue`.
+        let dead_letter = retryable_error.then(|| {
+            format!(
+                "{attempt} failed and no attempts are left: {}",
+                record.error_message.as_deref().unwrap_or_default()
+            )
+        });
         match record.error_message.as_deref() {
             Some(error) => tracing::warn!(
                 status = %record.status,
                 fuel_used = report.fuel_used,
                 duration_us = report.duration.as_micros() as u64,
                 error,
+                dead_lettered = dead_letter.is_some(),
                 "task finished"
             ),
             // At debug level, because one line per task cost about 6% of a worker thread's
@@ -617,7 +628,40 @@ impl Controller {
                 "task finished"
             ),
         }
-        self.finish(lease, record).await
+        self.finish(lease, record, dead_letter).await
+    }
+
+    /// Puts a task whose attempt was interrupted, by a shutdown or a lost lease, back in the
+    /// queue. The record goes back to CREATED, with the attempt marked as interrupted in its
+    /// history, in the same fenced write that makes the message visible again at once. So
+    /// the record does not stay RUNNING until another daemon takes the task, and the attempt
+    /// uses none of the retry budget.
+    async fn put_back_interrupted(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
+        let shutdown = self.interrupt.is_cancelled();
+        if shutdown {
+            tracing::info!(
+                "attempt interrupted by shutdown: releasing the message for another worker"
+            );
+        }
+        let cause = match shutdown {
+            true => "a daemon shutdown",
+            false => "the loss of its lease",
+        };
+        record.status = Status::Created;
+        let mut interrupted = record.current_attempt();
+        interrupted.error_message = Some(format!("interrupted by {cause}"));
+        interrupted.interrupted = true;
+        record.attempt_history.push(interrupted);
+        record.error_message = Some(format!(
+            "attempt {} was interrupted by {cause} and runs again; it does not count toward \
+             the retry policy",
+            record.attempt
+        ));
+
+        if self.backend.retry(&lease, &record, Duration::ZERO).await? == Fenced::LeaseLost {
+            tracing::warn!("lease already lost when releasing the message");
+        }
+        Ok(())
     }
 
     /// Handles a message whose task record does not exist.
@@ -665,16 +709,14 @@ impl Controller {
     /// Handles a task whose activity type has no component.
     ///
     /// Within the grace period after its message was first enqueued, the task waits for a
-    /// registration and is looked at again. After it, the task ends ERROR and its message
-    /// is dead-lettered, so that `bgw requeue` can send it again once a component exists.
+    /// registration and is looked at again. A wait is not an attempt: the attempt number,
+    /// the history and the retry budget stay as they are. After the grace period, the task
+    /// ends ERROR and its message is dead-lettered, so that `bgw requeue` can send it again
+    /// once a component exists.
     async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
         let activity_type = record.task_type.clone();
         let grace = self.options.missing_component_grace;
         let waited = queued_for(&lease, self.options.visibility_timeout);
-        record.attempt = attempt_number(&lease, &record);
-        record.host_id = Some(self.options.host_id.clone());
-        record.start_time = None;
-        record.end_time = Some(crate::record::now());
 
         if waited < grace {
             let delay = (grace - waited).min(COMPONENT_RECHECK);
@@ -682,10 +724,18 @@ impl Controller {
                 "no component registered for activity type {activity_type:?} yet: waiting up to {} s for `bgw register {activity_type} FILE.wasm`",
                 grace.as_secs()
             );
-            tracing::info!(%reason, "task waits for a component");
+            // A record whose error message is already this reason was stored by an earlier
+            // look, so only the first look of a wait logs at info level.
+            if record.error_message.as_deref() == Some(reason.as_str()) {
+                tracing::debug!(
+                    waited_secs = waited.as_secs(),
+                    "task still waits for a component"
+                );
+            } else {
+                tracing::info!(%reason, "task waits for a component");
+            }
             record.status = Status::Created;
             record.error_message = Some(reason);
-            record.attempt_history.push(record.current_attempt());
             if self.backend.retry(&lease, &record, delay).await? == Fenced::LeaseLost {
                 tracing::warn!("lease lost while the task waits for a component");
             }
@@ -696,13 +746,16 @@ impl Controller {
             "no component registered for activity type {activity_type:?} within {} s: register one with `bgw register {activity_type} FILE.wasm`, then `bgw requeue` the dead letter",
             grace.as_secs()
         );
+        record.attempt = next_attempt(&record);
+        tracing::Span::current().record("attempt", record.attempt);
         tracing::warn!(%reason, "task failed and its message is dead-lettered");
+        record.host_id = Some(self.options.host_id.clone());
+        record.start_time = None;
         record.status = Status::Error;
         record.error_message = Some(reason.clone());
+        record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
-        self.backend.finish_without_lease(&record).await?;
-        self.dead_letter(&lease, &reason).await;
-        Ok(())
+        self.finish(lease, record, Some(reason)).await
     }
 
     /// Ends ERROR the unfinished task that a base64-encoded message names, so that the task
@@ -726,9 +779,11 @@ impl Controller {
         };
         record.status = Status::Error;
         record.error_message = Some(format!(
-            "{reason}; its message body was base64 and was dead-lettered: resubmit the task, \
-             or requeue the message as plain JSON text"
+            "{reason}; its message body was base64, which bgw does not decode, so the message \
+             was dead-lettered: send task messages as plain UTF-8 JSON text, then submit the \
+             task again with `bgw submit`, because `bgw requeue` would send the same base64 body"
         ));
+        record.attempt = next_attempt(&record);
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
         if let Err(error) = self.backend.finish_without_lease(&record).await {
@@ -747,7 +802,7 @@ impl Controller {
         record.error_message = Some(reason);
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
-        self.finish(lease, record).await
+        self.finish(lease, record, None).await
     }
 
     async fn component_for(&self, activity_type: &str) -> Option<Arc<LoadedComponent>> {
@@ -761,10 +816,22 @@ impl Controller {
         self.components.get(activity_type)
     }
 
-    async fn finish(&self, lease: Lease, record: TaskRecord) -> Result<()> {
+    /// Stores a terminal record and deletes its message, or moves the message to the dead
+    /// letters with `dead_letter` as the reason, under the lease.
+    async fn finish(
+        &self,
+        lease: Lease,
+        record: TaskRecord,
+        dead_letter: Option<String>,
+    ) -> Result<()> {
         let task_id = record.row_key.clone();
-        let commit = Box::pin(self.finisher.call(Finish { lease, record }));
-        if commit.await? == Fenced::LeaseLost {
+        let finish = Finish {
+            lease,
+            record,
+            dead_letter,
+        };
+        // Boxed, like the run, to keep the worker's future small.
+        if Box::pin(self.finisher.call(finish)).await? == Fenced::LeaseLost {
             tracing::warn!(task_id = %task_id, "outcome discarded: the lease was lost to another worker");
         }
         Ok(())
@@ -920,17 +987,17 @@ const MAX_PREFETCH: usize = 256;
 /// Builds the decision that lets the backend begin an attempt when it leases the message.
 ///
 /// It accepts only the common case: an active record that is not terminal, has not reached
-/// the delivery limit or its deadline, and whose activity type has a component. Anything
-/// else is left to [`Controller::process_message`], which checks every case again and
-/// handles it. The component version chosen here travels with the attempt, so the task
+/// the limit of lost attempts or its deadline, and whose activity type has a component.
+/// Anything else is left to [`Controller::process_message`], which checks every case again
+/// and handles it. The component version chosen here travels with the attempt, so the task
 /// runs the version its record names even if a new one is registered meanwhile.
 fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Arc<BeginDecision> {
     Arc::new(
-        move |lease: &Lease, message: &QueueMessage, record: &TaskRecord| {
+        move |_lease: &Lease, message: &QueueMessage, record: &TaskRecord| {
             if record.status.is_terminal() {
                 return None;
             }
-            if lost_deliveries(lease, record) >= options.max_deliveries {
+            if lost_attempts(record) >= options.max_deliveries {
                 return None;
             }
             if record
@@ -943,7 +1010,7 @@ fn begin_decision(components: Arc<ComponentCache>, options: DaemonOptions) -> Ar
             let start = AttemptStart {
                 resource_id: record.partition_key.clone(),
                 task_id: record.row_key.clone(),
-                attempt: attempt_number(lease, record),
+                attempt: next_attempt(record),
                 component_digest: component.version.digest.clone(),
                 component_version: component.version.version,
                 host_id: options.host_id.clone(),
@@ -967,32 +1034,47 @@ fn mark_running(record: &mut TaskRecord, start: &AttemptStart) {
     record.end_time = None;
 }
 
-/// Returns the number of the attempt a delivery starts: one more than the last attempt
-/// that began, so attempts a stopped worker never recorded count too. It is at most the
-/// dequeue count, which starts again when a dead letter is requeued, and at least one
-/// more than the recorded attempts.
-fn attempt_number(lease: &Lease, record: &TaskRecord) -> u32 {
-    let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-    lease
-        .dequeue_count
-        .min(record.attempt.saturating_add(1))
-        .max(recorded.saturating_add(1))
+/// Returns the number of the attempt a delivery begins: one more than the last attempt
+/// that began. The dequeue count is not used, because it also counts deliveries that only
+/// waited for a component and restarts when a dead letter is requeued.
+fn next_attempt(record: &TaskRecord) -> u32 {
+    record.attempt.saturating_add(1)
 }
 
-/// Returns how many deliveries began an attempt that recorded no outcome, because the
-/// worker stopped during it.
-///
-/// Retries are recorded in the attempt history, so they do not count. Neither do
-/// deliveries that began no attempt, such as those released while the task record was
-/// not stored yet, because the count is of begun attempts. It is at most the deliveries
-/// since the message was enqueued, so a requeued dead letter starts with none.
-fn lost_deliveries(lease: &Lease, record: &TaskRecord) -> u32 {
-    let recorded = u32::try_from(record.attempt_history.len()).unwrap_or(u32::MAX);
-    let earlier_deliveries = lease.dequeue_count.saturating_sub(1);
-    let unrecorded_attempts = record.attempt.saturating_sub(recorded);
-    earlier_deliveries
-        .saturating_sub(recorded)
-        .min(unrecorded_attempts)
+/// Returns the attempts that began after the last one with a recorded outcome. Their
+/// workers stopped during them, for example because the host was killed.
+fn lost_attempts(record: &TaskRecord) -> u32 {
+    let last_recorded = record
+        .attempt_history
+        .last()
+        .map_or(0, |entry| entry.attempt);
+    record.attempt.saturating_sub(last_recorded)
+}
+
+/// Describes the record's attempt for an error message: "attempt 2 of 3", with the count
+/// toward the retry policy when an interrupted attempt makes it differ.
+fn describe_attempt(record: &TaskRecord, max_attempts: u32) -> String {
+    let counted = counted_attempts(record);
+    match counted == record.attempt {
+        true => format!("attempt {} of {max_attempts}", record.attempt),
+        false => format!(
+            "attempt {} ({counted} of {max_attempts} that count toward the retry policy)",
+            record.attempt
+        ),
+    }
+}
+
+/// Returns the attempts that count toward the retry policy: every attempt that began, less
+/// those that a shutdown interrupted.
+fn counted_attempts(record: &TaskRecord) -> u32 {
+    let interrupted = record
+        .attempt_history
+        .iter()
+        .filter(|entry| entry.interrupted)
+        .count();
+    record
+        .attempt
+        .saturating_sub(u32::try_from(interrupted).unwrap_or(u32::MAX))
 }
 
 /// Returns how long a message had been in the queue when it was leased, counted on the
@@ -1185,6 +1267,38 @@ mod tests {
     }
 
     #[test]
+    fn lost_attempts_count_from_last_outcome() {
+        let mut record = TaskRecord::new("t", "r", "a", "{}");
+        assert_eq!(lost_attempts(&record), 0, "a new task");
+        assert_eq!(next_attempt(&record), 1);
+
+        // Attempt 1 failed and was recorded, then the workers of attempts 2 and 3 stopped.
+        record.attempt = 1;
+        record.attempt_history.push(record.current_attempt());
+        record.attempt = 3;
+        assert_eq!(lost_attempts(&record), 2);
+        assert_eq!(next_attempt(&record), 4);
+
+        // The entry of a lost attempt that ends the task resets the count, for a requeue.
+        record.attempt_history.push(record.current_attempt());
+        assert_eq!(lost_attempts(&record), 0);
+    }
+
+    #[test]
+    fn interrupted_attempts_do_not_count() {
+        let mut record = TaskRecord::new("t", "r", "a", "{}");
+        record.attempt = 1;
+        let mut interrupted = record.current_attempt();
+        interrupted.interrupted = true;
+        record.attempt_history.push(interrupted);
+        record.attempt = 2;
+        record.attempt_history.push(record.current_attempt());
+
+        assert_eq!(counted_attempts(&record), 1);
+        assert_eq!(next_attempt(&record), 3);
+    }
+
+    #[test]
     fn queued_for_reads_only_queue_times() {
         let visibility = Duration::from_secs(30);
         assert_eq!(
@@ -1194,54 +1308,5 @@ mod tests {
         assert_eq!(queued_for(&lease_at(100, 130), visibility), Duration::ZERO);
         // Azure rounds both times to whole seconds, so the lease can seem to come first.
         assert_eq!(queued_for(&lease_at(100, 129), visibility), Duration::ZERO);
-    }
-
-    /// Builds a lease of delivery `dequeue_count` and a record whose last begun attempt
-    /// is `attempt`, with `recorded` attempts in its history.
-    fn delivery(dequeue_count: u32, attempt: u32, recorded: u32) -> (Lease, TaskRecord) {
-        let lease = Lease {
-            message_id: "message".to_owned(),
-            pop_receipt: "receipt".to_owned(),
-            dequeue_count,
-            body: String::new(),
-            inserted_at: Utc::now(),
-            visible_at: Utc::now(),
-            held_until: std::time::Instant::now(),
-        };
-        let mut record = TaskRecord::new("task", "resource", "multiply", "{}");
-        for number in 1..=recorded {
-            record.attempt = number;
-            record.attempt_history.push(record.current_attempt());
-        }
-        record.attempt = attempt;
-        (lease, record)
-    }
-
-    #[test]
-    fn attempts_and_lost_deliveries_count_begun_attempts() {
-        // (case, dequeue count, last begun attempt, recorded attempts, next attempt, lost)
-        let cases = [
-            ("first delivery", 1, 0, 0, 1, 0),
-            ("released three times without a record", 4, 0, 0, 1, 0),
-            ("worker stopped after those releases", 5, 1, 0, 2, 1),
-            ("worker stopped during five deliveries", 6, 5, 0, 6, 5),
-            ("retry after a recorded failure", 2, 1, 1, 2, 0),
-            ("stopped worker, then a recorded failure", 3, 2, 1, 3, 1),
-            ("requeued after five stopped workers", 1, 5, 0, 1, 0),
-            ("lease lost before the attempt began", 2, 0, 0, 1, 0),
-        ];
-        for (case, dequeue_count, attempt, recorded, next, lost) in cases {
-            let (lease, record) = delivery(dequeue_count, attempt, recorded);
-            assert_eq!(
-                attempt_number(&lease, &record),
-                next,
-                "attempt number: {case}"
-            );
-            assert_eq!(
-                lost_deliveries(&lease, &record),
-                lost,
-                "lost deliveries: {case}"
-            );
-        }
     }
 }

@@ -153,6 +153,10 @@ pub struct AttemptSummary {
     pub host_id: Option<String>,
     /// Error of the attempt; `None` for the attempt that completed.
     pub error_message: Option<String>,
+    /// True for an attempt that a daemon shutdown interrupted: it did not fail, and it does
+    /// not count toward the attempts of the retry policy. Left out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 impl TaskRecord {
@@ -166,6 +170,7 @@ impl TaskRecord {
             fuel_used: self.fuel_used,
             host_id: self.host_id.clone(),
             error_message: self.error_message.clone(),
+            interrupted: false,
         }
     }
 
@@ -283,6 +288,31 @@ impl QueueMessage {
             .decode(body.trim())
             .ok()?;
         serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Reads the task id (`row_key`) and the resource id that a message body names, for a
+    /// dead letter. The body may be JSON text, or the base64 of it as some producers write
+    /// it. Each is `None` when the body does not name it.
+    pub fn task_key_of(body: &str) -> (Option<String>, Option<String>) {
+        use base64::Engine;
+        let value = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .or_else(|| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(body.trim())
+                    .ok()?;
+                serde_json::from_slice(&bytes).ok()
+            });
+        let Some(value) = value else {
+            return (None, None);
+        };
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        };
+        (field("row_key"), field("resource_id"))
     }
 
     /// Serializes the message as Python's `json.dumps` does with its defaults: `", "` and `": "`
@@ -448,6 +478,23 @@ pub mod required_time {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_key_of_reads_json_and_base64_bodies() {
+        let body = r#"{"row_key": "t-1", "resource_id": "r-1", "task_type": "multiply"}"#;
+        let expected = (Some("t-1".to_owned()), Some("r-1".to_owned()));
+        assert_eq!(QueueMessage::task_key_of(body), expected);
+
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(body);
+        assert_eq!(QueueMessage::task_key_of(&encoded), expected);
+
+        assert_eq!(QueueMessage::task_key_of("not json"), (None, None));
+        assert_eq!(
+            QueueMessage::task_key_of(r#"{"resource_id": "r-1"}"#),
+            (None, Some("r-1".to_owned()))
+        );
+    }
 
     #[test]
     fn python_json_layout_matches_json_dumps() {

@@ -139,6 +139,8 @@ pub struct Finish {
     pub lease: Lease,
     /// The full record with its terminal status.
     pub record: TaskRecord,
+    /// Reason to move the message to the dead letters with, in place of deleting it.
+    pub dead_letter: Option<String>,
 }
 
 /// Result of a write that is fenced by a lease.
@@ -375,7 +377,8 @@ pub trait Backend: TaskStore + TaskQueue {
     }
 
     /// Stores each terminal record in the finished table, removes it from the active one and
-    /// deletes its message, each entry only if its lease is still held.
+    /// deletes its message, or moves the message to the dead letters when the entry gives a
+    /// reason. Each entry is written only if its lease is still held.
     async fn finish(&self, finishes: &[Finish]) -> Result<Vec<Fenced>>;
 
     /// Stores the record of a failed attempt that will be retried (status CREATED) and makes

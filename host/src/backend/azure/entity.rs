@@ -5,8 +5,8 @@
 //! missing is left out. `bgw`'s own fields are extra properties, which the Python library
 //! ignores: integers as `Edm.Int32` (or `Edm.Int64` for `FuelUsed`), times as
 //! `Edm.DateTime`, `CancelRequested` as `Edm.Boolean` and `AttemptHistory` as a JSON string.
-//! `LeaseMessageId` names the queue message whose lease began the current attempt, and
-//! `LeaseDequeueCount` the delivery of that message.
+//! `LeaseMessageId` and `LeaseDequeueCount` name the queue message, and the delivery of it,
+//! whose lease last wrote the record.
 //!
 //! A string property may hold at most 32K UTF-16 code units. A longer value (a large
 //! payload, result, log or error) is stored in the blob container
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use futures::StreamExt;
 
 use super::{azure_error, status_of, PAYLOAD_CONTAINER};
+use crate::backend::Lease;
 use crate::record::{format_time, parse_time, AttemptSummary, Status, TaskRecord};
 use crate::{Error, Result};
 
@@ -47,11 +48,11 @@ const OFFLOADABLE: [&str; 6] = [
 
 /// Builds the entity of a record, storing over-long values as blobs.
 ///
-/// `lease_message_id` is the message whose lease wrote the record, if any.
+/// `lease` is the lease the record is written under, if any.
 pub(super) async fn to_entity(
     blobs: &BlobServiceClient,
     record: &TaskRecord,
-    lease_message_id: Option<&str>,
+    lease: Option<&Lease>,
 ) -> Result<Entity> {
     let mut entity = Entity::new();
     let mut text = |name: &str, value: &str| {
@@ -82,8 +83,8 @@ pub(super) async fn to_entity(
             entity.insert(name.to_owned(), Value::String(value.clone()));
         }
     }
-    if let Some(id) = lease_message_id {
-        entity.insert("LeaseMessageId".to_owned(), Value::String(id.to_owned()));
+    if let Some(lease) = lease {
+        set_lease(&mut entity, lease);
     }
 
     let times = [
@@ -121,6 +122,18 @@ pub(super) async fn to_entity(
 
     offload_long_values(blobs, &mut entity, &record.row_key).await?;
     Ok(entity)
+}
+
+/// Sets the properties that name the message and the delivery whose lease writes the entity.
+pub(super) fn set_lease(entity: &mut Entity, lease: &Lease) {
+    entity.insert(
+        "LeaseMessageId".to_owned(),
+        Value::String(lease.message_id.clone()),
+    );
+    entity.insert(
+        "LeaseDequeueCount".to_owned(),
+        Value::from(lease.dequeue_count),
+    );
 }
 
 /// Sets an `Edm.DateTime` property, rejecting times before 1601, which the table service

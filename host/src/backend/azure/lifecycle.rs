@@ -5,7 +5,9 @@
 //! only the holder of the newest pop receipt can do. The entity write then carries the
 //! ETag read just before (`If-Match`) and is redone from a fresh read when another writer
 //! changed the entity in between. `LeaseMessageId` on the entity tells a record that a
-//! delivery of another message (a duplicate) is running from one this lease may write.
+//! delivery of another message (a duplicate) is running from one this lease may write, and
+//! `LeaseDequeueCount` distinguishes a later delivery of the same message from an earlier
+//! one.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use chrono::Utc;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::entity::{from_entity, integer, remove_property, set_time, string, Entity};
+use super::entity::{from_entity, integer, remove_property, set_lease, set_time, string, Entity};
 use super::queue::finish_visibility;
 use super::store::{conflict_error, find_task, insert_new_task, MAX_CONFLICT_RETRIES};
 use super::table::{self, Write};
@@ -157,7 +159,7 @@ impl Backend for AzureBackend {
             let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
             let write = match found {
                 None => {
-                    let entity = shared.entity_of(&record, Some(&lease.message_id)).await?;
+                    let entity = shared.entity_of(&record, Some(lease)).await?;
                     table::upsert(&shared.active, &entity).await?;
                     Write::Done(azure_core::Etag::from(String::new()))
                 }
@@ -168,7 +170,7 @@ impl Backend for AzureBackend {
                     // A cancellation requested while the attempt ran must survive the retry.
                     record.cancel_requested |= from_entity(&current, &shared.active_name)
                         .is_ok_and(|current| current.cancel_requested);
-                    let entity = shared.entity_of(&record, Some(&lease.message_id)).await?;
+                    let entity = shared.entity_of(&record, Some(lease)).await?;
                     table::replace(&shared.active, &entity, Some(&etag)).await?
                 }
             };
@@ -198,7 +200,8 @@ impl Backend for AzureBackend {
 
 /// Stores one terminal record: renews the message (proving the lease), writes the
 /// finished entity, deletes the active one if unchanged since it was read, then deletes
-/// the message with the renewed receipt.
+/// the message with the renewed receipt, or moves it to the dead letters when the finish
+/// gives a reason.
 ///
 /// The finished entity is written before the active one is deleted, so a crash in between
 /// leaves the task in both tables; its message then comes back, and the daemon sees the
@@ -212,7 +215,7 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
     else {
         return Ok(Fenced::LeaseLost);
     };
-    let finished = shared.entity_of(record, Some(&lease.message_id)).await?;
+    let finished = shared.entity_of(record, Some(lease)).await?;
 
     let mut moved = false;
     for _ in 0..MAX_CONFLICT_RETRIES {
@@ -245,7 +248,11 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
         return Err(conflict_error(&record.row_key));
     }
 
-    if !shared.delete_message(&held).await? {
+    let removed = match &finish.dead_letter {
+        Some(reason) => shared.move_to_dead_letters(&held, reason).await?,
+        None => shared.delete_message(&held).await?,
+    };
+    if !removed {
         // The record is stored; the message comes back and is acknowledged as a duplicate.
         tracing::warn!(
             task_id = %record.row_key,
@@ -321,21 +328,24 @@ async fn reveal_message(shared: &Shared, record: &TaskRecord, put: &Lease, delay
     );
 }
 
-/// Returns whether a lease may begin an attempt on the task: its own message must not
-/// have begun this or a later delivery, and no other message's delivery may be running.
+/// Returns whether a lease may begin an attempt on the task: no delivery of its own
+/// message from this one on may have written the record, and no other message's delivery
+/// may be running.
 ///
-/// `LeaseDequeueCount` is the delivery that began the current attempt. An entity written
-/// before `bgw` stored it has the attempt number in its place, which was the dequeue count
-/// then.
+/// Attempt numbers do not follow the dequeue count, because deliveries that wait for a
+/// component begin no attempt. So the entity keeps the dequeue count of the lease that last
+/// wrote it. Entities written without it fall back to `Attempt`, which older versions set
+/// to the dequeue count.
 fn may_begin(entity: &Entity, lease: &Lease) -> bool {
-    let attempt = integer(entity, "Attempt").unwrap_or(0);
-    let begun_delivery = integer(entity, "LeaseDequeueCount").unwrap_or(attempt);
+    let written_by = integer(entity, "LeaseDequeueCount")
+        .or_else(|| integer(entity, "Attempt"))
+        .unwrap_or(0);
     let delivery = i64::from(lease.dequeue_count);
     let same_message = string(entity, "LeaseMessageId").as_deref() == Some(&lease.message_id);
     let running = string(entity, "Status").as_deref() == Some(Status::Running.as_str());
     match same_message {
-        true => begun_delivery < delivery,
-        false => !running || attempt < delivery,
+        true => written_by < delivery,
+        false => !running || written_by < delivery,
     }
 }
 
@@ -356,7 +366,7 @@ fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Res
     text("Status", Status::Running.as_str());
     text("ComponentDigest", &start.component_digest);
     text("HostId", &start.host_id);
-    text("LeaseMessageId", &lease.message_id);
+    set_lease(entity, lease);
     entity.insert("Attempt".to_owned(), Value::from(start.attempt));
     entity.insert(
         "LeaseDequeueCount".to_owned(),
@@ -474,4 +484,62 @@ fn idempotency_entity(key: &str, active_table: &str, record: &TaskRecord) -> Res
 /// characters that Azure Table keys forbid.
 fn idempotency_partition(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn lease(message_id: &str, dequeue_count: u32) -> Lease {
+        let epoch = chrono::DateTime::from_timestamp(0, 0).expect("the epoch is a valid time");
+        Lease {
+            message_id: message_id.to_owned(),
+            pop_receipt: "p".to_owned(),
+            dequeue_count,
+            body: String::new(),
+            inserted_at: epoch,
+            visible_at: epoch,
+            held_until: Instant::now(),
+        }
+    }
+
+    /// Builds the entity that `lease` wrote with `status` and `attempt`.
+    fn written(status: Status, attempt: u32, lease: &Lease) -> Entity {
+        let mut entity = Entity::new();
+        entity.insert("Status".to_owned(), status.as_str().into());
+        entity.insert("Attempt".to_owned(), Value::from(attempt));
+        set_lease(&mut entity, lease);
+        entity
+    }
+
+    #[test]
+    fn may_begin_fences_earlier_deliveries() {
+        // Deliveries 1 to 3 waited for a component, and delivery 4 began attempt 1.
+        let running = written(Status::Running, 1, &lease("m", 4));
+        assert!(!may_begin(&running, &lease("m", 3)), "a stale delivery");
+        assert!(!may_begin(&running, &lease("m", 4)), "the same delivery");
+        assert!(may_begin(&running, &lease("m", 5)), "after a lost attempt");
+
+        let waited = written(Status::Created, 0, &lease("m", 3));
+        assert!(may_begin(&waited, &lease("m", 4)), "after a wait");
+    }
+
+    #[test]
+    fn may_begin_after_requeue() {
+        // A requeued dead letter is a new message. Its first delivery ran attempt 4 of a task
+        // that had used 3, and the attempt failed and is retried.
+        let retried = written(Status::Created, 4, &lease("requeued", 1));
+        assert!(may_begin(&retried, &lease("requeued", 2)));
+    }
+
+    #[test]
+    fn may_begin_waits_for_other_message() {
+        let running = written(Status::Running, 1, &lease("m", 1));
+        assert!(!may_begin(&running, &lease("duplicate", 1)));
+
+        let queued = written(Status::Created, 1, &lease("m", 1));
+        assert!(may_begin(&queued, &lease("duplicate", 1)));
+    }
 }

@@ -133,14 +133,7 @@ impl TaskQueue for AzureBackend {
         else {
             return Ok(Fenced::LeaseLost);
         };
-        let id = dead_letter_id();
-        let entity = shared.dead_letter_entity(&id, &held, reason).await?;
-        table::insert(&shared.dead_letters, &entity).await?;
-        if !shared.delete_message(&held).await? {
-            table::delete(&shared.dead_letters, &shared.queue_name, &id, None).await?;
-            return Ok(Fenced::LeaseLost);
-        }
-        Ok(Fenced::Written)
+        Ok(fenced(shared.move_to_dead_letters(&held, reason).await?))
     }
 
     async fn list_dead_letters(&self) -> Result<Vec<DeadLetter>> {
@@ -313,6 +306,20 @@ impl Shared {
         }
     }
 
+    /// Stores a dead letter for a message whose lease was just renewed, then deletes the
+    /// message. When the delete finds the lease lost, deletes the dead letter again and
+    /// returns false.
+    pub(super) async fn move_to_dead_letters(&self, held: &Lease, reason: &str) -> Result<bool> {
+        let id = dead_letter_id();
+        let entity = self.dead_letter_entity(&id, held, reason).await?;
+        table::insert(&self.dead_letters, &entity).await?;
+        if !self.delete_message(held).await? {
+            table::delete(&self.dead_letters, &self.queue_name, &id, None).await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     async fn dead_letter_entity(&self, id: &str, lease: &Lease, reason: &str) -> Result<Entity> {
         let mut entity = Entity::new();
         let mut text = |name: &str, value: String| {
@@ -322,7 +329,7 @@ impl Shared {
         text("RowKey", id.to_owned());
         text("MessageId", lease.message_id.clone());
         text("Reason", truncate_chars(reason, MAX_PROPERTY_UTF16 / 2));
-        let (task_id, resource_id) = task_key_of(&lease.body);
+        let (task_id, resource_id) = QueueMessage::task_key_of(&lease.body);
         if let Some(task_id) = task_id {
             text("TaskId", task_id);
         }
@@ -436,15 +443,6 @@ fn dead_letter_id() -> String {
     let micros = Utc::now().timestamp_micros();
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     format!("{:019}-{suffix}", i64::MAX - micros)
-}
-
-/// Reads the task id and resource id a message body names, when the body is JSON.
-fn task_key_of(body: &str) -> (Option<String>, Option<String>) {
-    let Ok(value) = serde_json::from_str::<Value>(body) else {
-        return (None, None);
-    };
-    let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
-    (field("row_key"), field("resource_id"))
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {

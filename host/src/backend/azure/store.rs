@@ -11,7 +11,7 @@ use super::entity::{
 };
 use super::table::{self, equals, Write};
 use super::{concurrently, AzureBackend, Shared};
-use crate::backend::{CancelOutcome, ListFilter, ProgressUpdate, TaskStore};
+use crate::backend::{CancelOutcome, Lease, ListFilter, ProgressUpdate, TaskStore};
 use crate::record::{format_time, Status, TaskRecord};
 use crate::{Error, Result};
 
@@ -170,13 +170,13 @@ impl Shared {
         from_entity(&entity, table)
     }
 
-    /// Builds the entity of a record written under the lease of `message_id`.
+    /// Builds the entity of a record written under `lease`, if any.
     pub(super) async fn entity_of(
         &self,
         record: &TaskRecord,
-        message_id: Option<&str>,
+        lease: Option<&Lease>,
     ) -> Result<Entity> {
-        to_entity(&self.blob_service, record, message_id).await
+        to_entity(&self.blob_service, record, lease).await
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::connection::is_busy;
-use super::queue::{delete_message, fenced, insert_message, lease, lease_holds, release_message};
+use super::queue::{
+    dead_letter, delete_message, fenced, insert_message, lease, lease_holds, release_message,
+};
 use super::schema::TASK_COLUMNS;
 use super::store::{find_task, insert_new_task, move_to_finished, task_from_row, write_task};
 use super::{Shared, SqliteBackend};
@@ -304,14 +306,19 @@ fn begin_leased(
     }))
 }
 
-/// Deletes the message, and only if that lease still held, stores the record in the
-/// finished table and removes it from the active one.
+/// Deletes the message, or moves it to the dead letters when the finish gives a reason.
+/// Only if that lease still held, stores the record in the finished table and removes it
+/// from the active one.
 fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Result<Fenced> {
-    if !delete_message(connection, &shared.queue, &finish.lease)? {
+    let removed = match &finish.dead_letter {
+        Some(reason) => dead_letter(connection, &shared.queue, &finish.lease, reason)?,
+        None => fenced(delete_message(connection, &shared.queue, &finish.lease)?),
+    };
+    if removed == Fenced::LeaseLost {
         return Ok(Fenced::LeaseLost);
     }
     move_to_finished(connection, shared, &finish.record)?;
-    Ok(fenced(true))
+    Ok(Fenced::Written)
 }
 
 /// Returns the task that already has this idempotency key, in either table.

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension};
 use super::schema::{task_column_names, TASK_COLUMNS};
 use super::{Shared, SqliteBackend};
 use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
-use crate::record::Status;
+use crate::record::{QueueMessage, Status};
 use crate::Result;
 
 /// A fresh pop receipt for each row an UPDATE touches: 128 random bits in hex.
@@ -295,7 +295,8 @@ fn lease_sql() -> String {
     )
 }
 
-fn dead_letter(
+/// Moves a leased message to the dead letters if its lease still holds.
+pub(super) fn dead_letter(
     connection: &Connection,
     queue: &str,
     lease: &Lease,
@@ -317,7 +318,7 @@ fn dead_letter(
         return Ok(Fenced::LeaseLost);
     };
 
-    let (row_key, resource_id) = task_key_of(&body);
+    let (row_key, resource_id) = QueueMessage::task_key_of(&body);
     connection
         .prepare_cached(
             "INSERT INTO bgw_dead_letters
@@ -404,20 +405,6 @@ fn reopen_failed_task(
         );
     }
     Ok(())
-}
-
-/// Reads the task id and resource id a message body names, when the body is JSON.
-fn task_key_of(body: &str) -> (Option<String>, Option<String>) {
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
-        return (None, None);
-    };
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(|field| field.as_str())
-            .map(str::to_owned)
-    };
-    (field("row_key"), field("resource_id"))
 }
 
 /// Parses a lease's message id. An id this backend never issued matches no row.

@@ -352,6 +352,7 @@ async fn stale_receipt_after_extend_is_fenced() {
     let stale_finish = Finish {
         lease: old.clone(),
         record: completed(&record),
+        dead_letter: None,
     };
     assert_eq!(
         backend.finish(&[stale_finish]).await.unwrap(),
@@ -500,6 +501,7 @@ async fn finish_moves_record_and_deletes_message() {
     let finish = Finish {
         lease,
         record: outcome.clone(),
+        dead_letter: None,
     };
     assert_eq!(backend.finish(&[finish]).await.unwrap(), [Fenced::Written]);
 
@@ -535,10 +537,12 @@ async fn finish_batch_writes_only_held_leases() {
         Finish {
             lease: leases[0].clone(),
             record: completed(&kept),
+            dead_letter: None,
         },
         Finish {
             lease: leases[1].clone(),
             record: completed(&lost),
+            dead_letter: None,
         },
     ];
     let outcome = backend.finish(&finishes).await.unwrap();
