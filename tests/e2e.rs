@@ -13,10 +13,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{guest, output_of, path_str, TestEnv};
+use support::{guest, output_of, path_str, TaskTable, TestEnv};
 
 support::on_both_backends!(
     multiply_returns_product,
+    many_workers_store_each_result,
     word_count_returns_counts_and_csv,
     thumbnail_scales_photo_to_png,
     hostile_tasks_fail_while_others_complete,
@@ -40,6 +41,14 @@ support::on_both_backends!(
 
 /// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
 const TASK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Tasks of the full-concurrency test on SQLite and on Azure. Each task costs several
+/// HTTP requests to Azurite, so the Azure run is smaller.
+const FULL_CONCURRENCY_TASKS: [usize; 2] = [1_000, 200];
+
+/// Worker slots of the full-concurrency test's daemon. On SQLite every worker commits
+/// through the daemon's one write connection.
+const FULL_CONCURRENCY_SLOTS: &str = "10";
 
 /// Directory of the failure-case data: inputs that broke similar systems.
 const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
@@ -204,6 +213,44 @@ fn multiply_returns_product(env: TestEnv) {
     }
     let result = env.run_json(&["result", &default_factor]);
     assert_eq!(result, json!({"product": 42}), "`bgw result --json`");
+}
+
+fn many_workers_store_each_result(env: TestEnv) {
+    let tasks = FULL_CONCURRENCY_TASKS[usize::from(env.is_azure())];
+    env.register("multiply", &guest("multiply"), &[]);
+
+    // Every task is queued before the daemon starts, so all of its worker slots are busy
+    // from the first lease on. Each x is distinct, so a result stored for the wrong task
+    // shows.
+    let lines: Vec<String> = (0..tasks).map(|x| json!({ "x": x }).to_string()).collect();
+    let payloads = write_file(&env, "payloads.jsonl", lines.join("\n").as_bytes());
+    let ids = env.submit_many("multiply", "{}", &["--payloads", path_str(&payloads)]);
+    assert_eq!(ids.len(), tasks, "one task id per payload line");
+    let mut daemon = env.start_daemon(&["--concurrency", FULL_CONCURRENCY_SLOTS]);
+    let records = env.wait_all(&ids, Duration::from_secs(120));
+
+    for (x, id) in ids.iter().enumerate() {
+        let record = &records[id];
+        assert_completed(record);
+        assert_eq!(
+            output_of(record),
+            json!({"product": 2 * x}),
+            "task {id} on line {} has its own result",
+            x + 1
+        );
+        assert_eq!(record["Attempt"], 1, "task {id} ran once: {record:#}");
+    }
+    let finished = env.row_keys(TaskTable::Finished);
+    let distinct: HashSet<&String> = finished.iter().collect();
+    assert_eq!(finished.len(), tasks, "finished rows");
+    assert_eq!(distinct.len(), tasks, "distinct finished tasks");
+    assert_eq!(env.row_keys(TaskTable::Active).len(), 0, "active rows");
+    assert_eq!(env.queue_length(), 0, "queue");
+    assert!(
+        daemon.is_alive(),
+        "the daemon still runs{}",
+        daemon.log_tail()
+    );
 }
 
 fn word_count_returns_counts_and_csv(env: TestEnv) {
