@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bgw::backend::{BlobRef, OutgoingMessage};
+use bgw::backend::{BlobRef, Fenced, OutgoingMessage};
 use bgw::client::{InputBlob, StartOptions, WorkflowClient, INPUT_CONTAINER};
 use bgw::record::TaskRecord;
 use chrono::{DateTime, Utc};
@@ -28,6 +28,7 @@ support::on_both_backends!(
     poison_messages_dead_lettered_healthy_completes,
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
+    duplicate_delivery_keeps_completed_record,
     delayed_task_waits_and_past_time_starts_now,
     idempotency_key_creates_one_task,
     deadlines_end_tasks_with_reason,
@@ -1061,6 +1062,88 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         record["StartTime"],
         Value::Null,
         "it never started: {record:#}"
+    );
+}
+
+// Delivery: busy workers, busy cores and duplicate messages
+
+/// Enqueues a copy of a completed task's message after the task finished, as a second put
+/// by a producer or a redelivery by a broker would. The daemon must acknowledge it and
+/// leave the stored outcome as it is.
+fn duplicate_delivery_keeps_completed_record(env: TestEnv) {
+    env.register("multiply", &guest("multiply"), &[]);
+    let task_id = env.submit("multiply", r#"{"x": 21}"#, &[]);
+
+    // The message exactly as the submit enqueued it, copied before any daemon runs.
+    let backend = env.backend();
+    let lease = runtime()
+        .block_on(backend.lease(1, Duration::from_secs(30)))
+        .expect("failed to lease the task's message")
+        .pop()
+        .expect("the submit enqueued a message");
+    let released = runtime()
+        .block_on(backend.release(&lease, Duration::ZERO))
+        .expect("failed to release the task's message");
+    assert_eq!(
+        released,
+        Fenced::Written,
+        "the copied message goes back to the queue"
+    );
+    let message: Value = serde_json::from_str(&lease.body).expect("the message is JSON");
+    assert_eq!(
+        message["row_key"],
+        task_id.as_str(),
+        "the message names the task"
+    );
+
+    let mut daemon = env.start_daemon(&["--concurrency", "1"]);
+    let finished = env.wait_one(&task_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&finished), "COMPLETED", "{finished:#}");
+    assert_eq!(output_of(&finished), json!({"product": 42}));
+
+    enqueue_raw(&env, &[&lease.body]);
+    env.wait_for(
+        "the duplicate message to be acknowledged",
+        TASK_TIMEOUT,
+        || {
+            let acknowledged = daemon.log().lines().any(|line| {
+                line.contains(&task_id) && line.contains("acknowledging duplicate delivery")
+            });
+            (acknowledged && env.queue_length() == 0).then_some(())
+        },
+    );
+
+    let after = env.status_json(&task_id);
+    assert_eq!(
+        status_of(&after),
+        "COMPLETED",
+        "the status stays COMPLETED after the duplicate: {after:#}"
+    );
+    assert_eq!(
+        after["OutputPayload"], finished["OutputPayload"],
+        "the result stays the original one after the duplicate"
+    );
+    assert_eq!(
+        after["Attempt"], 1,
+        "the duplicate began no attempt: {after:#}"
+    );
+    assert_eq!(history_of(&after).len(), 1, "{after:#}");
+    assert_eq!(
+        after, finished,
+        "the duplicate changed no field of the record"
+    );
+    let finished_rows = env.row_keys(TaskTable::Finished);
+    assert_eq!(finished_rows, vec![task_id.clone()], "one finished row");
+    assert_eq!(env.row_keys(TaskTable::Active).len(), 0, "active rows");
+    assert_eq!(
+        env.dead_letters_json().len(),
+        0,
+        "the duplicate is acknowledged, not dead-lettered"
+    );
+    assert!(
+        daemon.is_alive(),
+        "the daemon still runs{}",
+        daemon.log_tail()
     );
 }
 
