@@ -28,6 +28,7 @@ support::on_both_backends!(
     poison_messages_dead_lettered_healthy_completes,
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
+    queued_tasks_outlast_busy_workers,
     duplicate_delivery_keeps_completed_record,
     delayed_task_waits_and_past_time_starts_now,
     idempotency_key_creates_one_task,
@@ -1066,6 +1067,75 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
 }
 
 // Delivery: busy workers, busy cores and duplicate messages
+
+/// Fifteen tasks submitted while two long tasks take both worker slots. A daemon with no
+/// free slot leases nothing, so the queued messages stay in the queue until a slot frees.
+/// The 1 s visibility timeout is shorter than that wait, so a queued task whose lease
+/// expired while it waited for a slot would run a second attempt.
+fn queued_tasks_outlast_busy_workers(env: TestEnv) {
+    const QUEUED: u64 = 15;
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2", "--visibility-timeout", "1"]);
+    let blocker_payload = json!({"mode": "sleep", "ms": 2_000}).to_string();
+    let blockers = env.submit_many("hostile", &blocker_payload, &["--count", "2"]);
+    for id in &blockers {
+        env.wait_for_status(id, "RUNNING", TASK_TIMEOUT);
+    }
+
+    // Each queued task sleeps its own number of milliseconds, which its result repeats.
+    let sleeps: Vec<u64> = (0..QUEUED).map(|index| 100 + index).collect();
+    let lines: Vec<String> = sleeps
+        .iter()
+        .map(|ms| json!({"mode": "sleep", "ms": ms}).to_string())
+        .collect();
+    let payloads = env.data_dir().join("queued.jsonl");
+    std::fs::write(&payloads, lines.join("\n")).expect("failed to write the payload file");
+    let queued = env.submit_many("hostile", "{}", &["--payloads", path_str(&payloads)]);
+    assert_eq!(queued.len(), sleeps.len(), "one task id per payload line");
+
+    let mut all = blockers.clone();
+    all.extend(queued.iter().cloned());
+    let records = env.wait_all(&all, TASK_TIMEOUT);
+    let first_slot_free = blockers
+        .iter()
+        .map(|id| time_of(&records[id], "EndTime"))
+        .min()
+        .expect("the test submitted two blockers");
+    for id in &blockers {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "blocker {id}: {record:#}");
+        assert_eq!(record["Attempt"], 1, "blocker {id}: {record:#}");
+    }
+    for (id, ms) in queued.iter().zip(&sleeps) {
+        let record = &records[id];
+        assert_eq!(
+            status_of(record),
+            "COMPLETED",
+            "queued task {id}: {record:#}"
+        );
+        assert_eq!(
+            output_of(record),
+            json!({"slept_ms": ms}),
+            "queued task {id} has its own result"
+        );
+        assert_eq!(
+            record["Attempt"], 1,
+            "queued task {id} ran once: {record:#}"
+        );
+        assert_eq!(history_of(record).len(), 1, "queued task {id}: {record:#}");
+        assert!(
+            time_of(record, "CreatedTime") < first_slot_free,
+            "queued task {id} was submitted while both slots were busy: {record:#}"
+        );
+        assert!(
+            time_of(record, "StartTime") >= first_slot_free,
+            "queued task {id} started only once a slot was free, at {first_slot_free}: \
+             {record:#}"
+        );
+    }
+    assert_eq!(env.queue_length(), 0, "queue");
+    assert_eq!(env.dead_letters_json().len(), 0, "dead letters");
+}
 
 /// Enqueues a copy of a completed task's message after the task finished, as a second put
 /// by a producer or a redelivery by a broker would. The daemon must acknowledge it and
