@@ -29,6 +29,7 @@ support::on_both_backends!(
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
     queued_tasks_outlast_busy_workers,
+    busy_cores_never_stop_intake,
     duplicate_delivery_keeps_completed_record,
     delayed_task_waits_and_past_time_starts_now,
     idempotency_key_creates_one_task,
@@ -1135,6 +1136,136 @@ fn queued_tasks_outlast_busy_workers(env: TestEnv) {
     }
     assert_eq!(env.queue_length(), 0, "queue");
     assert_eq!(env.dead_letters_json().len(), 0, "dead letters");
+}
+
+/// Tasks the busy-cores test submits, and the time they must all complete in. A daemon
+/// that paused a second per message for a CPU check would need 40 s.
+const LOADED_TASKS: usize = 40;
+const LOADED_INTAKE_LIMIT: Duration = Duration::from_secs(20);
+
+/// Forty tasks submitted while one busy-loop process per core keeps every core at 100 %.
+/// The loops run at the lowest priority, so they take little more than the time that other
+/// processes leave idle, and tests running beside this one keep nearly all of the CPU. A
+/// CPU-usage or load-average check still finds every core busy, so a daemon that waited
+/// for an idle core would never lease.
+fn busy_cores_never_stop_intake(env: TestEnv) {
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "2"]);
+    let mut load = CpuLoad::on_every_core();
+
+    let started = Instant::now();
+    let lines: Vec<String> = (0..LOADED_TASKS)
+        .map(|x| json!({ "x": x }).to_string())
+        .collect();
+    let payloads = env.data_dir().join("loaded.jsonl");
+    std::fs::write(&payloads, lines.join("\n")).expect("failed to write the payload file");
+    let ids = env.submit_many("multiply", "{}", &["--payloads", path_str(&payloads)]);
+    assert_eq!(ids.len(), LOADED_TASKS, "one task id per payload line");
+    let records = env.wait_all(&ids, LOADED_INTAKE_LIMIT);
+    let took = started.elapsed();
+
+    assert!(
+        took <= LOADED_INTAKE_LIMIT,
+        "{LOADED_TASKS} tasks took {took:?} under load, limit {LOADED_INTAKE_LIMIT:?}"
+    );
+    for (x, id) in ids.iter().enumerate() {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "task {id}: {record:#}");
+        assert_eq!(
+            output_of(record),
+            json!({"product": 2 * x}),
+            "task {id} has its own result"
+        );
+    }
+    assert!(
+        load.still_runs(),
+        "every busy loop ran until the tasks completed"
+    );
+    assert!(
+        load.cpu_ticks() > 0,
+        "the busy loops used CPU time while the tasks ran"
+    );
+    assert!(
+        daemon.is_alive(),
+        "the daemon still runs{}",
+        daemon.log_tail()
+    );
+}
+
+/// One busy-loop process per core, at the lowest priority. Dropping it kills each process
+/// by its pid and reaps it.
+struct CpuLoad {
+    loops: Vec<std::process::Child>,
+}
+
+impl CpuLoad {
+    fn on_every_core() -> CpuLoad {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let loops = (0..cores)
+            .map(|_| {
+                let mut command = Command::new("sh");
+                command.args(["-c", "while :; do :; done"]);
+                support::kill_with_parent(&mut command);
+                lowest_priority(&mut command);
+                command.spawn().expect("failed to start a busy loop")
+            })
+            .collect();
+        CpuLoad { loops }
+    }
+
+    /// Returns true while every busy loop runs.
+    fn still_runs(&mut self) -> bool {
+        self.loops.iter_mut().all(|child| {
+            child
+                .try_wait()
+                .expect("failed to check a busy loop")
+                .is_none()
+        })
+    }
+
+    /// Returns the CPU time the busy loops used, in clock ticks, from `/proc/PID/stat`.
+    fn cpu_ticks(&self) -> u64 {
+        self.loops
+            .iter()
+            .map(|child| {
+                let path = format!("/proc/{}/stat", child.id());
+                let stat = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|error| panic!("failed to read {path}: {error}"));
+                // utime and stime are fields 14 and 15. The command name before them is in
+                // parentheses and may contain spaces, so fields are counted after the last ')'.
+                let name_end = stat
+                    .rfind(')')
+                    .expect("the stat line names the command in parentheses");
+                let fields: Vec<&str> = stat[name_end + 1..].split_whitespace().collect();
+                let ticks = |index: usize| fields[index].parse::<u64>().unwrap_or(0);
+                ticks(11) + ticks(12)
+            })
+            .sum()
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        for child in &mut self.loops {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Makes a child process start at nice 19, the lowest CPU priority.
+fn lowest_priority(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // setpriority, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Enqueues a copy of a completed task's message after the task finished, as a second put
