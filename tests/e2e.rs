@@ -1881,6 +1881,67 @@ fn bulk_submit_wait_prints_each_task() {
     );
 }
 
+/// A database file that exists but has no tables of `bgw`: empty, or made by SQLite with
+/// nothing in it. The first submit must create the tables and store the task, not skip the
+/// schema and return an id for a task that was never stored.
+#[test]
+fn first_submit_creates_tables_in_empty_file() {
+    type Prepare = fn(&Path);
+    let cases: [(&str, Prepare); 2] = [
+        ("an empty file", |path| {
+            std::fs::File::create(path).expect("failed to create an empty file");
+        }),
+        ("a database without tables", |path| {
+            let connection = rusqlite::Connection::open(path).expect("failed to create a database");
+            connection
+                .execute_batch("CREATE TABLE scratch (x); DROP TABLE scratch;")
+                .expect("failed to write the database header");
+        }),
+    ];
+
+    for (case, prepare) in cases {
+        let env = TestEnv::new();
+        prepare(&env.db_path());
+        let tables = rusqlite::Connection::open(env.db_path())
+            .and_then(|connection| {
+                connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+            })
+            .unwrap_or_else(|error| panic!("{case}: failed to read the schema: {error}"));
+        assert_eq!(tables, 0, "{case}: the file starts without tables");
+
+        let client = bgw::client::WorkflowClient::new(env.backend(), path_str(&env.db_path()));
+        let runtime = support::runtime();
+        let task_id = runtime
+            .block_on(client.start_activity("multiply", "res-empty", br#"{"x": 4}"#, None))
+            .unwrap_or_else(|error| panic!("{case}: the first submit failed: {error:#}"));
+        let status = runtime
+            .block_on(client.get_status(&task_id, None))
+            .unwrap_or_else(|error| panic!("{case}: failed to read task {task_id}: {error:#}"));
+        assert_eq!(
+            status,
+            Some(bgw::record::Status::Created),
+            "{case}: the submit stored the record"
+        );
+        assert_eq!(
+            env.queue_length(),
+            1,
+            "{case}: the submit enqueued one message"
+        );
+
+        env.register("multiply", &guest("multiply"), &[]);
+        let _daemon = env.start_daemon(&["--concurrency", "1"]);
+        let record = env.wait_one(&task_id, TASK_TIMEOUT);
+        assert_completed(&record);
+        assert_eq!(
+            output_of(&record),
+            json!({"product": 8}),
+            "{case}: task {task_id}"
+        );
+    }
+}
+
 #[test]
 fn config_db_path_follows_data_dir() {
     let env = TestEnv::new();
