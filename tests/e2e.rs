@@ -37,6 +37,7 @@ support::on_both_backends!(
     deep_recursion_fails_next_task_runs,
     prune_deletes_old_finished_tasks,
     times_are_utc_across_time_zones,
+    library_leaves_logging_alone,
 );
 
 /// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
@@ -1784,6 +1785,83 @@ fn times_are_utc_across_time_zones(env: TestEnv) {
             "{id}: ended after it started: {record:#}"
         );
     }
+}
+
+/// Registers a component, runs the daemon and starts and waits for a task, all through
+/// the library in this process. Only the `bgw` binary may install a global `tracing`
+/// subscriber or set the `log` crate's level, because an application that embeds the
+/// library decides how it logs.
+fn library_leaves_logging_alone(env: TestEnv) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("failed to build a tokio runtime");
+    let backend = env.backend();
+    // Few pooled instances, because every test of this binary shares its address space.
+    let settings = bgw::sandbox::EngineSettings {
+        pooled_instances: 4,
+        ..bgw::sandbox::EngineSettings::default()
+    };
+    let sandbox = bgw::sandbox::Sandbox::new(settings).expect("failed to create the sandbox");
+    let wasm = support::guest_bytes("multiply");
+    runtime
+        .block_on(bgw::registry::register(
+            backend.registry(),
+            &sandbox,
+            "multiply",
+            &wasm,
+            bgw::config::DEFAULT_LIMITS,
+        ))
+        .expect("failed to register multiply through the library");
+
+    let client = bgw::client::WorkflowClient::new(backend.clone(), path_str(&env.db_path()));
+    let options = bgw::daemon::DaemonOptions {
+        concurrency: 1,
+        ..bgw::daemon::DaemonOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let record = runtime.block_on(async {
+        let daemon = tokio::spawn(bgw::daemon::run(backend.clone(), sandbox, options, async {
+            let _ = stopped.await;
+        }));
+        let task_id = client
+            .start_activity("multiply", "res-logging", br#"{"x": 4}"#, None)
+            .await
+            .expect("failed to start a task through the library");
+        let record = client
+            .wait(&task_id, None, Some(TASK_TIMEOUT))
+            .await
+            .expect("failed to wait for the task");
+        let _ = stop.send(());
+        daemon
+            .await
+            .expect("the daemon task panicked")
+            .expect("the daemon failed");
+        record
+    });
+    assert_eq!(
+        record.status,
+        bgw::record::Status::Completed,
+        "the library ran the task: {record:?}"
+    );
+    let result: Value =
+        serde_json::from_str(&record.output_payload).expect("the stored result is JSON");
+    assert_eq!(
+        result,
+        json!({"product": 8}),
+        "the library stored the result"
+    );
+
+    assert!(
+        !tracing::dispatcher::has_been_set(),
+        "the library installed a global tracing subscriber"
+    );
+    assert_eq!(
+        log::max_level(),
+        log::LevelFilter::Off,
+        "the library changed the log crate's max level, which installing a logger does"
+    );
 }
 
 #[test]
