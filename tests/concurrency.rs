@@ -1,6 +1,6 @@
-//! Several processes on one SQLite file: two daemons, concurrent submitters and a reader.
-//! Checks that no task is lost or run twice and that no process reports a locked or busy
-//! database while the others write.
+//! Several processes on one SQLite file: daemons, submitters and a reader. Checks that no
+//! task is lost or run twice and that no process reports a locked or busy database while
+//! the others write.
 
 mod support;
 
@@ -8,10 +8,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bgw::client::WorkflowClient;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use support::{guest, output_of, path_str, test_seed, TestEnv};
+use support::{guest, output_of, path_str, runtime, test_seed, Daemon, TestEnv};
 
 /// Processes that submit at the same time.
 const SUBMITTERS: usize = 3;
@@ -21,6 +22,12 @@ const SUBMITS_PER_SUBMITTER: usize = 5;
 
 /// Payload lines, and so tasks, per submit call.
 const TASKS_PER_SUBMIT: usize = 100;
+
+/// Daemons of the single-submit test.
+const SINGLE_SUBMIT_DAEMONS: usize = 8;
+
+/// Tasks of the single-submit test, each started by its own `start_activity` call.
+const SINGLE_SUBMITS: usize = 1_000;
 
 /// Text that would show a lock or busy error of SQLite reaching a user.
 const BUSY_MARKERS: [&str; 3] = ["database is locked", "SQLITE_BUSY", "stayed busy"];
@@ -41,8 +48,8 @@ fn two_daemons_and_submitters_share_one_file() {
     let env = TestEnv::new();
     env.register("multiply", &guest("multiply"), &[]);
     let daemon_args = ["--concurrency", "4"];
-    let mut first = env.start_daemon(&daemon_args);
-    let mut second = env.start_daemon(&daemon_args);
+    let first = env.start_daemon(&daemon_args);
+    let second = env.start_daemon(&daemon_args);
 
     // Each submitter writes its own payload files with seeded values of x.
     let expected: Mutex<HashMap<String, Value>> = Mutex::new(HashMap::new());
@@ -140,6 +147,161 @@ fn two_daemons_and_submitters_share_one_file() {
     let expected = expected.into_inner().unwrap();
     let total = SUBMITTERS * SUBMITS_PER_SUBMITTER * TASKS_PER_SUBMIT;
     assert_eq!(expected.len(), total, "every submit returned new task ids");
+    let mut daemons = [first, second];
+    let per_host = assert_each_task_completed_once(&env, &expected, &mut daemons, seed);
+    assert_eq!(
+        per_host.len(),
+        2,
+        "the tasks ran on exactly the two daemons: {per_host:?}"
+    );
+    assert_eq!(
+        daemons_that_ran_tasks(&daemons, &per_host),
+        2,
+        "both daemons ran tasks (pids {} and {}): {per_host:?}",
+        daemons[0].pid(),
+        daemons[1].pid()
+    );
+
+    // No process printed a lock error, and no worker lost a lease.
+    for (described, text) in outputs.into_inner().unwrap() {
+        if let Some(marker) = busy_marker_in(&text) {
+            panic!("{described} printed {marker:?} (seed {seed}):\n{text}");
+        }
+    }
+    assert_daemon_logs_clean(&daemons, seed);
+    for daemon in &mut daemons {
+        daemon.stop();
+    }
+}
+
+#[test]
+fn single_submits_to_eight_daemons() {
+    let seed = test_seed();
+    let env = TestEnv::new();
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemons: Vec<Daemon<'_>> = (0..SINGLE_SUBMIT_DAEMONS)
+        .map(|_| env.start_daemon(&["--concurrency", "2"]))
+        .collect();
+
+    // The test process is the client: one `start_activity` call per task, each awaited
+    // before the next. Meanwhile a reader runs `bgw status` on random submitted tasks.
+    let expected: Mutex<HashMap<String, Value>> = Mutex::new(HashMap::new());
+    let submitted_ids: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let reader_outputs: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    let submitting_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (env, expected, submitted_ids, submitting_done) =
+            (&env, &expected, &submitted_ids, &submitting_done);
+        let client = scope.spawn(move || {
+            let client = WorkflowClient::new(env.backend(), path_str(&env.db_path()));
+            let runtime = runtime();
+            let mut rng = StdRng::seed_from_u64(seed);
+            for call in 0..SINGLE_SUBMITS {
+                let x: i64 = rng.random_range(-1_000_000..1_000_000);
+                let payload = json!({ "x": x }).to_string();
+                let started = runtime.block_on(client.start_activity(
+                    "multiply",
+                    "res-single",
+                    payload.as_bytes(),
+                    None,
+                ));
+                let id = started.unwrap_or_else(|error| {
+                    panic!(
+                        "start_activity call {call} failed (seed {seed}): {error:#}{}",
+                        env.daemon_log_tails()
+                    )
+                });
+                expected
+                    .lock()
+                    .unwrap()
+                    .insert(id.clone(), json!({ "product": x * 2 }));
+                submitted_ids.lock().unwrap().push(id);
+            }
+            submitting_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+
+        let reader_outputs = &reader_outputs;
+        let reader = scope.spawn(move || {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1_000));
+            let mut lookups = 0;
+            while !submitting_done.load(std::sync::atomic::Ordering::Relaxed) {
+                let pick = {
+                    let ids = submitted_ids.lock().unwrap();
+                    (!ids.is_empty()).then(|| ids[rng.random_range(0..ids.len())].clone())
+                };
+                let Some(id) = pick else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let result = env.run(&["status", id.as_str()]);
+                let described = format!("reader lookup {lookups} of {id}");
+                reader_outputs.lock().unwrap().push((
+                    described.clone(),
+                    format!("{}{}", result.stdout, result.stderr),
+                ));
+                assert_eq!(
+                    result.code(),
+                    0,
+                    "{described} failed (seed {seed}):\n{}",
+                    result.stderr
+                );
+                lookups += 1;
+            }
+            lookups
+        });
+
+        let client_result = client.join();
+        // A client that panicked never sets the flag, so it is set here to stop the reader.
+        submitting_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lookups = reader.join().expect("the reader panicked");
+        client_result.expect("the client panicked");
+        eprintln!("the reader made {lookups} lookups while tasks were submitted");
+        assert!(
+            lookups > 0,
+            "the reader looked up tasks while they were submitted"
+        );
+    });
+
+    let expected = expected.into_inner().unwrap();
+    assert_eq!(
+        expected.len(),
+        SINGLE_SUBMITS,
+        "every start_activity call returned a new task id"
+    );
+    let per_host = assert_each_task_completed_once(&env, &expected, &mut daemons, seed);
+    let ran = daemons_that_ran_tasks(&daemons, &per_host);
+    assert_eq!(
+        per_host.len(),
+        ran,
+        "every task ran on one of the {SINGLE_SUBMIT_DAEMONS} daemons: {per_host:?}"
+    );
+    assert!(
+        ran >= 2,
+        "tasks were spread over several daemons, not run by one: {per_host:?}"
+    );
+
+    for (described, text) in reader_outputs.into_inner().unwrap() {
+        if let Some(marker) = busy_marker_in(&text) {
+            panic!("{described} printed {marker:?} (seed {seed}):\n{text}");
+        }
+    }
+    assert_daemon_logs_clean(&daemons, seed);
+    for daemon in &mut daemons {
+        daemon.stop();
+    }
+}
+
+/// Waits until every task of `expected` has finished, then checks the end state of a run
+/// on one file. Each task COMPLETED once with its own result, the finished table has one
+/// row per task, nothing is queued or dead-lettered, and every daemon still runs. Returns
+/// the number of tasks each host id ran.
+fn assert_each_task_completed_once(
+    env: &TestEnv,
+    expected: &HashMap<String, Value>,
+    daemons: &mut [Daemon<'_>],
+    seed: u64,
+) -> HashMap<String, usize> {
+    let total = expected.len();
     env.wait_for(
         &format!("all {total} tasks to finish (seed {seed})"),
         DRAIN_TIMEOUT,
@@ -149,16 +311,14 @@ fn two_daemons_and_submitters_share_one_file() {
             (finished as usize == total && active == 0).then_some(())
         },
     );
-    assert!(
-        first.is_alive(),
-        "the first daemon still runs{}",
-        first.log_tail()
-    );
-    assert!(
-        second.is_alive(),
-        "the second daemon still runs{}",
-        second.log_tail()
-    );
+    for daemon in daemons.iter_mut() {
+        assert!(
+            daemon.is_alive(),
+            "daemon {} still runs{}",
+            daemon.pid(),
+            daemon.log_tail()
+        );
+    }
 
     // Nothing lost, nothing left over, nothing run twice.
     assert_eq!(
@@ -199,35 +359,26 @@ fn two_daemons_and_submitters_share_one_file() {
         *per_host.entry(host).or_default() += 1;
     }
     eprintln!("tasks per host: {per_host:?}");
-    let daemon_hosts: HashSet<String> = [first.pid(), second.pid()]
-        .into_iter()
-        .filter_map(|pid| {
+    per_host
+}
+
+/// Returns how many of `daemons` appear in `per_host`. Host ids are `HOSTNAME:PID`.
+fn daemons_that_ran_tasks(daemons: &[Daemon<'_>], per_host: &HashMap<String, usize>) -> usize {
+    let hosts: HashSet<String> = daemons
+        .iter()
+        .filter_map(|daemon| {
             per_host
                 .keys()
-                .find(|host| host.ends_with(&format!(":{pid}")))
+                .find(|host| host.ends_with(&format!(":{}", daemon.pid())))
                 .cloned()
         })
         .collect();
-    assert_eq!(
-        per_host.len(),
-        2,
-        "the tasks ran on exactly the two daemons: {per_host:?}"
-    );
-    assert_eq!(
-        daemon_hosts.len(),
-        2,
-        "both daemons ran tasks (pids {} and {}): {per_host:?}",
-        first.pid(),
-        second.pid()
-    );
+    hosts.len()
+}
 
-    // No process printed a lock error, and no worker lost a lease.
-    for (described, text) in outputs.into_inner().unwrap() {
-        if let Some(marker) = busy_marker_in(&text) {
-            panic!("{described} printed {marker:?} (seed {seed}):\n{text}");
-        }
-    }
-    for daemon in [&first, &second] {
+/// Checks that no daemon logged a busy error, a lost lease or an error.
+fn assert_daemon_logs_clean(daemons: &[Daemon<'_>], seed: u64) {
+    for daemon in daemons {
         let log = daemon.log();
         if let Some(marker) = busy_marker_in(&log) {
             panic!(
@@ -249,6 +400,4 @@ fn two_daemons_and_submitters_share_one_file() {
             );
         }
     }
-    first.stop();
-    second.stop();
 }

@@ -13,10 +13,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{guest, output_of, path_str, TestEnv};
+use support::{guest, output_of, path_str, TaskTable, TestEnv};
 
 support::on_both_backends!(
     multiply_returns_product,
+    many_workers_store_each_result,
     word_count_returns_counts_and_csv,
     thumbnail_scales_photo_to_png,
     hostile_tasks_fail_while_others_complete,
@@ -36,10 +37,19 @@ support::on_both_backends!(
     deep_recursion_fails_next_task_runs,
     prune_deletes_old_finished_tasks,
     times_are_utc_across_time_zones,
+    library_leaves_logging_alone,
 );
 
 /// Maximum wait for a handful of tasks. Generous, because the tests share few cores.
 const TASK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Tasks of the full-concurrency test on SQLite and on Azure. Each task costs several
+/// HTTP requests to Azurite, so the Azure run is smaller.
+const FULL_CONCURRENCY_TASKS: [usize; 2] = [1_000, 200];
+
+/// Worker slots of the full-concurrency test's daemon. On SQLite every worker commits
+/// through the daemon's one write connection.
+const FULL_CONCURRENCY_SLOTS: &str = "10";
 
 /// Directory of the failure-case data: inputs that broke similar systems.
 const CASES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/cases");
@@ -204,6 +214,44 @@ fn multiply_returns_product(env: TestEnv) {
     }
     let result = env.run_json(&["result", &default_factor]);
     assert_eq!(result, json!({"product": 42}), "`bgw result --json`");
+}
+
+fn many_workers_store_each_result(env: TestEnv) {
+    let tasks = FULL_CONCURRENCY_TASKS[usize::from(env.is_azure())];
+    env.register("multiply", &guest("multiply"), &[]);
+
+    // Every task is queued before the daemon starts, so all of its worker slots are busy
+    // from the first lease on. Each x is distinct, so a result stored for the wrong task
+    // shows.
+    let lines: Vec<String> = (0..tasks).map(|x| json!({ "x": x }).to_string()).collect();
+    let payloads = write_file(&env, "payloads.jsonl", lines.join("\n").as_bytes());
+    let ids = env.submit_many("multiply", "{}", &["--payloads", path_str(&payloads)]);
+    assert_eq!(ids.len(), tasks, "one task id per payload line");
+    let mut daemon = env.start_daemon(&["--concurrency", FULL_CONCURRENCY_SLOTS]);
+    let records = env.wait_all(&ids, Duration::from_secs(120));
+
+    for (x, id) in ids.iter().enumerate() {
+        let record = &records[id];
+        assert_completed(record);
+        assert_eq!(
+            output_of(record),
+            json!({"product": 2 * x}),
+            "task {id} on line {} has its own result",
+            x + 1
+        );
+        assert_eq!(record["Attempt"], 1, "task {id} ran once: {record:#}");
+    }
+    let finished = env.row_keys(TaskTable::Finished);
+    let distinct: HashSet<&String> = finished.iter().collect();
+    assert_eq!(finished.len(), tasks, "finished rows");
+    assert_eq!(distinct.len(), tasks, "distinct finished tasks");
+    assert_eq!(env.row_keys(TaskTable::Active).len(), 0, "active rows");
+    assert_eq!(env.queue_length(), 0, "queue");
+    assert!(
+        daemon.is_alive(),
+        "the daemon still runs{}",
+        daemon.log_tail()
+    );
 }
 
 fn word_count_returns_counts_and_csv(env: TestEnv) {
@@ -1739,6 +1787,83 @@ fn times_are_utc_across_time_zones(env: TestEnv) {
     }
 }
 
+/// Registers a component, runs the daemon and starts and waits for a task, all through
+/// the library in this process. Only the `bgw` binary may install a global `tracing`
+/// subscriber or set the `log` crate's level, because an application that embeds the
+/// library decides how it logs.
+fn library_leaves_logging_alone(env: TestEnv) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("failed to build a tokio runtime");
+    let backend = env.backend();
+    // Few pooled instances, because every test of this binary shares its address space.
+    let settings = bgw::sandbox::EngineSettings {
+        pooled_instances: 4,
+        ..bgw::sandbox::EngineSettings::default()
+    };
+    let sandbox = bgw::sandbox::Sandbox::new(settings).expect("failed to create the sandbox");
+    let wasm = support::guest_bytes("multiply");
+    runtime
+        .block_on(bgw::registry::register(
+            backend.registry(),
+            &sandbox,
+            "multiply",
+            &wasm,
+            bgw::config::DEFAULT_LIMITS,
+        ))
+        .expect("failed to register multiply through the library");
+
+    let client = bgw::client::WorkflowClient::new(backend.clone(), path_str(&env.db_path()));
+    let options = bgw::daemon::DaemonOptions {
+        concurrency: 1,
+        ..bgw::daemon::DaemonOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let record = runtime.block_on(async {
+        let daemon = tokio::spawn(bgw::daemon::run(backend.clone(), sandbox, options, async {
+            let _ = stopped.await;
+        }));
+        let task_id = client
+            .start_activity("multiply", "res-logging", br#"{"x": 4}"#, None)
+            .await
+            .expect("failed to start a task through the library");
+        let record = client
+            .wait(&task_id, None, Some(TASK_TIMEOUT))
+            .await
+            .expect("failed to wait for the task");
+        let _ = stop.send(());
+        daemon
+            .await
+            .expect("the daemon task panicked")
+            .expect("the daemon failed");
+        record
+    });
+    assert_eq!(
+        record.status,
+        bgw::record::Status::Completed,
+        "the library ran the task: {record:?}"
+    );
+    let result: Value =
+        serde_json::from_str(&record.output_payload).expect("the stored result is JSON");
+    assert_eq!(
+        result,
+        json!({"product": 8}),
+        "the library stored the result"
+    );
+
+    assert!(
+        !tracing::dispatcher::has_been_set(),
+        "the library installed a global tracing subscriber"
+    );
+    assert_eq!(
+        log::max_level(),
+        log::LevelFilter::Off,
+        "the library changed the log crate's max level, which installing a logger does"
+    );
+}
+
 #[test]
 fn bulk_submit_tasks_all_complete() {
     let env = TestEnv::new();
@@ -1832,6 +1957,67 @@ fn bulk_submit_wait_prints_each_task() {
         "{}",
         timed_out.stderr
     );
+}
+
+/// A database file that exists but has no tables of `bgw`: empty, or made by SQLite with
+/// nothing in it. The first submit must create the tables and store the task, not skip the
+/// schema and return an id for a task that was never stored.
+#[test]
+fn first_submit_creates_tables_in_empty_file() {
+    type Prepare = fn(&Path);
+    let cases: [(&str, Prepare); 2] = [
+        ("an empty file", |path| {
+            std::fs::File::create(path).expect("failed to create an empty file");
+        }),
+        ("a database without tables", |path| {
+            let connection = rusqlite::Connection::open(path).expect("failed to create a database");
+            connection
+                .execute_batch("CREATE TABLE scratch (x); DROP TABLE scratch;")
+                .expect("failed to write the database header");
+        }),
+    ];
+
+    for (case, prepare) in cases {
+        let env = TestEnv::new();
+        prepare(&env.db_path());
+        let tables = rusqlite::Connection::open(env.db_path())
+            .and_then(|connection| {
+                connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+            })
+            .unwrap_or_else(|error| panic!("{case}: failed to read the schema: {error}"));
+        assert_eq!(tables, 0, "{case}: the file starts without tables");
+
+        let client = bgw::client::WorkflowClient::new(env.backend(), path_str(&env.db_path()));
+        let runtime = support::runtime();
+        let task_id = runtime
+            .block_on(client.start_activity("multiply", "res-empty", br#"{"x": 4}"#, None))
+            .unwrap_or_else(|error| panic!("{case}: the first submit failed: {error:#}"));
+        let status = runtime
+            .block_on(client.get_status(&task_id, None))
+            .unwrap_or_else(|error| panic!("{case}: failed to read task {task_id}: {error:#}"));
+        assert_eq!(
+            status,
+            Some(bgw::record::Status::Created),
+            "{case}: the submit stored the record"
+        );
+        assert_eq!(
+            env.queue_length(),
+            1,
+            "{case}: the submit enqueued one message"
+        );
+
+        env.register("multiply", &guest("multiply"), &[]);
+        let _daemon = env.start_daemon(&["--concurrency", "1"]);
+        let record = env.wait_one(&task_id, TASK_TIMEOUT);
+        assert_completed(&record);
+        assert_eq!(
+            output_of(&record),
+            json!({"product": 8}),
+            "{case}: task {task_id}"
+        );
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bgw::backend::{BlobRef, OutgoingMessage};
+use bgw::backend::{BlobRef, Fenced, OutgoingMessage};
 use bgw::client::{InputBlob, StartOptions, WorkflowClient, INPUT_CONTAINER};
 use bgw::record::TaskRecord;
 use chrono::{DateTime, Utc};
@@ -28,6 +28,9 @@ support::on_both_backends!(
     poison_messages_dead_lettered_healthy_completes,
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
+    queued_tasks_outlast_busy_workers,
+    busy_cores_never_stop_intake,
+    duplicate_delivery_keeps_completed_record,
     delayed_task_waits_and_past_time_starts_now,
     idempotency_key_creates_one_task,
     deadlines_end_tasks_with_reason,
@@ -1061,6 +1064,287 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         record["StartTime"],
         Value::Null,
         "it never started: {record:#}"
+    );
+}
+
+// Delivery: busy workers, busy cores and duplicate messages
+
+/// Fifteen tasks submitted while two long tasks take both worker slots. A daemon with no
+/// free slot leases nothing, so the queued messages stay in the queue until a slot frees.
+/// The 1 s visibility timeout is shorter than that wait, so a queued task whose lease
+/// expired while it waited for a slot would run a second attempt.
+fn queued_tasks_outlast_busy_workers(env: TestEnv) {
+    const QUEUED: u64 = 15;
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2", "--visibility-timeout", "1"]);
+    let blocker_payload = json!({"mode": "sleep", "ms": 2_000}).to_string();
+    let blockers = env.submit_many("hostile", &blocker_payload, &["--count", "2"]);
+    for id in &blockers {
+        env.wait_for_status(id, "RUNNING", TASK_TIMEOUT);
+    }
+
+    // Each queued task sleeps its own number of milliseconds, which its result repeats.
+    let sleeps: Vec<u64> = (0..QUEUED).map(|index| 100 + index).collect();
+    let lines: Vec<String> = sleeps
+        .iter()
+        .map(|ms| json!({"mode": "sleep", "ms": ms}).to_string())
+        .collect();
+    let payloads = env.data_dir().join("queued.jsonl");
+    std::fs::write(&payloads, lines.join("\n")).expect("failed to write the payload file");
+    let queued = env.submit_many("hostile", "{}", &["--payloads", path_str(&payloads)]);
+    assert_eq!(queued.len(), sleeps.len(), "one task id per payload line");
+
+    let mut all = blockers.clone();
+    all.extend(queued.iter().cloned());
+    let records = env.wait_all(&all, TASK_TIMEOUT);
+    let first_slot_free = blockers
+        .iter()
+        .map(|id| time_of(&records[id], "EndTime"))
+        .min()
+        .expect("the test submitted two blockers");
+    for id in &blockers {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "blocker {id}: {record:#}");
+        assert_eq!(record["Attempt"], 1, "blocker {id}: {record:#}");
+    }
+    for (id, ms) in queued.iter().zip(&sleeps) {
+        let record = &records[id];
+        assert_eq!(
+            status_of(record),
+            "COMPLETED",
+            "queued task {id}: {record:#}"
+        );
+        assert_eq!(
+            output_of(record),
+            json!({"slept_ms": ms}),
+            "queued task {id} has its own result"
+        );
+        assert_eq!(
+            record["Attempt"], 1,
+            "queued task {id} ran once: {record:#}"
+        );
+        assert_eq!(history_of(record).len(), 1, "queued task {id}: {record:#}");
+        assert!(
+            time_of(record, "CreatedTime") < first_slot_free,
+            "queued task {id} was submitted while both slots were busy: {record:#}"
+        );
+        assert!(
+            time_of(record, "StartTime") >= first_slot_free,
+            "queued task {id} started only once a slot was free, at {first_slot_free}: \
+             {record:#}"
+        );
+    }
+    assert_eq!(env.queue_length(), 0, "queue");
+    assert_eq!(env.dead_letters_json().len(), 0, "dead letters");
+}
+
+/// Tasks the busy-cores test submits, and the time they must all complete in. A daemon
+/// that paused a second per message for a CPU check would need 40 s.
+const LOADED_TASKS: usize = 40;
+const LOADED_INTAKE_LIMIT: Duration = Duration::from_secs(20);
+
+/// Forty tasks submitted while one busy-loop process per core keeps every core at 100 %.
+/// The loops run at the lowest priority, so they take little more than the time that other
+/// processes leave idle, and tests running beside this one keep nearly all of the CPU. A
+/// CPU-usage or load-average check still finds every core busy, so a daemon that waited
+/// for an idle core would never lease.
+fn busy_cores_never_stop_intake(env: TestEnv) {
+    env.register("multiply", &guest("multiply"), &[]);
+    let mut daemon = env.start_daemon(&["--concurrency", "2"]);
+    let mut load = CpuLoad::on_every_core();
+
+    let started = Instant::now();
+    let lines: Vec<String> = (0..LOADED_TASKS)
+        .map(|x| json!({ "x": x }).to_string())
+        .collect();
+    let payloads = env.data_dir().join("loaded.jsonl");
+    std::fs::write(&payloads, lines.join("\n")).expect("failed to write the payload file");
+    let ids = env.submit_many("multiply", "{}", &["--payloads", path_str(&payloads)]);
+    assert_eq!(ids.len(), LOADED_TASKS, "one task id per payload line");
+    let records = env.wait_all(&ids, LOADED_INTAKE_LIMIT);
+    let took = started.elapsed();
+
+    assert!(
+        took <= LOADED_INTAKE_LIMIT,
+        "{LOADED_TASKS} tasks took {took:?} under load, limit {LOADED_INTAKE_LIMIT:?}"
+    );
+    for (x, id) in ids.iter().enumerate() {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "task {id}: {record:#}");
+        assert_eq!(
+            output_of(record),
+            json!({"product": 2 * x}),
+            "task {id} has its own result"
+        );
+    }
+    assert!(
+        load.still_runs(),
+        "every busy loop ran until the tasks completed"
+    );
+    assert!(
+        load.cpu_ticks() > 0,
+        "the busy loops used CPU time while the tasks ran"
+    );
+    assert!(
+        daemon.is_alive(),
+        "the daemon still runs{}",
+        daemon.log_tail()
+    );
+}
+
+/// One busy-loop process per core, at the lowest priority. Dropping it kills each process
+/// by its pid and reaps it.
+struct CpuLoad {
+    loops: Vec<std::process::Child>,
+}
+
+impl CpuLoad {
+    fn on_every_core() -> CpuLoad {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let loops = (0..cores)
+            .map(|_| {
+                let mut command = Command::new("sh");
+                command.args(["-c", "while :; do :; done"]);
+                support::kill_with_parent(&mut command);
+                lowest_priority(&mut command);
+                command.spawn().expect("failed to start a busy loop")
+            })
+            .collect();
+        CpuLoad { loops }
+    }
+
+    /// Returns true while every busy loop runs.
+    fn still_runs(&mut self) -> bool {
+        self.loops.iter_mut().all(|child| {
+            child
+                .try_wait()
+                .expect("failed to check a busy loop")
+                .is_none()
+        })
+    }
+
+    /// Returns the CPU time the busy loops used, in clock ticks, from `/proc/PID/stat`.
+    fn cpu_ticks(&self) -> u64 {
+        self.loops
+            .iter()
+            .map(|child| {
+                let path = format!("/proc/{}/stat", child.id());
+                let stat = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|error| panic!("failed to read {path}: {error}"));
+                // utime and stime are fields 14 and 15. The command name before them is in
+                // parentheses and may contain spaces, so fields are counted after the last ')'.
+                let name_end = stat
+                    .rfind(')')
+                    .expect("the stat line names the command in parentheses");
+                let fields: Vec<&str> = stat[name_end + 1..].split_whitespace().collect();
+                let ticks = |index: usize| fields[index].parse::<u64>().unwrap_or(0);
+                ticks(11) + ticks(12)
+            })
+            .sum()
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        for child in &mut self.loops {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Makes a child process start at nice 19, the lowest CPU priority.
+fn lowest_priority(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // setpriority, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Enqueues a copy of a completed task's message after the task finished, as a second put
+/// by a producer or a redelivery by a broker would. The daemon must acknowledge it and
+/// leave the stored outcome as it is.
+fn duplicate_delivery_keeps_completed_record(env: TestEnv) {
+    env.register("multiply", &guest("multiply"), &[]);
+    let task_id = env.submit("multiply", r#"{"x": 21}"#, &[]);
+
+    // The message exactly as the submit enqueued it, copied before any daemon runs.
+    let backend = env.backend();
+    let lease = runtime()
+        .block_on(backend.lease(1, Duration::from_secs(30)))
+        .expect("failed to lease the task's message")
+        .pop()
+        .expect("the submit enqueued a message");
+    let released = runtime()
+        .block_on(backend.release(&lease, Duration::ZERO))
+        .expect("failed to release the task's message");
+    assert_eq!(
+        released,
+        Fenced::Written,
+        "the copied message goes back to the queue"
+    );
+    let message: Value = serde_json::from_str(&lease.body).expect("the message is JSON");
+    assert_eq!(
+        message["row_key"],
+        task_id.as_str(),
+        "the message names the task"
+    );
+
+    let mut daemon = env.start_daemon(&["--concurrency", "1"]);
+    let finished = env.wait_one(&task_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&finished), "COMPLETED", "{finished:#}");
+    assert_eq!(output_of(&finished), json!({"product": 42}));
+
+    enqueue_raw(&env, &[&lease.body]);
+    env.wait_for(
+        "the duplicate message to be acknowledged",
+        TASK_TIMEOUT,
+        || {
+            let acknowledged = daemon.log().lines().any(|line| {
+                line.contains(&task_id) && line.contains("acknowledging duplicate delivery")
+            });
+            (acknowledged && env.queue_length() == 0).then_some(())
+        },
+    );
+
+    let after = env.status_json(&task_id);
+    assert_eq!(
+        status_of(&after),
+        "COMPLETED",
+        "the status stays COMPLETED after the duplicate: {after:#}"
+    );
+    assert_eq!(
+        after["OutputPayload"], finished["OutputPayload"],
+        "the result stays the original one after the duplicate"
+    );
+    assert_eq!(
+        after["Attempt"], 1,
+        "the duplicate began no attempt: {after:#}"
+    );
+    assert_eq!(history_of(&after).len(), 1, "{after:#}");
+    assert_eq!(
+        after, finished,
+        "the duplicate changed no field of the record"
+    );
+    let finished_rows = env.row_keys(TaskTable::Finished);
+    assert_eq!(finished_rows, vec![task_id.clone()], "one finished row");
+    assert_eq!(env.row_keys(TaskTable::Active).len(), 0, "active rows");
+    assert_eq!(
+        env.dead_letters_json().len(),
+        0,
+        "the duplicate is acknowledged, not dead-lettered"
+    );
+    assert!(
+        daemon.is_alive(),
+        "the daemon still runs{}",
+        daemon.log_tail()
     );
 }
 

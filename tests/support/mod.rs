@@ -543,9 +543,9 @@ impl Drop for Daemon<'_> {
     }
 }
 
-/// Makes the kernel send SIGKILL to the daemon when the thread that started it ends, so a
-/// test process killed from outside leaves no daemon behind.
-fn kill_with_parent(command: &mut Command) {
+/// Makes the kernel send SIGKILL to a child, such as a daemon, when the thread that started
+/// it ends, so a test process killed from outside leaves no child behind.
+pub fn kill_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
     // which is async-signal-safe.
