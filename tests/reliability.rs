@@ -35,6 +35,7 @@ support::on_both_backends!(
     idempotency_key_creates_one_task,
     deadlines_end_tasks_with_reason,
     lease_renewals_keep_one_attempt,
+    tasks_leased_ahead_keep_leases,
     sigterm_lets_running_task_finish,
     grace_over_releases_task_at_once,
     second_signal_exits_at_once,
@@ -1397,6 +1398,43 @@ fn lease_renewals_keep_one_attempt(env: TestEnv) {
                 daemon.log_tail()
             );
         }
+    }
+}
+
+/// Short tasks let a daemon lease far ahead of its one slot, so the long tasks that follow
+/// them wait for the slot several visibility timeouts: their leases must be kept alive
+/// while they wait, or another delivery runs them a second time.
+fn tasks_leased_ahead_keep_leases(env: TestEnv) {
+    const SHORT_TASKS: usize = 300;
+    const LONG_TASKS: usize = 6;
+    const SLEEP_MS: u64 = 1_000;
+    env.register("multiply", &guest("multiply"), &[]);
+    env.register("hostile", &guest("hostile"), &[]);
+    let daemon = env.start_daemon(&["--concurrency", "1", "--visibility-timeout", "2"]);
+
+    let short = env.submit_many(
+        "multiply",
+        r#"{"x": 6, "factor": 7}"#,
+        &["--count", &SHORT_TASKS.to_string()],
+    );
+    let payload = json!({"mode": "sleep", "ms": SLEEP_MS}).to_string();
+    let long = env.submit_many("hostile", &payload, &["--count", &LONG_TASKS.to_string()]);
+    let records = env.wait_all(&long, TASK_TIMEOUT);
+    env.wait_all(&short, TASK_TIMEOUT);
+
+    for id in &long {
+        let record = &records[id];
+        assert_eq!(status_of(record), "COMPLETED", "{record:#}");
+        assert_eq!(record["Attempt"], 1, "the lease was never lost: {record:#}");
+        assert_eq!(history_of(record).len(), 1, "one attempt ran: {record:#}");
+    }
+    let log = daemon.log().to_lowercase();
+    for symptom in ["lease lost", "outcome discarded"] {
+        assert!(
+            !log.contains(symptom),
+            "the daemon logged {symptom:?}{}",
+            daemon.log_tail()
+        );
     }
 }
 

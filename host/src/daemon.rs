@@ -470,7 +470,9 @@ impl Controller {
         );
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
-        let slot = self.pipeline.execution_slot().await;
+        let Some(slot) = self.slot_holding_lease(&current_lease).await else {
+            return Ok(());
+        };
         let start_time = crate::record::now();
         record.start_time = Some(start_time);
         let started = std::time::Instant::now();
@@ -803,6 +805,36 @@ impl Controller {
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
         self.finish(lease, record, None).await
+    }
+
+    /// Waits for a worker slot and extends the lease every third of the visibility timeout
+    /// meanwhile. A task leased ahead can wait longer than the lease when the tasks before
+    /// it run longer than the daemon expected. Returns `None` when the lease was lost while
+    /// the task waited: another delivery owns the task then.
+    async fn slot_holding_lease(&self, lease: &Mutex<Lease>) -> Option<OwnedSemaphorePermit> {
+        let visibility = self.options.visibility_timeout;
+        let renew_every = (visibility / 3).max(CANCEL_POLL);
+        // Pinned once, so that the task keeps its place in the slot queue across renewals.
+        let acquire = self.pipeline.execution_slot();
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                biased;
+                slot = &mut acquire => return Some(slot),
+                () = tokio::time::sleep(renew_every) => {}
+            }
+            let held = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match self.backend.extend(&held, visibility).await {
+                Ok(Some(renewed)) => *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed,
+                Ok(None) => {
+                    tracing::warn!("lease lost while the task waited for a worker slot: another worker has the task");
+                    return None;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "failed to extend the lease of a task waiting for a worker slot")
+                }
+            }
+        }
     }
 
     async fn component_for(&self, activity_type: &str) -> Option<Arc<LoadedComponent>> {
