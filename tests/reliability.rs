@@ -1402,7 +1402,7 @@ fn lease_renewals_keep_one_attempt(env: TestEnv) {
 }
 
 /// Short tasks let a daemon lease far ahead of its one slot, so the long tasks that follow
-/// them wait for the slot several visibility timeouts: their leases must be kept alive
+/// them wait for the slot for several visibility timeouts. Their leases must be kept alive
 /// while they wait, or another delivery runs them a second time.
 fn tasks_leased_ahead_keep_leases(env: TestEnv) {
     const SHORT_TASKS: usize = 300;
