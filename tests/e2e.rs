@@ -1151,6 +1151,19 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
         .expect("`bgw list --json` prints an array");
     assert_eq!(listed.len(), 2, "{listed:#?}");
 
+    let sleeping = env.submit(
+        "hostile",
+        r#"{"mode": "sleep", "ms": 5000}"#,
+        &["--resource", "res-sleep"],
+    );
+    let timed_out = env.run(&["wait", &sleeping, "--timeout", "0.3"]);
+    assert_eq!(timed_out.code(), 4, "a wait that timed out: {timed_out:?}");
+    assert!(
+        timed_out.stderr.contains("timed out after 0.3 s"),
+        "{}",
+        timed_out.stderr
+    );
+
     let id = record["RowKey"].as_str().unwrap();
     let by_id = env.run_json(&["status", id]);
     assert_eq!(by_id["RowKey"], json!(id), "a task id alone finds the task");

@@ -435,17 +435,17 @@ impl WorkflowClient {
     ) -> Result<TaskRecord> {
         let started = Instant::now();
         loop {
-            match self.get_task(task_id, resource_id).await? {
+            let status = match self.get_task(task_id, resource_id).await? {
                 Some(record) if record.status.is_terminal() => return Ok(record),
-                Some(_) => {}
+                Some(record) => record.status,
                 None => return Err(Error::NotFound(task_not_found(task_id, resource_id))),
-            }
+            };
             let mut pause = WAIT_POLL;
             if let Some(limit) = timeout {
                 let elapsed = started.elapsed();
                 if elapsed >= limit {
-                    return Err(Error::Invalid(format!(
-                        "timed out after {} s waiting for task {task_id}",
+                    return Err(Error::TimedOut(format!(
+                        "timed out after {} s waiting for task {task_id}, which is still {status}",
                         limit.as_secs_f64()
                     )));
                 }

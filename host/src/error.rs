@@ -10,6 +10,9 @@ pub enum Error {
     /// Something looked up by key does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A wait for a task that ended before the task finished.
+    #[error("{0}")]
+    TimedOut(String),
     /// A component that is not valid for the activity world.
     #[error("{0}")]
     Component(String),

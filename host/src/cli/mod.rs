@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch. Exit codes: 0 done, 1 the command failed, 2 bad
-//! usage, 3 a waited-for task ended ERROR or CANCELLED.
+//! usage, 3 a waited-for task ended ERROR or CANCELLED, 4 a wait timed out before its task
+//! finished.
 
 mod commands;
 mod output;
@@ -19,6 +20,9 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 /// Exit code when a task the command waited for ended ERROR or CANCELLED.
 const EXIT_TASK_FAILED: u8 = 3;
+/// Exit code when a wait timed out before its task finished, so that a script can tell a
+/// task that is still running from a command that failed.
+const EXIT_TIMED_OUT: u8 = 4;
 
 /// Background tasks as WebAssembly components, each run in its own sandbox.
 #[derive(Parser, Debug)]
@@ -342,7 +346,15 @@ pub fn main() -> ExitCode {
         Err(error) => {
             eprintln!("error: {}", error_chain(&error));
             let usage = error.downcast_ref::<commands::UsageError>().is_some();
-            ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILURE })
+            let timed_out = error
+                .chain()
+                .any(|cause| matches!(cause.downcast_ref(), Some(bgw::Error::TimedOut(_))));
+            let code = match (usage, timed_out) {
+                (true, _) => EXIT_USAGE,
+                (false, true) => EXIT_TIMED_OUT,
+                (false, false) => EXIT_FAILURE,
+            };
+            ExitCode::from(code)
         }
     }
 }
