@@ -1047,7 +1047,8 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         );
     }
 
-    let cases: [(&[&str], &str); 8] = [
+    let long_key = "k".repeat(300);
+    let cases: [(&[&str], &str); 10] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (&["submit", "multiply"], "--resource"),
         (&["register", "multiply"], "<FILE>"),
@@ -1063,6 +1064,28 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             "invalid --delay -5: it must be between 0 and",
         ),
         (&["prune", "--older-than", "-1"], "invalid --older-than -1"),
+        (
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--idempotency-key",
+                "",
+            ],
+            "invalid idempotency key of 0 bytes: it must have 1 to 256 bytes",
+        ),
+        (
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--idempotency-key",
+                &long_key,
+            ],
+            "invalid idempotency key of 300 bytes: it must have 1 to 256 bytes",
+        ),
     ];
     for (args, expected) in cases {
         let result = env.run(args);
@@ -1095,6 +1118,12 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         "{}",
         result.stderr
     );
+
+    // Every usage error above is found before the store is opened, which on SQLite would
+    // create the database file.
+    if !env.is_azure() {
+        assert!(!env.db_path().exists(), "a usage error opened the store");
+    }
 }
 
 fn cli_exit_codes_and_lookups(env: TestEnv) {

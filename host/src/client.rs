@@ -8,6 +8,8 @@ use crate::backend::{Backend, BlobRef, CancelOutcome, ListFilter, OutgoingMessag
 use crate::record::{QueueMessage, Status, TaskRecord};
 use crate::{validate, Error, Result};
 
+pub use crate::validate::MAX_IDEMPOTENCY_KEY_BYTES;
+
 /// Container that `start_activity` stores input blobs in when the caller names none.
 pub const INPUT_CONTAINER: &str = "bgw-input";
 
@@ -59,9 +61,6 @@ impl<'a> StartRequest<'a> {
 
 /// Maximum pause of `wait` between two reads of a task whose store shows no change.
 const WAIT_POLL: Duration = Duration::from_millis(100);
-
-/// Maximum length of an idempotency key, in bytes.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 /// Starts activities and reads their records, on any [`Backend`].
 #[derive(Clone)]
@@ -253,12 +252,7 @@ impl WorkflowClient {
         let payload_text = String::from_utf8(payload_json.to_vec())
             .map_err(|error| Error::Invalid(format!("payload is not valid UTF-8: {error}")))?;
         if let Some(key) = &options.idempotency_key {
-            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-                return Err(Error::Invalid(format!(
-                    "invalid idempotency key of {} bytes: it must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
-                    key.len()
-                )));
-            }
+            validate::idempotency_key(key)?;
         }
 
         let task_id = uuid::Uuid::now_v7().to_string();

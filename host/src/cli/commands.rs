@@ -289,6 +289,9 @@ async fn unregister(settings: &Settings, args: UnregisterArgs, json: bool) -> Re
 async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Finished> {
     bgw::validate::activity_type(&args.activity_type).map_err(usage)?;
     bgw::validate::resource_id(&args.resource).map_err(usage)?;
+    if let Some(key) = &args.idempotency_key {
+        bgw::validate::idempotency_key(key).map_err(usage)?;
+    }
     let payloads = read_payloads(&args)?;
     let wait_timeout = optional_seconds("--wait-timeout", args.wait_timeout)?;
     let options = StartOptions {
