@@ -1773,6 +1773,23 @@ fn prune_deletes_old_finished_tasks(env: TestEnv) {
 
     let usage = env.run(&["prune", "--older-than", "-1"]);
     assert_eq!(usage.code(), 2, "a negative age is bad usage");
+
+    // The cutoff has the six fractional digits of the times `bgw` writes. A cutoff taken
+    // from the nanosecond clock shows a seventh digit in nine runs of ten.
+    let outputs = (0..5).map(|_| env.run_ok(&["prune", "--older-than", "36500"]));
+    for output in [kept, pruned].into_iter().chain(outputs) {
+        let cutoff = output
+            .trim()
+            .rsplit(' ')
+            .next()
+            .expect("prune prints its cutoff last");
+        let fraction = cutoff
+            .strip_suffix('Z')
+            .and_then(|time| time.rsplit_once('.'))
+            .map(|(_, fraction)| fraction)
+            .unwrap_or_else(|| panic!("cutoff {cutoff:?} has no fraction: {output}"));
+        assert_eq!(fraction.len(), 6, "cutoff {cutoff:?}: {output}");
+    }
 }
 
 fn times_are_utc_across_time_zones(env: TestEnv) {

@@ -875,7 +875,9 @@ async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
         .into());
     }
     let age = chrono::Duration::milliseconds((args.older_than * 86_400_000.0) as i64);
-    let before = chrono::Utc::now() - age;
+    // In whole microseconds, as the times `bgw` writes, so that the cutoff prints and
+    // compares with six fractional digits.
+    let before = bgw::record::now() - age;
     let backend = existing_backend(settings)?;
     let mut pruned = 0usize;
     loop {
