@@ -1192,6 +1192,24 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
         "{}",
         timed_out.stderr
     );
+    let submit_timed_out = env.run(&[
+        "submit",
+        "hostile",
+        "--resource",
+        "res-sleep",
+        "--payload",
+        r#"{"mode": "sleep", "ms": 5000}"#,
+        "--wait",
+        "--wait-timeout",
+        "0.3",
+    ]);
+    assert_eq!(submit_timed_out.code(), 4, "{submit_timed_out:?}");
+    assert!(
+        submit_timed_out.stderr.contains("timed out after 0.3 s"),
+        "{}",
+        submit_timed_out.stderr
+    );
+    assert_task_named_once(&submit_timed_out.stderr);
 
     let id = record["RowKey"].as_str().unwrap();
     let by_id = env.run_json(&["status", id]);
@@ -2008,7 +2026,7 @@ fn bulk_submit_wait_prints_each_task() {
         "--wait-timeout",
         "0.2",
     ]);
-    assert_eq!(timed_out.code(), 1, "{timed_out:?}");
+    assert_eq!(timed_out.code(), 4, "{timed_out:?}");
     assert!(
         timed_out
             .stderr
@@ -2016,6 +2034,16 @@ fn bulk_submit_wait_prints_each_task() {
         "{}",
         timed_out.stderr
     );
+    assert_task_named_once(&timed_out.stderr);
+}
+
+/// Asserts that an error of `submit --wait-timeout` names the task it waited for once.
+fn assert_task_named_once(stderr: &str) {
+    let (_, after) = stderr
+        .split_once("waiting for task ")
+        .unwrap_or_else(|| panic!("the error names no task: {stderr}"));
+    let task_id = &after[..36];
+    assert_eq!(stderr.matches(task_id).count(), 1, "{stderr}");
 }
 
 /// A database file that exists but has no tables of `bgw`: empty, or made by SQLite with

@@ -400,18 +400,22 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         let record = client
             .wait(task_id, lookup_resource, timeout)
             .await
-            .with_context(|| {
-                let mut context = format!("failed to wait for task {task_id}");
-                if bulk {
-                    context.push_str(&format!(
-                        " ({} of {} started tasks not seen finished; `bgw list --resource {}` \
-                         lists them all)",
-                        task_ids.len() - index,
-                        task_ids.len(),
-                        args.resource
-                    ));
-                }
-                context
+            .map_err(|error| {
+                let unseen = format!(
+                    "{} of {} started tasks not seen finished; `bgw list --resource {}` lists \
+                     them all",
+                    task_ids.len() - index,
+                    task_ids.len(),
+                    args.resource
+                );
+                // A timeout's message names the task already.
+                let context = match (&error, bulk) {
+                    (bgw::Error::TimedOut(_), false) => return anyhow::Error::from(error),
+                    (bgw::Error::TimedOut(_), true) => unseen,
+                    (_, false) => format!("failed to wait for task {task_id}"),
+                    (_, true) => format!("failed to wait for task {task_id} ({unseen})"),
+                };
+                anyhow::Error::from(error).context(context)
             })?;
         bar.inc(1);
         records.push(record);
