@@ -593,7 +593,12 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         3,
         "missing row_key, malformed and the task without a component remain"
     );
-    let unknown = env.run(&["requeue", "999999"]);
+    // Dead letter ids are numbers on SQLite and time-ordered names on Azure.
+    let unknown_id = match env.is_azure() {
+        true => "9223370271066953806-0a1b2c3d",
+        false => "999999",
+    };
+    let unknown = env.run(&["requeue", unknown_id]);
     assert_eq!(
         unknown.code(),
         1,
@@ -601,6 +606,20 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         unknown.stderr
     );
     assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
+    let malformed_id = env.run(&["requeue", "abc"]);
+    assert_eq!(
+        malformed_id.code(),
+        2,
+        "requeue of a malformed id is bad usage: {}",
+        malformed_id.stderr
+    );
+    assert!(
+        malformed_id
+            .stderr
+            .contains("invalid dead letter id \"abc\""),
+        "{}",
+        malformed_id.stderr
+    );
 
     assert!(
         daemon.is_alive(),

@@ -942,7 +942,11 @@ async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
 
 async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
     let backend = existing_backend(settings)?;
-    if !backend.requeue_dead_letter(&args.id).await? {
+    let requeued = backend
+        .requeue_dead_letter(&args.id)
+        .await
+        .map_err(usage_if_invalid)?;
+    if !requeued {
         bail!(
             "dead letter {:?} not found: `bgw dead-letters` lists them",
             args.id
