@@ -28,6 +28,7 @@ support::on_both_backends!(
     corrupt_component_keeps_old_version,
     usage_errors_exit_with_code_2,
     cli_exit_codes_and_lookups,
+    result_checks_status_before_output_blob,
     resource_ids_rejected_or_round_trip,
     large_payloads_reach_guest_intact,
     large_payloads_stored_byte_for_byte,
@@ -1239,6 +1240,96 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
         malformed.stderr.contains("not a UUID"),
         "{}",
         malformed.stderr
+    );
+}
+
+/// `bgw result --output-blob` reports the task's status before it looks for a blob, and
+/// copies a large blob whole.
+fn result_checks_status_before_output_blob(env: TestEnv) {
+    env.register("hostile", &guest("hostile"), &["--max-attempts", "1"]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+    let target = env.data_dir().join("output.bin");
+    let result_to_file =
+        |task_id: &str| env.run(&["result", task_id, "--output-blob", path_str(&target)]);
+
+    // Several MiB, so the copy takes many reads.
+    let size = 3 * 1024 * 1024 + 5;
+    let with_blob = env.submit(
+        "hostile",
+        &format!(r#"{{"mode": "write-output", "bytes": {size}}}"#),
+        &[],
+    );
+    let without_blob = env.submit("multiply", r#"{"x": 4}"#, &[]);
+    let failed = env.submit("hostile", r#"{"mode": "trap"}"#, &[]);
+    let records = env.wait_all(
+        &[with_blob.clone(), without_blob.clone(), failed.clone()],
+        TASK_TIMEOUT,
+    );
+    assert_completed(&records[&with_blob]);
+    assert_completed(&records[&without_blob]);
+    assert_eq!(status_of(&records[&failed]), "ERROR");
+
+    let saved = result_to_file(&with_blob);
+    assert_eq!(saved.code(), 0, "{saved:?}");
+    let printed: Value = serde_json::from_str(&saved.stdout).expect("the result is JSON");
+    assert_eq!(printed["accepted"], json!(size), "{printed}");
+    assert!(
+        saved
+            .stderr
+            .contains(&format!("saved output blob ({size} bytes)")),
+        "{}",
+        saved.stderr
+    );
+    let copy = std::fs::read(&target).expect("the output blob was saved");
+    assert_eq!(copy.len(), size, "size of the saved blob");
+    assert!(copy.iter().all(|&byte| byte == b'x'), "contents");
+    std::fs::remove_file(&target).unwrap();
+
+    // A completed task without a blob still prints its result.
+    let no_blob = result_to_file(&without_blob);
+    assert_eq!(no_blob.code(), 1, "{no_blob:?}");
+    let printed: Value = serde_json::from_str(&no_blob.stdout).expect("the result is JSON");
+    assert_eq!(printed, json!({"product": 8}));
+    assert!(
+        no_blob.stderr.contains("has no output blob"),
+        "{}",
+        no_blob.stderr
+    );
+
+    let ended = result_to_file(&failed);
+    assert_eq!(ended.code(), 3, "{ended:?}");
+    assert!(ended.stderr.contains("ended ERROR"), "{}", ended.stderr);
+
+    let delayed = env.submit("multiply", r#"{"x": 1}"#, &["--delay", "600"]);
+    let queued = result_to_file(&delayed);
+    assert_eq!(queued.code(), 1, "{queued:?}");
+    assert!(
+        queued.stderr.contains("has no result yet, it is CREATED"),
+        "{}",
+        queued.stderr
+    );
+    env.run_ok(&["cancel", &delayed]);
+    let cancelled = result_to_file(&delayed);
+    assert_eq!(cancelled.code(), 3, "{cancelled:?}");
+    assert!(
+        cancelled.stderr.contains("ended CANCELLED"),
+        "{}",
+        cancelled.stderr
+    );
+
+    let sleeping = env.submit("hostile", r#"{"mode": "sleep", "ms": 3000}"#, &[]);
+    env.wait_for_status(&sleeping, "RUNNING", TASK_TIMEOUT);
+    let running = result_to_file(&sleeping);
+    assert_eq!(running.code(), 1, "{running:?}");
+    assert!(
+        running.stderr.contains("has no result yet, it is RUNNING"),
+        "{}",
+        running.stderr
+    );
+    assert!(
+        !target.exists(),
+        "no file is written for a task without a blob"
     );
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bgw::backend::{BlobRef, CancelOutcome, Limits, ListFilter, RetryPolicy};
+use bgw::backend::{BlobRef, CancelOutcome, Limits, ListFilter, ReadAt, RetryPolicy};
 use bgw::client::{InputBlob, StartOptions, StartRequest, WorkflowClient};
 use bgw::config::{Overrides, Settings};
 use bgw::daemon::DaemonOptions;
@@ -753,9 +753,6 @@ async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finishe
 async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Finished> {
     let client = existing_client(settings)?;
     let record = find_task(&client, &args.task).await?;
-    if let Some(target) = &args.output_blob {
-        save_output_blob(&client, &record, target)?;
-    }
     match record.status {
         Status::Completed => {
             if json {
@@ -766,6 +763,9 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
                 output::print_json(&value)?;
             } else {
                 outln!("{}", record.output_payload)?;
+            }
+            if let Some(target) = &args.output_blob {
+                save_output_blob(&client, &record, target)?;
             }
             Ok(Finished::Done)
         }
@@ -783,7 +783,7 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
         }
         Status::Created | Status::Running => {
             bail!(
-                "task {} has no result yet: its status is {}",
+                "task {0} has no result yet, it is {1}: `bgw wait {0}` waits until it finishes",
                 record.row_key,
                 record.status
             )
@@ -791,36 +791,46 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
     }
 }
 
+/// Copies a completed task's output blob to `target` as a stream.
 fn save_output_blob(client: &WorkflowClient, record: &TaskRecord, target: &Path) -> Result<()> {
     let (Some(container), Some(name)) = (&record.output_container_name, &record.output_blob_name)
     else {
-        bail!("task {} has no output blob", record.row_key);
+        bail!(
+            "task {} has no output blob, so nothing was saved to {}",
+            record.row_key,
+            target.display()
+        );
     };
     let blob = BlobRef {
         container: container.clone(),
         name: name.clone(),
     };
     let (reader, size) = client.backend().blobs().open(&blob)?;
-    let mut data = vec![0; size as usize];
-    let mut filled = 0;
-    while filled < data.len() {
-        let read = reader
-            .read_at(filled as u64, &mut data[filled..])
-            .with_context(|| format!("failed to read output blob {container}/{name}"))?;
-        if read == 0 {
-            break;
-        }
-        filled += read;
-    }
-    data.truncate(filled);
-    std::fs::write(target, &data)
-        .with_context(|| format!("failed to write {}", target.display()))?;
-    eprintln!(
-        "saved output blob ({} bytes) to {}",
-        data.len(),
-        target.display()
-    );
+    let mut source = BlobReader { reader, offset: 0 };
+    let mut file = std::fs::File::create(target)
+        .with_context(|| format!("failed to create {}", target.display()))?;
+    let copied = std::io::copy(&mut source, &mut file).with_context(|| {
+        format!(
+            "failed to copy output blob {container}/{name} ({size} bytes) to {}",
+            target.display()
+        )
+    })?;
+    eprintln!("saved output blob ({copied} bytes) to {}", target.display());
     Ok(())
+}
+
+/// A blob read from its start, one `read_at` after the other.
+struct BlobReader {
+    reader: Box<dyn ReadAt>,
+    offset: u64,
+}
+
+impl std::io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.reader.read_at(self.offset, buf)?;
+        self.offset += read as u64;
+        Ok(read)
+    }
 }
 
 async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finished> {
