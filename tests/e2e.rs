@@ -25,6 +25,7 @@ support::on_both_backends!(
     missing_component_fails_only_its_task,
     unregister_finishes_running_fails_queued,
     bad_input_rejected_before_storing,
+    input_blob_limit_checked_while_copying,
     corrupt_component_keeps_old_version,
     usage_errors_exit_with_code_2,
     cli_exit_codes_and_lookups,
@@ -937,6 +938,89 @@ fn bad_input_rejected_before_storing(env: TestEnv) {
         json!({"x": 5, "factor": 3}),
         "the file's payload is stored"
     );
+}
+
+/// An input blob over `submit.max_input_blob_bytes` is rejected with exit code 2 and
+/// leaves no task and no blob, whether it comes from a device, a pipe or a regular file.
+fn input_blob_limit_checked_while_copying(env: TestEnv) {
+    const LIMIT: usize = 1024 * 1024;
+    std::fs::write(
+        env.data_dir().join("bgw.toml"),
+        format!("[submit]\nmax_input_blob_bytes = {LIMIT}\n"),
+    )
+    .unwrap();
+    let submit_blob = |blob: &str, extra: &[&str]| {
+        let mut args = vec!["submit", "multiply", "--resource", "r", "--blob", blob];
+        args.extend_from_slice(extra);
+        env.run(&args)
+    };
+    let submit_from_pipe = |size: usize| -> support::CommandResult {
+        let mut child = env
+            .command(&[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--blob",
+                "/dev/stdin",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("failed to start the bgw binary");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            // The submit stops reading at the limit, and the write then fails.
+            let _ = stdin.write_all(&vec![b'z'; size]);
+        });
+        let output = child.wait_with_output().expect("failed to wait for bgw");
+        writer.join().expect("the pipe writer panicked");
+        output.into()
+    };
+    let over_limit = format!("input blob exceeds the limit of {LIMIT} bytes");
+    let stopped_at = format!("the copy stopped after {} bytes", LIMIT + 1);
+
+    // A device has no size, so the copy finds the limit.
+    let device = submit_blob("/dev/zero", &[]);
+    assert_eq!(device.code(), 2, "{device:?}");
+    assert!(device.stderr.contains(&over_limit), "{}", device.stderr);
+    assert!(device.stderr.contains(&stopped_at), "{}", device.stderr);
+    let bulk = submit_blob("/dev/zero", &["--count", "3"]);
+    assert_eq!(bulk.code(), 2, "{bulk:?}");
+    assert!(bulk.stderr.contains(&over_limit), "{}", bulk.stderr);
+
+    let piped = submit_from_pipe(LIMIT + 1);
+    assert_eq!(piped.code(), 2, "{piped:?}");
+    assert!(piped.stderr.contains(&stopped_at), "{}", piped.stderr);
+
+    // A regular file is checked before it is copied, and its error gives its size.
+    let large = write_file(&env, "large.bin", &vec![b'z'; LIMIT + 1]);
+    let file = submit_blob(path_str(&large), &[]);
+    assert_eq!(file.code(), 2, "{file:?}");
+    let expected = format!(
+        "is {} bytes, over the input blob limit of {LIMIT} bytes",
+        LIMIT + 1
+    );
+    assert!(file.stderr.contains(&expected), "{}", file.stderr);
+    assert!(env.list_json().is_empty(), "no rejected submit left a task");
+    if !env.is_azure() {
+        let blobs = env.data_dir().join("blobs");
+        let input_blobs = std::fs::read_dir(blobs.join("bgw-input")).map_or(0, |dir| dir.count());
+        assert_eq!(input_blobs, 0, "no input blob is left");
+        let temp_files = std::fs::read_dir(blobs.join(".tmp")).map_or(0, |dir| dir.count());
+        assert_eq!(temp_files, 0, "no partial blob is left");
+    }
+
+    // A blob of exactly the limit is accepted, from a pipe and from a file.
+    let at_limit = submit_from_pipe(LIMIT);
+    assert_eq!(at_limit.code(), 0, "{at_limit:?}");
+    let exact = write_file(&env, "exact.bin", &vec![b'z'; LIMIT]);
+    let from_file = submit_blob(path_str(&exact), &[]);
+    assert_eq!(from_file.code(), 0, "{from_file:?}");
+    let tasks = env.list_json();
+    assert_eq!(tasks.len(), 2, "{tasks:#?}");
 }
 
 fn corrupt_component_keeps_old_version(env: TestEnv) {

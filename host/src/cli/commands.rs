@@ -81,10 +81,8 @@ fn resolve_settings(global: &GlobalArgs) -> Result<Settings> {
 
 fn client(settings: &Settings) -> Result<WorkflowClient> {
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
-    Ok(WorkflowClient::new(
-        backend,
-        settings.db_path().display().to_string(),
-    ))
+    let client = WorkflowClient::new(backend, settings.db_path().display().to_string());
+    Ok(client.with_max_input_blob_bytes(settings.max_input_blob_bytes))
 }
 
 /// Returns a client of a store that must exist already, for commands that only read or
@@ -323,6 +321,22 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
                 path.display()
             );
         }
+        // A regular file that is too large fails here, before anything is copied. The
+        // client checks the size again while it copies, which also covers pipes and
+        // devices, whose size is unknown.
+        let limit = settings.max_input_blob_bytes;
+        if let Ok(metadata) = file.metadata() {
+            if metadata.is_file() && metadata.len() > limit {
+                return Err(UsageError(format!(
+                    "blob file {} is {} bytes, over the input blob limit of {limit} bytes \
+                     (submit.max_input_blob_bytes in bgw.toml sets the limit); no task was \
+                     started",
+                    path.display(),
+                    metadata.len()
+                ))
+                .into());
+            }
+        }
     }
     let client = client(settings)?;
 
@@ -351,6 +365,12 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             {
                 return Err(UsageError(conflict.to_string()).into());
             }
+            // An invalid value that the checks above cannot see, such as an input blob
+            // over the limit, is bad usage too.
+            let invalid_input = matches!(
+                error.downcast_ref::<bgw::Error>(),
+                Some(bgw::Error::Invalid(_))
+            );
             for task_id in &task_ids {
                 // Report the submit error even when stdout fails.
                 let _ = outln!("{task_id}");
@@ -365,6 +385,9 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
                     " ({} started, their ids are printed above)",
                     task_ids.len()
                 ));
+            }
+            if invalid_input {
+                return Err(UsageError(format!("{context}: {error}")).into());
             }
             return Err(error.context(context));
         }
