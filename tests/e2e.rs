@@ -2315,6 +2315,66 @@ fn config_db_path_follows_data_dir() {
     );
 }
 
+/// A submit stopped by SIGINT while it copies its blob leaves a partial blob file, which
+/// the next `bgw` command deletes once the file is an hour old.
+#[test]
+fn interrupted_submit_leaves_file_for_cleanup() {
+    use std::io::Write;
+
+    let env = TestEnv::new();
+    let temp_dir = env.data_dir().join("blobs/.tmp");
+    let mut child = env
+        .command(&[
+            "submit",
+            "multiply",
+            "--resource",
+            "r",
+            "--blob",
+            "/dev/stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("failed to start the bgw binary");
+    // The pipe stays open, so the copy waits for more data until the signal.
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    stdin.write_all(&[b'z'; 100_000]).unwrap();
+    let part_file = env.wait_for("the partial blob file", TASK_TIMEOUT, || {
+        let path = std::fs::read_dir(&temp_dir).ok()?.next()?.ok()?.path();
+        let size = std::fs::metadata(&path).ok()?.len();
+        (size == 100_000).then_some(path)
+    });
+    // SAFETY: kill only sends a signal to the child this test started.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0, "failed to send SIGINT");
+    let status = child.wait().expect("failed to wait for bgw");
+    assert!(!status.success(), "the submit was stopped: {status:?}");
+    drop(stdin);
+    assert!(
+        part_file.exists(),
+        "the stopped submit left its partial blob"
+    );
+    assert!(
+        env.list_json().is_empty(),
+        "the stopped submit started no task"
+    );
+
+    // A file changed within the hour may still be written, so it stays.
+    env.run_ok(&["list"]);
+    assert!(part_file.exists(), "a recent partial blob is kept");
+
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&part_file)
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    drop(file);
+    env.run_ok(&["list"]);
+    assert!(!part_file.exists(), "an hour-old partial blob is deleted");
+}
+
 #[test]
 fn closed_stdout_ends_commands_quietly() {
     let env = TestEnv::new();
