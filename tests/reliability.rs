@@ -635,7 +635,7 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
 }
 
 /// A requeued task whose attempts were used up runs once more, and the dead letter of
-/// that extra attempt says that it was one beyond the retry policy.
+/// that attempt calls it an extra one beyond the retry policy.
 fn requeued_task_gets_one_extra_attempt(env: TestEnv) {
     env.register("always-trap", &guest("hostile"), &["--max-attempts", "1"]);
     let _daemon = env.start_daemon(&["--concurrency", "1"]);
