@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::faults::{Action, FaultProxy, Request, Service};
 use support::{guest, output_of, path_str, skewed_clock_env, TestEnv};
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(90);
@@ -366,4 +367,63 @@ fn azure_skewed_clocks_wait_whole_component_grace() {
     assert_eq!(status_of(&record), "ERROR", "{record:#}");
     let message = record["ErrorMessage"].as_str().unwrap_or_default();
     assert!(message.contains("within 2 s"), "{record:#}");
+}
+
+/// An input blob upload whose response is lost may have been stored. The client deletes
+/// it, so a failed submit leaves no blob.
+#[test]
+fn azure_lost_upload_response_leaves_no_blob() {
+    let Some(mut env) = TestEnv::azure() else {
+        return;
+    };
+    let azurite = support::azure_connection_string().expect("an Azure environment has one");
+    let proxy = FaultProxy::start(&azurite);
+    env.route_through(&proxy);
+    // The SDK retries the lost upload for 1 s, then fails.
+    env.set_store_variable("BGW_AZURE_MAX_RETRY_SECS", "1");
+    let container = format!("lost-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    // The container exists, so that the lost upload is stored.
+    let first = bgw::backend::BlobRef {
+        container: container.clone(),
+        name: "first".to_owned(),
+    };
+    let blobs = env.backend();
+    blobs.blobs().put(&first, &mut &b"x"[..]).unwrap();
+    blobs.blobs().delete(&first).unwrap();
+    let uploads = format!("/{container}/");
+    let rule = proxy.add(
+        Action::DropResponse,
+        Box::new(move |request: &Request| {
+            request.service == Service::Blob
+                && request.method == "PUT"
+                && request.path.contains(&uploads)
+        }),
+    );
+
+    let client = bgw::client::WorkflowClient::new(env.backend(), "lost-upload");
+    let mut data: &[u8] = b"an input that the service stores";
+    let blob = bgw::client::InputBlob {
+        container: Some(container.clone()),
+        name: None,
+        data: &mut data,
+    };
+    let submitted = support::runtime().block_on(client.start_activity(
+        "multiply",
+        "r",
+        br#"{"x": 1}"#,
+        Some(blob),
+    ));
+
+    let error = submitted.expect_err("the upload's response never arrives");
+    assert!(
+        format!("{error:#}").contains("failed to upload blob"),
+        "{error:#}"
+    );
+    assert!(proxy.hits(rule) >= 1, "the upload went through the proxy");
+    assert_eq!(
+        env.azure_blob_names(&container, ""),
+        Vec::<String>::new(),
+        "the stored upload is deleted"
+    );
+    assert!(env.list_json().is_empty(), "no task was stored");
 }

@@ -25,9 +25,11 @@ support::on_both_backends!(
     missing_component_fails_only_its_task,
     unregister_finishes_running_fails_queued,
     bad_input_rejected_before_storing,
+    input_blob_limit_checked_while_copying,
     corrupt_component_keeps_old_version,
     usage_errors_exit_with_code_2,
     cli_exit_codes_and_lookups,
+    result_checks_status_before_output_blob,
     resource_ids_rejected_or_round_trip,
     large_payloads_reach_guest_intact,
     large_payloads_stored_byte_for_byte,
@@ -938,6 +940,89 @@ fn bad_input_rejected_before_storing(env: TestEnv) {
     );
 }
 
+/// An input blob over `submit.max_input_blob_bytes` is rejected with exit code 2 and
+/// leaves no task and no blob, whether it comes from a device, a pipe or a regular file.
+fn input_blob_limit_checked_while_copying(env: TestEnv) {
+    const LIMIT: usize = 1024 * 1024;
+    std::fs::write(
+        env.data_dir().join("bgw.toml"),
+        format!("[submit]\nmax_input_blob_bytes = {LIMIT}\n"),
+    )
+    .unwrap();
+    let submit_blob = |blob: &str, extra: &[&str]| {
+        let mut args = vec!["submit", "multiply", "--resource", "r", "--blob", blob];
+        args.extend_from_slice(extra);
+        env.run(&args)
+    };
+    let submit_from_pipe = |size: usize| -> support::CommandResult {
+        let mut child = env
+            .command(&[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--blob",
+                "/dev/stdin",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("failed to start the bgw binary");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            // The submit stops reading at the limit, and the write then fails.
+            let _ = stdin.write_all(&vec![b'z'; size]);
+        });
+        let output = child.wait_with_output().expect("failed to wait for bgw");
+        writer.join().expect("the pipe writer panicked");
+        output.into()
+    };
+    let over_limit = format!("input blob exceeds the limit of {LIMIT} bytes");
+    let stopped_at = format!("the copy stopped after {} bytes", LIMIT + 1);
+
+    // A device has no size, so the copy finds the limit.
+    let device = submit_blob("/dev/zero", &[]);
+    assert_eq!(device.code(), 2, "{device:?}");
+    assert!(device.stderr.contains(&over_limit), "{}", device.stderr);
+    assert!(device.stderr.contains(&stopped_at), "{}", device.stderr);
+    let bulk = submit_blob("/dev/zero", &["--count", "3"]);
+    assert_eq!(bulk.code(), 2, "{bulk:?}");
+    assert!(bulk.stderr.contains(&over_limit), "{}", bulk.stderr);
+
+    let piped = submit_from_pipe(LIMIT + 1);
+    assert_eq!(piped.code(), 2, "{piped:?}");
+    assert!(piped.stderr.contains(&stopped_at), "{}", piped.stderr);
+
+    // A regular file is checked before it is copied, and its error gives its size.
+    let large = write_file(&env, "large.bin", &vec![b'z'; LIMIT + 1]);
+    let file = submit_blob(path_str(&large), &[]);
+    assert_eq!(file.code(), 2, "{file:?}");
+    let expected = format!(
+        "is {} bytes, over the input blob limit of {LIMIT} bytes",
+        LIMIT + 1
+    );
+    assert!(file.stderr.contains(&expected), "{}", file.stderr);
+    assert!(env.list_json().is_empty(), "no rejected submit left a task");
+    if !env.is_azure() {
+        let blobs = env.data_dir().join("blobs");
+        let input_blobs = std::fs::read_dir(blobs.join("bgw-input")).map_or(0, |dir| dir.count());
+        assert_eq!(input_blobs, 0, "no input blob is left");
+        let temp_files = std::fs::read_dir(blobs.join(".tmp")).map_or(0, |dir| dir.count());
+        assert_eq!(temp_files, 0, "no partial blob is left");
+    }
+
+    // A blob of exactly the limit is accepted, from a pipe and from a file.
+    let at_limit = submit_from_pipe(LIMIT);
+    assert_eq!(at_limit.code(), 0, "{at_limit:?}");
+    let exact = write_file(&env, "exact.bin", &vec![b'z'; LIMIT]);
+    let from_file = submit_blob(path_str(&exact), &[]);
+    assert_eq!(from_file.code(), 0, "{from_file:?}");
+    let tasks = env.list_json();
+    assert_eq!(tasks.len(), 2, "{tasks:#?}");
+}
+
 fn corrupt_component_keeps_old_version(env: TestEnv) {
     let original = env.register("calc", &guest("multiply"), &[]);
 
@@ -1047,7 +1132,8 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         );
     }
 
-    let cases: [(&[&str], &str); 8] = [
+    let long_key = "k".repeat(300);
+    let cases: [(&[&str], &str); 10] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (&["submit", "multiply"], "--resource"),
         (&["register", "multiply"], "<FILE>"),
@@ -1063,6 +1149,28 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             "invalid --delay -5: it must be between 0 and",
         ),
         (&["prune", "--older-than", "-1"], "invalid --older-than -1"),
+        (
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--idempotency-key",
+                "",
+            ],
+            "invalid idempotency key of 0 bytes: it must have 1 to 256 bytes",
+        ),
+        (
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--idempotency-key",
+                &long_key,
+            ],
+            "invalid idempotency key of 300 bytes: it must have 1 to 256 bytes",
+        ),
     ];
     for (args, expected) in cases {
         let result = env.run(args);
@@ -1095,6 +1203,12 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         "{}",
         result.stderr
     );
+
+    // Every usage error above is found before the store is opened, which on SQLite would
+    // create the database file.
+    if !env.is_azure() {
+        assert!(!env.db_path().exists(), "a usage error opened the store");
+    }
 }
 
 fn cli_exit_codes_and_lookups(env: TestEnv) {
@@ -1163,6 +1277,24 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
         "{}",
         timed_out.stderr
     );
+    let submit_timed_out = env.run(&[
+        "submit",
+        "hostile",
+        "--resource",
+        "res-sleep",
+        "--payload",
+        r#"{"mode": "sleep", "ms": 5000}"#,
+        "--wait",
+        "--wait-timeout",
+        "0.3",
+    ]);
+    assert_eq!(submit_timed_out.code(), 4, "{submit_timed_out:?}");
+    assert!(
+        submit_timed_out.stderr.contains("timed out after 0.3 s"),
+        "{}",
+        submit_timed_out.stderr
+    );
+    assert_task_named_once(&submit_timed_out.stderr);
 
     let id = record["RowKey"].as_str().unwrap();
     let by_id = env.run_json(&["status", id]);
@@ -1192,6 +1324,96 @@ fn cli_exit_codes_and_lookups(env: TestEnv) {
         malformed.stderr.contains("not a UUID"),
         "{}",
         malformed.stderr
+    );
+}
+
+/// `bgw result --output-blob` reports the task's status before it looks for a blob, and
+/// copies a large blob whole.
+fn result_checks_status_before_output_blob(env: TestEnv) {
+    env.register("hostile", &guest("hostile"), &["--max-attempts", "1"]);
+    env.register("multiply", &guest("multiply"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
+    let target = env.data_dir().join("output.bin");
+    let result_to_file =
+        |task_id: &str| env.run(&["result", task_id, "--output-blob", path_str(&target)]);
+
+    // Several MiB, so the copy takes many reads.
+    let size = 3 * 1024 * 1024 + 5;
+    let with_blob = env.submit(
+        "hostile",
+        &format!(r#"{{"mode": "write-output", "bytes": {size}}}"#),
+        &[],
+    );
+    let without_blob = env.submit("multiply", r#"{"x": 4}"#, &[]);
+    let failed = env.submit("hostile", r#"{"mode": "trap"}"#, &[]);
+    let records = env.wait_all(
+        &[with_blob.clone(), without_blob.clone(), failed.clone()],
+        TASK_TIMEOUT,
+    );
+    assert_completed(&records[&with_blob]);
+    assert_completed(&records[&without_blob]);
+    assert_eq!(status_of(&records[&failed]), "ERROR");
+
+    let saved = result_to_file(&with_blob);
+    assert_eq!(saved.code(), 0, "{saved:?}");
+    let printed: Value = serde_json::from_str(&saved.stdout).expect("the result is JSON");
+    assert_eq!(printed["accepted"], json!(size), "{printed}");
+    assert!(
+        saved
+            .stderr
+            .contains(&format!("saved output blob ({size} bytes)")),
+        "{}",
+        saved.stderr
+    );
+    let copy = std::fs::read(&target).expect("the output blob was saved");
+    assert_eq!(copy.len(), size, "size of the saved blob");
+    assert!(copy.iter().all(|&byte| byte == b'x'), "contents");
+    std::fs::remove_file(&target).unwrap();
+
+    // A completed task without a blob still prints its result.
+    let no_blob = result_to_file(&without_blob);
+    assert_eq!(no_blob.code(), 1, "{no_blob:?}");
+    let printed: Value = serde_json::from_str(&no_blob.stdout).expect("the result is JSON");
+    assert_eq!(printed, json!({"product": 8}));
+    assert!(
+        no_blob.stderr.contains("has no output blob"),
+        "{}",
+        no_blob.stderr
+    );
+
+    let ended = result_to_file(&failed);
+    assert_eq!(ended.code(), 3, "{ended:?}");
+    assert!(ended.stderr.contains("ended ERROR"), "{}", ended.stderr);
+
+    let delayed = env.submit("multiply", r#"{"x": 1}"#, &["--delay", "600"]);
+    let queued = result_to_file(&delayed);
+    assert_eq!(queued.code(), 1, "{queued:?}");
+    assert!(
+        queued.stderr.contains("has no result yet, it is CREATED"),
+        "{}",
+        queued.stderr
+    );
+    env.run_ok(&["cancel", &delayed]);
+    let cancelled = result_to_file(&delayed);
+    assert_eq!(cancelled.code(), 3, "{cancelled:?}");
+    assert!(
+        cancelled.stderr.contains("ended CANCELLED"),
+        "{}",
+        cancelled.stderr
+    );
+
+    let sleeping = env.submit("hostile", r#"{"mode": "sleep", "ms": 3000}"#, &[]);
+    env.wait_for_status(&sleeping, "RUNNING", TASK_TIMEOUT);
+    let running = result_to_file(&sleeping);
+    assert_eq!(running.code(), 1, "{running:?}");
+    assert!(
+        running.stderr.contains("has no result yet, it is RUNNING"),
+        "{}",
+        running.stderr
+    );
+    assert!(
+        !target.exists(),
+        "no file is written for a task without a blob"
     );
 }
 
@@ -1744,6 +1966,23 @@ fn prune_deletes_old_finished_tasks(env: TestEnv) {
 
     let usage = env.run(&["prune", "--older-than", "-1"]);
     assert_eq!(usage.code(), 2, "a negative age is bad usage");
+
+    // The cutoff has the six fractional digits of the times `bgw` writes. A cutoff taken
+    // from the nanosecond clock shows a seventh digit in nine runs of ten.
+    let outputs = (0..5).map(|_| env.run_ok(&["prune", "--older-than", "36500"]));
+    for output in [kept, pruned].into_iter().chain(outputs) {
+        let cutoff = output
+            .trim()
+            .rsplit(' ')
+            .next()
+            .expect("prune prints its cutoff last");
+        let fraction = cutoff
+            .strip_suffix('Z')
+            .and_then(|time| time.rsplit_once('.'))
+            .map(|(_, fraction)| fraction)
+            .unwrap_or_else(|| panic!("cutoff {cutoff:?} has no fraction: {output}"));
+        assert_eq!(fraction.len(), 6, "cutoff {cutoff:?}: {output}");
+    }
 }
 
 fn times_are_utc_across_time_zones(env: TestEnv) {
@@ -1962,7 +2201,7 @@ fn bulk_submit_wait_prints_each_task() {
         "--wait-timeout",
         "0.2",
     ]);
-    assert_eq!(timed_out.code(), 1, "{timed_out:?}");
+    assert_eq!(timed_out.code(), 4, "{timed_out:?}");
     assert!(
         timed_out
             .stderr
@@ -1970,6 +2209,16 @@ fn bulk_submit_wait_prints_each_task() {
         "{}",
         timed_out.stderr
     );
+    assert_task_named_once(&timed_out.stderr);
+}
+
+/// Asserts that an error of `submit --wait-timeout` names the task it waited for once.
+fn assert_task_named_once(stderr: &str) {
+    let (_, after) = stderr
+        .split_once("waiting for task ")
+        .unwrap_or_else(|| panic!("the error names no task: {stderr}"));
+    let task_id = &after[..36];
+    assert_eq!(stderr.matches(task_id).count(), 1, "{stderr}");
 }
 
 /// A database file that exists but has no tables of `bgw`: empty, or made by SQLite with
@@ -2064,6 +2313,66 @@ fn config_db_path_follows_data_dir() {
         1,
         "a command run elsewhere sees the task"
     );
+}
+
+/// A submit stopped by SIGINT while it copies its blob leaves a partial blob file, which
+/// the next `bgw` command deletes once the file is an hour old.
+#[test]
+fn interrupted_submit_leaves_file_for_cleanup() {
+    use std::io::Write;
+
+    let env = TestEnv::new();
+    let temp_dir = env.data_dir().join("blobs/.tmp");
+    let mut child = env
+        .command(&[
+            "submit",
+            "multiply",
+            "--resource",
+            "r",
+            "--blob",
+            "/dev/stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("failed to start the bgw binary");
+    // The pipe stays open, so the copy waits for more data until the signal.
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    stdin.write_all(&[b'z'; 100_000]).unwrap();
+    let part_file = env.wait_for("the partial blob file", TASK_TIMEOUT, || {
+        let path = std::fs::read_dir(&temp_dir).ok()?.next()?.ok()?.path();
+        let size = std::fs::metadata(&path).ok()?.len();
+        (size == 100_000).then_some(path)
+    });
+    // SAFETY: kill only sends a signal to the child this test started.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0, "failed to send SIGINT");
+    let status = child.wait().expect("failed to wait for bgw");
+    assert!(!status.success(), "the submit was stopped: {status:?}");
+    drop(stdin);
+    assert!(
+        part_file.exists(),
+        "the stopped submit left its partial blob"
+    );
+    assert!(
+        env.list_json().is_empty(),
+        "the stopped submit started no task"
+    );
+
+    // A file changed within the hour may still be written, so it stays.
+    env.run_ok(&["list"]);
+    assert!(part_file.exists(), "a recent partial blob is kept");
+
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&part_file)
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    drop(file);
+    env.run_ok(&["list"]);
+    assert!(!part_file.exists(), "an hour-old partial blob is deleted");
 }
 
 #[test]

@@ -26,6 +26,7 @@ support::on_both_backends!(
     retry_defaults_and_backoff_cap,
     new_component_reaches_retrying_task,
     poison_messages_dead_lettered_healthy_completes,
+    requeued_task_gets_one_extra_attempt,
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
     queued_tasks_outlast_busy_workers,
@@ -593,7 +594,12 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         3,
         "missing row_key, malformed and the task without a component remain"
     );
-    let unknown = env.run(&["requeue", "999999"]);
+    // Dead letter ids are numbers on SQLite and time-ordered names on Azure.
+    let unknown_id = match env.is_azure() {
+        true => "9223370271066953806-0a1b2c3d",
+        false => "999999",
+    };
+    let unknown = env.run(&["requeue", unknown_id]);
     assert_eq!(
         unknown.code(),
         1,
@@ -601,6 +607,20 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         unknown.stderr
     );
     assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
+    let malformed_id = env.run(&["requeue", "abc"]);
+    assert_eq!(
+        malformed_id.code(),
+        2,
+        "requeue of a malformed id is bad usage: {}",
+        malformed_id.stderr
+    );
+    assert!(
+        malformed_id
+            .stderr
+            .contains("invalid dead letter id \"abc\""),
+        "{}",
+        malformed_id.stderr
+    );
 
     assert!(
         daemon.is_alive(),
@@ -612,6 +632,44 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         "no panic{}",
         daemon.log_tail()
     );
+}
+
+/// A requeued task whose attempts were used up runs once more, and the dead letter of
+/// that attempt calls it an extra one beyond the retry policy.
+fn requeued_task_gets_one_extra_attempt(env: TestEnv) {
+    env.register("always-trap", &guest("hostile"), &["--max-attempts", "1"]);
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    let task_id = env.submit("always-trap", r#"{"mode": "trap"}"#, &[]);
+    let letter_of_task = || {
+        env.dead_letters_json()
+            .into_iter()
+            .find(|letter| letter["RowKey"] == task_id.as_str())
+    };
+
+    let first = env.wait_for("the task's dead letter", TASK_TIMEOUT, letter_of_task);
+    assert!(
+        reason_of(&first).starts_with("attempt 1 of 1 failed and no attempts are left"),
+        "{first:#}"
+    );
+    env.run_ok(&[
+        "requeue",
+        first["Id"].as_str().expect("dead letter ids are strings"),
+    ]);
+
+    let second = env.wait_for("the dead letter of the extra attempt", TASK_TIMEOUT, || {
+        letter_of_task().filter(|letter| letter["Id"] != first["Id"])
+    });
+    assert!(
+        reason_of(&second).starts_with(
+            "attempt 2 (an extra one beyond the retry policy's 1 attempt) failed and no \
+             attempts are left: guest trapped"
+        ),
+        "{second:#}"
+    );
+    let record = env.status_json(&task_id);
+    assert_eq!(status_of(&record), "ERROR", "{record:#}");
+    assert_eq!(record["Attempt"], 2, "{record:#}");
+    assert_eq!(history_of(&record).len(), 2, "{record:#}");
 }
 
 fn base64_body_dead_lettered_raw_completes(env: TestEnv) {

@@ -2,12 +2,15 @@
 //!
 //! Container names follow the Azure rules and blob names are checked so that no name can
 //! leave its container. Writes go to a temporary file under `<root>/.tmp/` and are renamed
-//! into place on commit, so a reader never sees a partly written blob.
+//! into place on commit, so a reader never sees a partly written blob. A writer holds an
+//! exclusive lock on its temporary file, which distinguishes a file whose process ended
+//! from one still being written.
 
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use crate::backend::{BlobRef, BlobStore, BlobWriter, ReadAt};
 use crate::validate::{self, describe_char, quote};
@@ -19,6 +22,22 @@ pub const MAX_BLOB_NAME_CHARS: usize = 1024;
 /// Folder under the root for blobs being written. Its name starts with a dot, which no
 /// container name can, so it never collides with a container.
 const TEMP_DIR: &str = ".tmp";
+
+/// Extension of the temporary file of a blob being written.
+const TEMP_EXTENSION: &str = "part";
+
+/// Time since its last change after which an unlocked temporary file counts as left by a
+/// process that ended. The lock alone would do on a local file system. The age also
+/// covers the moment between a file's creation and its lock, and file systems that
+/// accept a lock without enforcing it between hosts.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+/// Files that [`LocalBlobStore::remove_stale_temp_files`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemovedTempFiles {
+    pub files: usize,
+    pub bytes: u64,
+}
 
 /// A [`BlobStore`] that keeps each blob as a file under `root`.
 #[derive(Clone, Debug)]
@@ -43,6 +62,80 @@ impl LocalBlobStore {
         validate_blob_name(&blob.name)?;
         Ok(self.root.join(&blob.container).join(&blob.name))
     }
+
+    /// Deletes the temporary files of blobs whose writers ended without committing or
+    /// removing them, such as a `bgw submit` stopped by SIGINT or a killed daemon. A file
+    /// counts as such when no process holds its lock and it has not changed for
+    /// [`STALE_TEMP_AGE`]. A file whose lock cannot be tested is kept.
+    pub fn remove_stale_temp_files(&self) -> Result<RemovedTempFiles> {
+        let temp_dir = self.root.join(TEMP_DIR);
+        let entries = match fs::read_dir(&temp_dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return Ok(RemovedTempFiles::default())
+            }
+            Err(error) => {
+                let context = format!("failed to list {}", temp_dir.display());
+                return Err(Error::io(context, error));
+            }
+        };
+
+        let mut removed = RemovedTempFiles::default();
+        for entry in entries {
+            let path = match entry {
+                Ok(entry) => entry.path(),
+                Err(error) => {
+                    let context = format!("failed to list {}", temp_dir.display());
+                    return Err(Error::io(context, error));
+                }
+            };
+            if path
+                .extension()
+                .is_none_or(|extension| extension != TEMP_EXTENSION)
+            {
+                continue;
+            }
+            match remove_if_stale(&path) {
+                Ok(Some(bytes)) => {
+                    removed.files += 1;
+                    removed.bytes += bytes;
+                }
+                Ok(None) => {}
+                // Committed or removed by its writer since the listing.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    let context = format!("failed to remove stale blob file {}", path.display());
+                    return Err(Error::io(context, error));
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Deletes a temporary blob file that is unlocked and older than [`STALE_TEMP_AGE`], and
+/// returns its size, or `None` when the file is kept.
+fn remove_if_stale(path: &Path) -> io::Result<Option<u64>> {
+    let metadata = fs::symlink_metadata(path)?;
+    let unchanged_for = SystemTime::now()
+        .duration_since(metadata.modified()?)
+        .unwrap_or_default();
+    if !metadata.is_file() || unchanged_for < STALE_TEMP_AGE {
+        return Ok(None);
+    }
+
+    let file = File::open(path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(None),
+        Err(TryLockError::Error(error)) => {
+            tracing::debug!(path = %path.display(), %error, "cannot lock a temporary blob file, so it is kept");
+            return Ok(None);
+        }
+    }
+    // The lock is held until `file` is dropped, after the removal.
+    fs::remove_file(path)?;
+    Ok(Some(metadata.len()))
 }
 
 impl BlobStore for LocalBlobStore {
@@ -92,10 +185,15 @@ impl BlobStore for LocalBlobStore {
             Error::io(format!("failed to create {}", temp_dir.display()), error)
         })?;
 
-        let temp_path = temp_dir.join(format!("{}.part", uuid::Uuid::new_v4()));
+        let temp_path = temp_dir.join(format!("{}.{TEMP_EXTENSION}", uuid::Uuid::new_v4()));
         let file = File::create_new(&temp_path).map_err(|error| {
             Error::io(format!("failed to create {}", temp_path.display()), error)
         })?;
+        // The lock lasts until the file is closed, which the kernel also does when the
+        // process ends.
+        if let Err(error) = file.try_lock() {
+            tracing::debug!(path = %temp_path.display(), %error, "failed to lock a temporary blob file");
+        }
         Ok(Box::new(LocalBlobWriter {
             file,
             temp_path: Some(temp_path),
@@ -365,6 +463,76 @@ mod tests {
 
         assert_eq!(temp_files(&store), 0);
         assert!(matches!(store.open(&target), Err(Error::NotFound(_))));
+    }
+
+    /// Writes a temporary blob file as a writer that ended would leave it, last changed
+    /// `age` ago.
+    fn left_temp_file(store: &LocalBlobStore, name: &str, size: usize, age: Duration) -> PathBuf {
+        let temp_dir = store.root().join(TEMP_DIR);
+        fs::create_dir_all(&temp_dir).unwrap();
+        let path = temp_dir.join(name);
+        fs::write(&path, vec![b'p'; size]).unwrap();
+        set_age(&path, age);
+        path
+    }
+
+    fn set_age(path: &Path, age: Duration) {
+        let file = File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::new(dir.path());
+        let two_hours = Duration::from_secs(2 * 3600);
+        let stale = left_temp_file(&store, "a.part", 1000, two_hours);
+        let young = left_temp_file(&store, "b.part", 10, Duration::from_secs(60));
+        let other = left_temp_file(&store, "notes.txt", 10, two_hours);
+
+        let removed = store.remove_stale_temp_files().unwrap();
+
+        assert_eq!(
+            removed,
+            RemovedTempFiles {
+                files: 1,
+                bytes: 1000
+            }
+        );
+        assert!(!stale.exists(), "an old unlocked file is removed");
+        assert!(young.exists(), "a file changed within the hour is kept");
+        assert!(other.exists(), "a file that is no blob's is kept");
+    }
+
+    #[test]
+    fn live_writer_keeps_old_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::new(dir.path());
+        let target = blob("outputs", "slow");
+        let mut writer = store.create(&target).unwrap();
+        writer.write_all(b"written an hour ago").unwrap();
+        let temp_path = fs::read_dir(store.root().join(TEMP_DIR))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        set_age(&temp_path, Duration::from_secs(2 * 3600));
+
+        let removed = store.remove_stale_temp_files().unwrap();
+
+        assert_eq!(removed, RemovedTempFiles::default());
+        assert!(temp_path.exists(), "the writer's lock keeps its file");
+        writer.commit().unwrap();
+        assert_eq!(read_all(&store, &target), b"written an hour ago");
+    }
+
+    #[test]
+    fn missing_temp_folder_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::new(dir.path().join("never-written"));
+        let removed = store.remove_stale_temp_files().unwrap();
+        assert_eq!(removed, RemovedTempFiles::default());
     }
 
     #[test]

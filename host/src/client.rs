@@ -1,12 +1,14 @@
 //! The client: starts activities and reads their records back.
 
-use std::io::Read;
+use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, BlobRef, CancelOutcome, ListFilter, OutgoingMessage, Submitted};
 use crate::record::{QueueMessage, Status, TaskRecord};
 use crate::{validate, Error, Result};
+
+pub use crate::validate::MAX_IDEMPOTENCY_KEY_BYTES;
 
 /// Container that `start_activity` stores input blobs in when the caller names none.
 pub const INPUT_CONTAINER: &str = "bgw-input";
@@ -60,14 +62,20 @@ impl<'a> StartRequest<'a> {
 /// Maximum pause of `wait` between two reads of a task whose store shows no change.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
-/// Maximum length of an idempotency key, in bytes.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Default maximum size of an input blob: 256 MiB, as the default output blob limit. The
+/// limit keeps a runaway source such as `/dev/zero` from filling the blob store. The Azure
+/// backend also keeps a whole blob in memory when it uploads it and when a task opens it.
+pub const DEFAULT_MAX_INPUT_BLOB_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Largest input blob limit in bytes, the largest integer that a TOML file can contain.
+pub const MAX_INPUT_BLOB_BYTES: u64 = i64::MAX as u64;
 
 /// Starts activities and reads their records, on any [`Backend`].
 #[derive(Clone)]
 pub struct WorkflowClient {
     backend: Arc<dyn Backend>,
     database_name: String,
+    max_input_blob_bytes: u64,
 }
 
 impl WorkflowClient {
@@ -77,7 +85,15 @@ impl WorkflowClient {
         WorkflowClient {
             backend,
             database_name: database_name.into(),
+            max_input_blob_bytes: DEFAULT_MAX_INPUT_BLOB_BYTES,
         }
+    }
+
+    /// Sets the maximum size of an input blob, [`DEFAULT_MAX_INPUT_BLOB_BYTES`] by default.
+    /// A submit whose blob is larger fails with [`Error::Invalid`] and stores nothing.
+    pub fn with_max_input_blob_bytes(mut self, bytes: u64) -> Self {
+        self.max_input_blob_bytes = bytes;
+        self
     }
 
     /// Returns the backend this client writes to.
@@ -253,12 +269,7 @@ impl WorkflowClient {
         let payload_text = String::from_utf8(payload_json.to_vec())
             .map_err(|error| Error::Invalid(format!("payload is not valid UTF-8: {error}")))?;
         if let Some(key) = &options.idempotency_key {
-            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-                return Err(Error::Invalid(format!(
-                    "invalid idempotency key of {} bytes: it must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
-                    key.len()
-                )));
-            }
+            validate::idempotency_key(key)?;
         }
 
         let task_id = uuid::Uuid::now_v7().to_string();
@@ -283,14 +294,40 @@ impl WorkflowClient {
     }
 
     /// Stores a task's input blob and names it in the record.
+    ///
+    /// The size is checked while the data is copied, because a pipe or a device has no size
+    /// to check first. A blob over the limit fails with [`Error::Invalid`].
     fn store_input_blob(&self, record: &mut TaskRecord, blob: InputBlob<'_>) -> Result<BlobRef> {
+        let own_name = blob.name.is_none();
         let blob_ref = BlobRef {
             container: blob.container.unwrap_or_else(|| INPUT_CONTAINER.to_owned()),
             name: blob
                 .name
                 .unwrap_or_else(|| format!("{}/input", record.row_key)),
         };
-        self.backend.blobs().put(&blob_ref, blob.data)?;
+        let mut data = LimitedReader {
+            inner: blob.data,
+            limit: self.max_input_blob_bytes,
+            read: 0,
+        };
+        if let Err(error) = self.backend.blobs().put(&blob_ref, &mut data) {
+            // A failed upload may still have been stored, for example when the service
+            // stored it and its response was lost. A blob named after the task belongs to
+            // no other task, so it is deleted. A name the caller chose may be another
+            // task's input, so it is left alone.
+            if own_name {
+                self.delete_unused_blob(&record.row_key, &blob_ref);
+            }
+            if data.read > data.limit {
+                return Err(Error::Invalid(format!(
+                    "input blob exceeds the limit of {} bytes: the copy stopped after {} \
+                     bytes and nothing was stored (submit.max_input_blob_bytes in bgw.toml \
+                     sets the limit)",
+                    data.limit, data.read
+                )));
+            }
+            return Err(error);
+        }
         record.container_name = Some(blob_ref.container.clone());
         record.blob_name = Some(blob_ref.name.clone());
         Ok(blob_ref)
@@ -471,6 +508,33 @@ pub fn task_not_found(task_id: &str, resource_id: Option<&str>) -> String {
     }
 }
 
+/// A reader that fails once more than `limit` bytes were read. It reads at most one byte
+/// past the limit, so that a store that buffers the data buffers no more than that.
+struct LimitedReader<'a> {
+    inner: &'a mut dyn Read,
+    limit: u64,
+    /// Bytes read so far.
+    read: u64,
+}
+
+impl Read for LimitedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let allowed = (self.limit - self.read.min(self.limit)).saturating_add(1);
+        let length = buf
+            .len()
+            .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        let count = self.inner.read(&mut buf[..length])?;
+        self.read += count as u64;
+        if self.read > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("input blob exceeds the limit of {} bytes", self.limit),
+            ));
+        }
+        Ok(count)
+    }
+}
+
 /// Rejects a bulk submit because of the request at `index`.
 fn invalid_request(index: usize, total: usize, error: Error) -> Error {
     with_context(
@@ -485,5 +549,45 @@ fn with_context(error: Error, context: String) -> Error {
         Error::Invalid(message) => Error::Invalid(format!("{context}: {message}")),
         Error::NotFound(message) => Error::NotFound(format!("{context}: {message}")),
         other => Error::Other(anyhow::Error::from(other).context(context)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_limited(data: &[u8], limit: u64) -> (io::Result<Vec<u8>>, u64) {
+        let mut source = data;
+        let mut reader = LimitedReader {
+            inner: &mut source,
+            limit,
+            read: 0,
+        };
+        let mut copy = Vec::new();
+        let result = reader.read_to_end(&mut copy).map(|_| copy);
+        (result, reader.read)
+    }
+
+    #[test]
+    fn limited_reader_passes_data_up_to_limit() {
+        for (size, limit) in [(0, 0), (10, 10), (10, 11), (100_000, 100_000)] {
+            let data = vec![7u8; size];
+            let (result, read) = read_limited(&data, limit);
+            assert_eq!(result.unwrap(), data, "{size} bytes, limit {limit}");
+            assert_eq!(read, size as u64);
+        }
+    }
+
+    #[test]
+    fn limited_reader_stops_one_byte_past_limit() {
+        for (size, limit) in [(1, 0), (11, 10), (100_000, 1_000)] {
+            let (result, read) = read_limited(&vec![7u8; size], limit);
+            let error = result.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::FileTooLarge);
+            assert!(error
+                .to_string()
+                .contains(&format!("limit of {limit} bytes")));
+            assert_eq!(read, limit + 1, "{size} bytes, limit {limit}");
+        }
     }
 }

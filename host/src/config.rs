@@ -39,6 +39,9 @@
 //! memory_mib = 512
 //! timeout_secs = 60
 //! max_output_bytes = 268_435_456
+//!
+//! [submit]
+//! max_input_blob_bytes = 268_435_456   # larger input blobs are rejected
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -53,6 +56,7 @@ use crate::backend::azure::{
 };
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
+use crate::client::{DEFAULT_MAX_INPUT_BLOB_BYTES, MAX_INPUT_BLOB_BYTES};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
 use crate::{registry, validate, Error, Result};
 
@@ -150,6 +154,8 @@ pub struct Settings {
     pub visibility_timeout: Duration,
     /// Limits given to a new registration that sets none of its own.
     pub limits: Limits,
+    /// Maximum size of the input blob of a task that a client submits, in bytes.
+    pub max_input_blob_bytes: u64,
     /// Time a message that an Azure submit enqueues stays hidden until the submit has
     /// stored the task record and made the message visible.
     pub azure_submit_visibility: Duration,
@@ -296,6 +302,10 @@ impl Settings {
                     .unwrap_or(DEFAULT_LIMITS.max_output_bytes),
                 retry: DEFAULT_LIMITS.retry,
             },
+            max_input_blob_bytes: file
+                .submit
+                .max_input_blob_bytes
+                .unwrap_or(DEFAULT_MAX_INPUT_BLOB_BYTES),
             azure_submit_visibility: Duration::from_secs(azure_submit_visibility_secs),
             azure_max_retry: Duration::from_secs(azure_max_retry_secs),
             data_dir,
@@ -415,6 +425,8 @@ struct FileSettings {
     limits: LimitsSection,
     #[serde(default)]
     azure: AzureSection,
+    #[serde(default)]
+    submit: SubmitSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,6 +447,12 @@ struct DaemonSection {
 struct AzureSection {
     submit_visibility_secs: Option<u64>,
     max_retry_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitSection {
+    max_input_blob_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -509,6 +527,12 @@ impl FileSettings {
                 self.limits.max_output_bytes,
                 0,
                 registry::MAX_OUTPUT_BYTES,
+            ),
+            (
+                "submit.max_input_blob_bytes",
+                self.submit.max_input_blob_bytes,
+                0,
+                MAX_INPUT_BLOB_BYTES,
             ),
         ];
         for (key, value, min, max) in numbers {
@@ -669,6 +693,7 @@ mod tests {
         assert_eq!(settings.visibility_timeout, Duration::from_secs(30));
         assert_eq!(settings.limits, DEFAULT_LIMITS);
         assert_eq!(settings.limits.max_output_bytes, 268_435_456);
+        assert_eq!(settings.max_input_blob_bytes, 268_435_456);
     }
 
     #[test]
@@ -735,7 +760,8 @@ mod tests {
             "store_mode = \"azure\"\n\
              [sqlite]\nsynchronous = \"normal\"\n\
              [daemon]\nconcurrency = 3\nvisibility_timeout_secs = 90\n\
-             [limits]\nfuel = 5\nmemory_mib = 64\ntimeout_secs = 7\nmax_output_bytes = 1024\n",
+             [limits]\nfuel = 5\nmemory_mib = 64\ntimeout_secs = 7\nmax_output_bytes = 1024\n\
+             [submit]\nmax_input_blob_bytes = 2048\n",
         )
         .unwrap();
         let settings =
@@ -753,6 +779,7 @@ mod tests {
             retry: DEFAULT_LIMITS.retry,
         };
         assert_eq!(settings.limits, expected);
+        assert_eq!(settings.max_input_blob_bytes, 2048);
     }
 
     #[test]

@@ -1086,9 +1086,21 @@ fn lost_attempts(record: &TaskRecord) -> u32 {
 }
 
 /// Describes the record's attempt for an error message: "attempt 2 of 3", with the count
-/// toward the retry policy when an interrupted attempt makes it differ.
+/// toward the retry policy when an interrupted attempt makes it differ. An attempt that
+/// began once the policy's attempts were used up, as after `bgw requeue`, is called an
+/// extra one, so that "attempt 4 of 3" does not read as a miscount.
 fn describe_attempt(record: &TaskRecord, max_attempts: u32) -> String {
     let counted = counted_attempts(record);
+    if counted > max_attempts {
+        let policy = match max_attempts {
+            1 => "1 attempt".to_owned(),
+            _ => format!("{max_attempts} attempts"),
+        };
+        return format!(
+            "attempt {} (an extra one beyond the retry policy's {policy})",
+            record.attempt
+        );
+    }
     match counted == record.attempt {
         true => format!("attempt {} of {max_attempts}", record.attempt),
         false => format!(
@@ -1330,6 +1342,49 @@ mod tests {
 
         assert_eq!(counted_attempts(&record), 1);
         assert_eq!(next_attempt(&record), 3);
+    }
+
+    #[test]
+    fn attempt_descriptions_follow_retry_policy() {
+        // (attempts, the numbers of the interrupted ones, max attempts, description)
+        let cases: [(u32, &[u32], u32, &str); 6] = [
+            (2, &[], 3, "attempt 2 of 3"),
+            (3, &[], 3, "attempt 3 of 3"),
+            (
+                3,
+                &[1],
+                3,
+                "attempt 3 (2 of 3 that count toward the retry policy)",
+            ),
+            (
+                4,
+                &[],
+                3,
+                "attempt 4 (an extra one beyond the retry policy's 3 attempts)",
+            ),
+            (
+                2,
+                &[],
+                1,
+                "attempt 2 (an extra one beyond the retry policy's 1 attempt)",
+            ),
+            (
+                5,
+                &[2],
+                3,
+                "attempt 5 (an extra one beyond the retry policy's 3 attempts)",
+            ),
+        ];
+        for (attempts, interrupted, max_attempts, expected) in cases {
+            let mut record = TaskRecord::new("t", "r", "a", "{}");
+            for attempt in 1..=attempts {
+                record.attempt = attempt;
+                let mut entry = record.current_attempt();
+                entry.interrupted = interrupted.contains(&attempt);
+                record.attempt_history.push(entry);
+            }
+            assert_eq!(describe_attempt(&record, max_attempts), expected);
+        }
     }
 
     #[test]

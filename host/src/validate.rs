@@ -26,6 +26,9 @@ pub const MAX_ACTIVITY_TYPE_CHARS: usize = 128;
 /// Maximum length of a table name, which is interpolated into SQL statements.
 pub const MAX_TABLE_NAME_CHARS: usize = 63;
 
+/// Maximum length of an idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
 /// Maximum number of characters of a value that an error message quotes.
 const MAX_QUOTED_CHARS: usize = 64;
 
@@ -109,6 +112,17 @@ pub fn activity_type(value: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes.
+pub fn idempotency_key(value: &str) -> Result<()> {
+    if (1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&value.len()) {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "invalid idempotency key of {} bytes: it must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
+        value.len()
+    )))
 }
 
 /// Checks a task payload and returns it parsed.
@@ -299,6 +313,24 @@ mod tests {
     fn case_file(name: &str) -> Vec<u8> {
         let path = format!("{CASES}/{name}");
         std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {path}: {error}"))
+    }
+
+    #[test]
+    fn idempotency_key_length_is_checked() {
+        let longest = "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES);
+        for key in ["k", "order-42", "日本", longest.as_str()] {
+            assert!(idempotency_key(key).is_ok(), "{key:?}");
+        }
+        let too_long = format!("{longest}k");
+        let cases = [
+            ("", "invalid idempotency key of 0 bytes"),
+            (too_long.as_str(), "invalid idempotency key of 257 bytes"),
+        ];
+        for (key, expected) in cases {
+            let error = message(idempotency_key(key));
+            assert!(error.starts_with(expected), "{error}");
+            assert!(error.ends_with("it must have 1 to 256 bytes"), "{error}");
+        }
     }
 
     #[test]

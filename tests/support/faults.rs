@@ -260,6 +260,10 @@ pub enum Action {
     Delay(Duration),
     /// Closes the connection without a response.
     Disconnect,
+    /// Forwards the request, waits for the response and closes the connection without
+    /// passing the response on, as when the service stored a request whose response was
+    /// lost.
+    DropResponse,
 }
 
 /// Id of a rule, for removing it and for reading its count.
@@ -450,6 +454,10 @@ async fn serve(
         }
         Some(Action::Disconnect) => return,
         Some(Action::Delay(pause)) => tokio::time::sleep(pause).await,
+        Some(Action::DropResponse) => {
+            forward_and_drop_response(&mut client, upstream, &head_text, &rest).await;
+            return;
+        }
         None => {}
     }
 
@@ -463,6 +471,31 @@ async fn serve(
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+}
+
+/// Forwards one request with its whole body and reads the response to its end, so the
+/// service has handled the request, but sends the client nothing.
+async fn forward_and_drop_response(
+    client: &mut TcpStream,
+    upstream: SocketAddr,
+    head: &str,
+    rest: &[u8],
+) {
+    let mut body = vec![0; content_length(head).saturating_sub(rest.len())];
+    if client.read_exact(&mut body).await.is_err() {
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let forwarded = close_after_response(head);
+    for part in [forwarded.as_bytes(), rest, &body] {
+        if server.write_all(part).await.is_err() {
+            return;
+        }
+    }
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response).await;
 }
 
 /// Reads up to the end of the request head. Returns the head, which ends with the empty

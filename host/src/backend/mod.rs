@@ -269,6 +269,7 @@ pub trait TaskQueue: Send + Sync {
     async fn list_dead_letters(&self) -> Result<Vec<DeadLetter>>;
 
     /// Sends a dead letter back to the queue. Returns false when no dead letter has that id.
+    /// Fails with [`Error::Invalid`] when `id` does not have the form of this backend's ids.
     async fn requeue_dead_letter(&self, id: &str) -> Result<bool>;
 
     /// Number of messages in the queue, visible or not.

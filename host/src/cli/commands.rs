@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bgw::backend::{BlobRef, CancelOutcome, Limits, ListFilter, RetryPolicy};
+use bgw::backend::{BlobRef, CancelOutcome, Limits, ListFilter, ReadAt, RetryPolicy};
 use bgw::client::{InputBlob, StartOptions, StartRequest, WorkflowClient};
 use bgw::config::{Overrides, Settings};
 use bgw::daemon::DaemonOptions;
@@ -81,10 +81,8 @@ fn resolve_settings(global: &GlobalArgs) -> Result<Settings> {
 
 fn client(settings: &Settings) -> Result<WorkflowClient> {
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
-    Ok(WorkflowClient::new(
-        backend,
-        settings.db_path().display().to_string(),
-    ))
+    let client = WorkflowClient::new(backend, settings.db_path().display().to_string());
+    Ok(client.with_max_input_blob_bytes(settings.max_input_blob_bytes))
 }
 
 /// Returns a client of a store that must exist already, for commands that only read or
@@ -289,6 +287,9 @@ async fn unregister(settings: &Settings, args: UnregisterArgs, json: bool) -> Re
 async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Finished> {
     bgw::validate::activity_type(&args.activity_type).map_err(usage)?;
     bgw::validate::resource_id(&args.resource).map_err(usage)?;
+    if let Some(key) = &args.idempotency_key {
+        bgw::validate::idempotency_key(key).map_err(usage)?;
+    }
     let payloads = read_payloads(&args)?;
     let wait_timeout = optional_seconds("--wait-timeout", args.wait_timeout)?;
     let options = StartOptions {
@@ -320,6 +321,22 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
                 path.display()
             );
         }
+        // A regular file that is too large fails here, before anything is copied. The
+        // client checks the size again while it copies, which also covers pipes and
+        // devices, whose size is unknown.
+        let limit = settings.max_input_blob_bytes;
+        if let Ok(metadata) = file.metadata() {
+            if metadata.is_file() && metadata.len() > limit {
+                return Err(UsageError(format!(
+                    "blob file {} is {} bytes, over the input blob limit of {limit} bytes \
+                     (submit.max_input_blob_bytes in bgw.toml sets the limit); no task was \
+                     started",
+                    path.display(),
+                    metadata.len()
+                ))
+                .into());
+            }
+        }
     }
     let client = client(settings)?;
 
@@ -348,6 +365,12 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             {
                 return Err(UsageError(conflict.to_string()).into());
             }
+            // An invalid value that the checks above cannot see, such as an input blob
+            // over the limit, is bad usage too.
+            let invalid_input = matches!(
+                error.downcast_ref::<bgw::Error>(),
+                Some(bgw::Error::Invalid(_))
+            );
             for task_id in &task_ids {
                 // Report the submit error even when stdout fails.
                 let _ = outln!("{task_id}");
@@ -362,6 +385,9 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
                     " ({} started, their ids are printed above)",
                     task_ids.len()
                 ));
+            }
+            if invalid_input {
+                return Err(UsageError(format!("{context}: {error}")).into());
             }
             return Err(error.context(context));
         }
@@ -397,18 +423,22 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         let record = client
             .wait(task_id, lookup_resource, timeout)
             .await
-            .with_context(|| {
-                let mut context = format!("failed to wait for task {task_id}");
-                if bulk {
-                    context.push_str(&format!(
-                        " ({} of {} started tasks not seen finished; `bgw list --resource {}` \
-                         lists them all)",
-                        task_ids.len() - index,
-                        task_ids.len(),
-                        args.resource
-                    ));
-                }
-                context
+            .map_err(|error| {
+                let unseen = format!(
+                    "{} of {} started tasks not seen finished; `bgw list --resource {}` lists \
+                     them all",
+                    task_ids.len() - index,
+                    task_ids.len(),
+                    args.resource
+                );
+                // A timeout's message names the task already.
+                let context = match (&error, bulk) {
+                    (bgw::Error::TimedOut(_), false) => return anyhow::Error::from(error),
+                    (bgw::Error::TimedOut(_), true) => unseen,
+                    (_, false) => format!("failed to wait for task {task_id}"),
+                    (_, true) => format!("failed to wait for task {task_id} ({unseen})"),
+                };
+                anyhow::Error::from(error).context(context)
             })?;
         bar.inc(1);
         records.push(record);
@@ -746,9 +776,6 @@ async fn wait(settings: &Settings, args: WaitArgs, json: bool) -> Result<Finishe
 async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Finished> {
     let client = existing_client(settings)?;
     let record = find_task(&client, &args.task).await?;
-    if let Some(target) = &args.output_blob {
-        save_output_blob(&client, &record, target)?;
-    }
     match record.status {
         Status::Completed => {
             if json {
@@ -759,6 +786,9 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
                 output::print_json(&value)?;
             } else {
                 outln!("{}", record.output_payload)?;
+            }
+            if let Some(target) = &args.output_blob {
+                save_output_blob(&client, &record, target)?;
             }
             Ok(Finished::Done)
         }
@@ -776,7 +806,7 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
         }
         Status::Created | Status::Running => {
             bail!(
-                "task {} has no result yet: its status is {}",
+                "task {0} has no result yet, it is {1}: `bgw wait {0}` waits until it finishes",
                 record.row_key,
                 record.status
             )
@@ -784,36 +814,46 @@ async fn result(settings: &Settings, args: ResultArgs, json: bool) -> Result<Fin
     }
 }
 
+/// Copies a completed task's output blob to `target` as a stream.
 fn save_output_blob(client: &WorkflowClient, record: &TaskRecord, target: &Path) -> Result<()> {
     let (Some(container), Some(name)) = (&record.output_container_name, &record.output_blob_name)
     else {
-        bail!("task {} has no output blob", record.row_key);
+        bail!(
+            "task {} has no output blob, so nothing was saved to {}",
+            record.row_key,
+            target.display()
+        );
     };
     let blob = BlobRef {
         container: container.clone(),
         name: name.clone(),
     };
     let (reader, size) = client.backend().blobs().open(&blob)?;
-    let mut data = vec![0; size as usize];
-    let mut filled = 0;
-    while filled < data.len() {
-        let read = reader
-            .read_at(filled as u64, &mut data[filled..])
-            .with_context(|| format!("failed to read output blob {container}/{name}"))?;
-        if read == 0 {
-            break;
-        }
-        filled += read;
-    }
-    data.truncate(filled);
-    std::fs::write(target, &data)
-        .with_context(|| format!("failed to write {}", target.display()))?;
-    eprintln!(
-        "saved output blob ({} bytes) to {}",
-        data.len(),
-        target.display()
-    );
+    let mut source = BlobReader { reader, offset: 0 };
+    let mut file = std::fs::File::create(target)
+        .with_context(|| format!("failed to create {}", target.display()))?;
+    let copied = std::io::copy(&mut source, &mut file).with_context(|| {
+        format!(
+            "failed to copy output blob {container}/{name} ({size} bytes) to {}",
+            target.display()
+        )
+    })?;
+    eprintln!("saved output blob ({copied} bytes) to {}", target.display());
     Ok(())
+}
+
+/// A blob read from its start, one `read_at` after the other.
+struct BlobReader {
+    reader: Box<dyn ReadAt>,
+    offset: u64,
+}
+
+impl std::io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.reader.read_at(self.offset, buf)?;
+        self.offset += read as u64;
+        Ok(read)
+    }
 }
 
 async fn list(settings: &Settings, args: ListArgs, json: bool) -> Result<Finished> {
@@ -872,7 +912,9 @@ async fn prune(settings: &Settings, args: PruneArgs) -> Result<Finished> {
         .into());
     }
     let age = chrono::Duration::milliseconds((args.older_than * 86_400_000.0) as i64);
-    let before = chrono::Utc::now() - age;
+    // In whole microseconds, as the times `bgw` writes, so that the cutoff prints and
+    // compares with six fractional digits.
+    let before = bgw::record::now() - age;
     let backend = existing_backend(settings)?;
     let mut pruned = 0usize;
     loop {
@@ -933,7 +975,11 @@ async fn dead_letters(settings: &Settings, json: bool) -> Result<Finished> {
 
 async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
     let backend = existing_backend(settings)?;
-    if !backend.requeue_dead_letter(&args.id).await? {
+    let requeued = backend
+        .requeue_dead_letter(&args.id)
+        .await
+        .map_err(usage_if_invalid)?;
+    if !requeued {
         bail!(
             "dead letter {:?} not found: `bgw dead-letters` lists them",
             args.id

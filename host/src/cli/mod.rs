@@ -212,7 +212,8 @@ struct SubmitArgs {
     /// and at most 2592000 (30 days)
     #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
     deadline: Option<f64>,
-    /// Key that makes a retried submit return the task the first submit created
+    /// Key that makes a retried submit return the task the first submit created, 1 to 256
+    /// bytes
     #[arg(long, value_name = "KEY", conflicts_with_all = ["count", "payloads"])]
     idempotency_key: Option<String>,
     /// Wait until every started task has finished, and print the final records

@@ -148,6 +148,7 @@ impl TaskQueue for AzureBackend {
     }
 
     async fn requeue_dead_letter(&self, id: &str) -> Result<bool> {
+        check_dead_letter_id(id)?;
         let shared = self.ready().await?;
         let Some((entity, _)) = table::get(&shared.dead_letters, &shared.queue_name, id).await?
         else {
@@ -445,6 +446,26 @@ fn dead_letter_id() -> String {
     format!("{:019}-{suffix}", i64::MAX - micros)
 }
 
+/// Checks that `id` has the form of [`dead_letter_id`]: 19 digits, a hyphen and 8
+/// lower-case hexadecimal digits.
+fn check_dead_letter_id(id: &str) -> Result<()> {
+    let well_formed = id.split_once('-').is_some_and(|(time, suffix)| {
+        let hex = |byte: u8| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte);
+        time.len() == 19
+            && time.bytes().all(|byte| byte.is_ascii_digit())
+            && suffix.len() == 8
+            && suffix.bytes().all(hex)
+    });
+    if well_formed {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "invalid dead letter id {}: on Azure it is 19 digits, a hyphen and 8 hexadecimal \
+         digits, as `bgw dead-letters` lists it",
+        crate::validate::quote(id)
+    )))
+}
+
 fn truncate_chars(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
 }
@@ -469,6 +490,29 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         let newer = dead_letter_id();
         assert!(newer < older, "{newer} should sort before {older}");
+    }
+
+    #[test]
+    fn dead_letter_id_form_is_checked() {
+        check_dead_letter_id(&dead_letter_id()).unwrap();
+        check_dead_letter_id("9223370271066953806-0a1b2c3d").unwrap();
+        for id in [
+            "",
+            "abc",
+            "42",
+            "9223370271066953806",
+            "9223370271066953806-0a1b2c3",
+            "9223370271066953806-0A1B2C3D",
+            "922337027106695380x-0a1b2c3d",
+            "9223370271066953806-0a1b2c3d-",
+        ] {
+            match check_dead_letter_id(id) {
+                Err(Error::Invalid(message)) => {
+                    assert!(message.contains("invalid dead letter id"), "{message}")
+                }
+                other => panic!("{id:?}: expected Error::Invalid, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -147,7 +147,9 @@ struct Shared {
 }
 
 impl SqliteBackend {
-    /// Opens or creates the database and creates missing tables, indexes and columns.
+    /// Opens or creates the database and creates missing tables, indexes and columns. Also
+    /// deletes the blob files that ended writers left, as
+    /// [`LocalBlobStore::remove_stale_temp_files`] describes.
     ///
     /// This blocks on file I/O and may wait for other processes' locks, so call it at
     /// startup or from a blocking thread.
@@ -161,6 +163,8 @@ impl SqliteBackend {
         let db = Database::open(&options.db_path, options.synchronous, options.busy_timeout)?;
         let (active, finished) = (options.active_table.clone(), options.finished_table.clone());
         db.write_blocking(move |connection| schema::create(connection, &active, &finished))?;
+        let blobs = LocalBlobStore::new(options.blob_dir);
+        remove_stale_temp_files(&blobs);
         Ok(SqliteBackend {
             shared: Arc::new(Shared {
                 db,
@@ -169,7 +173,7 @@ impl SqliteBackend {
                 queue: options.queue_name,
                 component_dir: options.component_dir,
             }),
-            blobs: LocalBlobStore::new(options.blob_dir),
+            blobs,
         })
     }
 
@@ -228,5 +232,20 @@ impl SqliteBackend {
                 "SQLite operation was cancelled: {error}"
             ))),
         }
+    }
+}
+
+/// Deletes the blob files that writers which ended left in the blob store's temporary
+/// folder. A failure is logged and does not stop the backend from opening.
+fn remove_stale_temp_files(blobs: &LocalBlobStore) {
+    match blobs.remove_stale_temp_files() {
+        Ok(removed) if removed.files > 0 => tracing::info!(
+            files = removed.files,
+            bytes = removed.bytes,
+            root = %blobs.root().display(),
+            "removed unfinished blob files that ended processes left"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "failed to remove unfinished blob files"),
     }
 }

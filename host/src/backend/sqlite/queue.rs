@@ -11,7 +11,8 @@ use super::schema::{task_column_names, TASK_COLUMNS};
 use super::{Shared, SqliteBackend};
 use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
 use crate::record::{QueueMessage, Status};
-use crate::Result;
+use crate::validate::quote;
+use crate::{Error, Result};
 
 /// A fresh pop receipt for each row an UPDATE touches: 128 random bits in hex.
 const NEW_RECEIPT: &str = "lower(hex(randomblob(16)))";
@@ -129,7 +130,11 @@ impl TaskQueue for SqliteBackend {
 
     async fn requeue_dead_letter(&self, id: &str) -> Result<bool> {
         let Ok(id) = id.parse::<i64>() else {
-            return Ok(false);
+            return Err(Error::Invalid(format!(
+                "invalid dead letter id {}: on SQLite it is a whole number, as `bgw \
+                 dead-letters` lists it",
+                quote(id)
+            )));
         };
         self.write_then_wake(move |shared, connection| requeue_dead_letter(connection, shared, id))
             .await

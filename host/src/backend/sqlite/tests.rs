@@ -707,7 +707,14 @@ async fn dead_letter_of_unreadable_body() {
     assert_eq!(letter.body, "{not json");
     assert_eq!(letter.row_key, None);
     assert_eq!(letter.resource_id, None);
-    assert!(!backend.requeue_dead_letter("no-such-id").await.unwrap());
+    assert!(!backend.requeue_dead_letter("999999").await.unwrap());
+    match backend.requeue_dead_letter("no-such-id").await {
+        Err(Error::Invalid(message)) => assert!(
+            message.starts_with("invalid dead letter id \"no-such-id\""),
+            "{message}"
+        ),
+        other => panic!("expected Error::Invalid, got {other:?}"),
+    }
     assert!(backend.requeue_dead_letter(&letter.id).await.unwrap());
     assert_eq!(lease_one(&backend).await.body, "{not json");
 }
