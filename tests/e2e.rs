@@ -1030,7 +1030,26 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             ["daemon", "--concurrency", "-1"]
                 .map(str::to_owned)
                 .to_vec(),
-            "'--concurrency <N>': it must be a whole number from 1 to",
+            "'--concurrency <N>': it must be a whole number from 1 to 1024",
+        ),
+        // The largest values that a tokio semaphore and an `Instant` cannot take.
+        (
+            ["daemon", "--concurrency", "18446744073709551615"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--concurrency <N>': it must be a whole number from 1 to 1024",
+        ),
+        (
+            ["daemon", "--concurrency", "1025"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--concurrency <N>': it must be a whole number from 1 to 1024",
+        ),
+        (
+            ["daemon", "--visibility-timeout", "9223372036854775807"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--visibility-timeout <SECS>': it must be a whole number from 1 to 604800",
         ),
         (
             ["--queue", "Tasks", "list"].map(str::to_owned).to_vec(),
@@ -1085,6 +1104,28 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         config.display()
     );
     assert!(result.stderr.contains(&expected), "{}", result.stderr);
+
+    // The daemon's keys too, checked by any command that reads the file.
+    let daemon_cases = [
+        (
+            "[daemon]\nconcurrency = 9223372036854775807\n",
+            "invalid daemon.concurrency 9223372036854775807",
+            "between 1 and 1024",
+        ),
+        (
+            "[daemon]\nvisibility_timeout_secs = 604801\n",
+            "invalid daemon.visibility_timeout_secs 604801",
+            "between 1 and 604800",
+        ),
+    ];
+    for (text, key, range) in daemon_cases {
+        std::fs::write(&config, text).unwrap();
+        let result = env.run(&["list"]);
+        std::fs::remove_file(&config).unwrap();
+        assert_eq!(result.code(), 2, "{text:?}: {result:?}");
+        assert!(result.stderr.contains(key), "{text:?}: {}", result.stderr);
+        assert!(result.stderr.contains(range), "{text:?}: {}", result.stderr);
+    }
 
     let mut command = env.command(&["list"]);
     let result: support::CommandResult =

@@ -29,6 +29,13 @@ use crate::{validate, Result};
 /// Container that guests' output blobs are stored in.
 pub const OUTPUT_CONTAINER: &str = "bgw-output";
 
+/// Maximum worker slots of a daemon.
+pub const MAX_CONCURRENCY: usize = 1024;
+
+/// Maximum visibility timeout of a lease: 7 days, the most that Azure Queue Storage accepts
+/// when it hides a message.
+pub const MAX_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Default time a task waits for a component of its activity type to be registered.
 pub const DEFAULT_MISSING_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 
@@ -48,10 +55,11 @@ const MAX_BATCH: usize = 256;
 /// Settings of the daemon.
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
-    /// Tasks run at once.
+    /// Tasks run at once, from 1 to [`MAX_CONCURRENCY`].
     pub concurrency: usize,
-    /// How long a leased message stays invisible before another worker may take it.
-    /// Running tasks extend it every third of this period.
+    /// How long a leased message stays invisible before another worker may take it, more
+    /// than zero and at most [`MAX_VISIBILITY_TIMEOUT`]. Running tasks extend it every
+    /// third of this period.
     pub visibility_timeout: Duration,
     /// Maximum pause between polls of an empty queue.
     pub idle_poll: Duration,
@@ -73,7 +81,9 @@ pub struct DaemonOptions {
 impl Default for DaemonOptions {
     fn default() -> Self {
         DaemonOptions {
-            concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            concurrency: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(MAX_CONCURRENCY),
             visibility_timeout: Duration::from_secs(30),
             idle_poll: Duration::from_millis(50),
             registry_poll: Duration::from_millis(50),
@@ -83,6 +93,25 @@ impl Default for DaemonOptions {
             missing_component_grace: DEFAULT_MISSING_COMPONENT_GRACE,
         }
     }
+}
+
+/// Checks the options that a caller of the library may set to any value.
+fn check_options(options: &DaemonOptions) -> Result<()> {
+    if !(1..=MAX_CONCURRENCY).contains(&options.concurrency) {
+        return Err(crate::Error::Invalid(format!(
+            "invalid concurrency {}: it must be from 1 to {MAX_CONCURRENCY}",
+            options.concurrency
+        )));
+    }
+    let visibility = options.visibility_timeout;
+    if visibility.is_zero() || visibility > MAX_VISIBILITY_TIMEOUT {
+        return Err(crate::Error::Invalid(format!(
+            "invalid visibility timeout of {} ms: it must be more than 0 and at most {} s",
+            visibility.as_millis(),
+            MAX_VISIBILITY_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(())
 }
 
 /// Returns `HOSTNAME:PID`, which distinguishes hosts and restarts in task records.
@@ -121,6 +150,7 @@ pub async fn run(
     options: DaemonOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    check_options(&options)?;
     let components = Arc::new(ComponentCache::new(sandbox.clone(), backend.clone()));
     components.refresh().await?;
     backend.serve_daemon();
@@ -161,7 +191,7 @@ pub async fn run(
         reader,
         starter,
         finisher,
-        pipeline: Pipeline::new(options.concurrency.max(1), options.visibility_timeout),
+        pipeline: Pipeline::new(options.concurrency, options.visibility_timeout),
     });
     tracing::info!(
         concurrency = options.concurrency,
@@ -1298,6 +1328,34 @@ mod tests {
             visible_at: epoch + chrono::TimeDelta::seconds(visible_after_secs),
             held_until: std::time::Instant::now(),
         }
+    }
+
+    #[test]
+    fn options_out_of_range_are_rejected() {
+        let cases = [
+            (0, Duration::from_secs(30), "invalid concurrency 0"),
+            (
+                MAX_CONCURRENCY + 1,
+                Duration::from_secs(30),
+                "invalid concurrency 1025",
+            ),
+            (1, Duration::ZERO, "invalid visibility timeout of 0 ms"),
+            (1, Duration::MAX, "at most 604800 s"),
+        ];
+        for (concurrency, visibility_timeout, expected) in cases {
+            let options = DaemonOptions {
+                concurrency,
+                visibility_timeout,
+                ..DaemonOptions::default()
+            };
+            match check_options(&options) {
+                Err(crate::Error::Invalid(message)) => {
+                    assert!(message.contains(expected), "{message}")
+                }
+                other => panic!("{concurrency}, {visibility_timeout:?}: {other:?}"),
+            }
+        }
+        assert!(check_options(&DaemonOptions::default()).is_ok());
     }
 
     #[test]

@@ -45,6 +45,18 @@ pub struct Lease {
     pub held_until: Instant,
 }
 
+/// Time after which [`instant_after`] places an instant that `Instant` cannot hold.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// Returns the instant `duration` from now on the monotonic clock, or one 30 years from
+/// now when the sum overflows, so that no duration a caller passes can panic.
+pub(crate) fn instant_after(duration: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(duration)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
 /// A message to enqueue.
 #[derive(Clone, Debug)]
 pub struct OutgoingMessage {

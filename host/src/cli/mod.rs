@@ -8,6 +8,7 @@ mod output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bgw::daemon::{MAX_CONCURRENCY, MAX_VISIBILITY_TIMEOUT};
 use bgw::registry::{MAX_ATTEMPTS, MAX_FUEL, MAX_MEMORY_MIB, MAX_OUTPUT_BYTES, MAX_TIMEOUT_SECS};
 use clap::{Args, Parser, Subcommand};
 
@@ -90,13 +91,14 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct DaemonArgs {
-    /// Tasks run at once, 1 or more [default: number of cores, or the configuration's
+    /// Tasks run at once, from 1 to 1024 [default: number of cores, or the configuration's
     /// daemon.concurrency]
-    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, usize::MAX))]
+    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, MAX_CONCURRENCY))]
     concurrency: Option<usize>,
-    /// Seconds a leased message stays hidden before another worker may take it over, 1 or
-    /// more [default: 30, or the configuration's daemon.visibility_timeout_secs]
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = whole_number(1, u64::MAX))]
+    /// Seconds a leased message stays hidden before another worker may take it over, from
+    /// 1 to 604800 (7 days) [default: 30, or the configuration's
+    /// daemon.visibility_timeout_secs]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = whole_number(1, MAX_VISIBILITY_TIMEOUT.as_secs()))]
     visibility_timeout: Option<u64>,
     /// Seconds running tasks get to finish after SIGTERM or SIGINT, 0 or more
     #[arg(
