@@ -1041,7 +1041,11 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         r#"{"mode": "echo"}"#,
         &["--deadline", "0.5", "--delay", "2"],
     );
-    let records = env.wait_all(&[running.clone(), late.clone()], TASK_TIMEOUT);
+    let spinning = env.submit("hostile", r#"{"mode": "spin"}"#, &["--deadline", "1.5"]);
+    let records = env.wait_all(
+        &[running.clone(), late.clone(), spinning.clone()],
+        TASK_TIMEOUT,
+    );
 
     let record = &records[&running];
     assert_ended_with(record, "ERROR", "task deadline");
@@ -1065,6 +1069,21 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         record["StartTime"],
         Value::Null,
         "it never started: {record:#}"
+    );
+
+    // A fractional deadline stops a busy guest within a few epoch ticks of it, where a
+    // limit rounded up to whole seconds would let it run up to 1 s longer.
+    let record = &records[&spinning];
+    assert_ended_with(record, "ERROR", "reached while the attempt ran");
+    let late_by = seconds_between(time_of(record, "DeadlineTime"), time_of(record, "EndTime"));
+    assert!(
+        late_by < 0.3,
+        "the attempt ended {late_by} s after the deadline: {record:#}"
+    );
+    assert!(
+        late_by > -0.1,
+        "the attempt ended {} s before the deadline: {record:#}",
+        -late_by
     );
 }
 

@@ -117,6 +117,7 @@ fn task_context(
         interrupt: tokio_util::sync::CancellationToken::new(),
         progress: Arc::new(Mutex::new(None)),
         output_written: Arc::new(AtomicU64::new(0)),
+        deadline: None,
     }
 }
 
@@ -186,6 +187,30 @@ async fn spin_is_stopped_by_deadline() {
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_deadline_stops_spin_to_the_millisecond() {
+    let mut limits = limits();
+    limits.fuel = u64::MAX / 2;
+    limits.timeout_secs = 60;
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let mut context = task_context("hostile", json!({"mode": "spin"}), None, sink);
+    let started = Instant::now();
+    context.deadline = Some(started + Duration::from_millis(1500));
+    let report = sandbox().run(&component("hostile"), context, limits).await;
+    let elapsed = started.elapsed();
+    assert_eq!(fault(&report), FaultKind::TaskDeadline);
+    assert!(!FaultKind::TaskDeadline.is_retryable());
+    assert!(
+        elapsed >= Duration::from_millis(1500),
+        "the attempt ran until the deadline: {elapsed:?}"
+    );
+    // The epoch ticks every 10 ms; the bound leaves room for a slow or shared core.
+    assert!(
+        elapsed < Duration::from_millis(1800),
+        "the attempt stopped at the deadline, not at a whole second: {elapsed:?}"
     );
 }
 

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::{
-    AttemptStart, Backend, BeginDecision, BegunAttempt, BlobRef, Fenced, Finish, Lease, LeasedTask,
-    ProgressUpdate,
+    instant_after, AttemptStart, Backend, BeginDecision, BegunAttempt, BlobRef, Fenced, Finish,
+    Lease, LeasedTask, ProgressUpdate,
 };
 use crate::batch::Batcher;
 use crate::record::{format_time, QueueMessage, Status, TaskRecord};
@@ -465,18 +465,13 @@ impl Controller {
             _ => None,
         };
 
-        // The attempt's wall-clock limit is the activity's timeout, shortened to the task's
-        // own deadline when that comes first.
-        let mut limits = component.version.limits;
-        let mut deadline_binds = false;
-        if let Some(deadline) = record.deadline_time {
-            let left = (deadline - Utc::now()).num_milliseconds().max(0) as u64;
-            let left_secs = left.div_ceil(1000).max(1);
-            if left_secs < limits.timeout_secs {
-                limits.timeout_secs = left_secs;
-                deadline_binds = true;
-            }
-        }
+        // The task's deadline, moved to the monotonic clock to the millisecond, ends the
+        // attempt when it comes before the activity's timeout.
+        let limits = component.version.limits;
+        let deadline = record.deadline_time.map(|deadline| {
+            let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            instant_after(left)
+        });
 
         let watch = AttemptWatch::new(self.interrupt.child_token());
         let backend = self.backend.clone();
@@ -498,6 +493,7 @@ impl Controller {
             interrupt: watch.interrupt.clone(),
             progress: watch.progress.clone(),
             output_written: Arc::new(AtomicU64::new(0)),
+            deadline,
         };
 
         let current_lease = Arc::new(Mutex::new(lease));
@@ -572,7 +568,7 @@ impl Controller {
                 record.status = Status::Error;
                 record.error_message = Some(describe_guest_error(&error));
             }
-            Outcome::Trapped(FaultKind::Deadline { .. }) if deadline_binds => {
+            Outcome::Trapped(FaultKind::TaskDeadline) => {
                 record.status = Status::Error;
                 record.error_message = Some(format!(
                     "task deadline {} reached while the attempt ran",

@@ -231,11 +231,15 @@ impl Sandbox {
             .allow_ip_name_lookup(false)
             .build();
         let interrupt = task.interrupt.clone();
+        let task_deadline = task.deadline;
         let mut state = TaskState::new(task, wasi, limits, self.settings.max_wasm_stack);
 
         let mut waited_for_pool = false;
         let (state, fuel_used, call) = loop {
-            let (returned, fuel_used, call) = self.call(component, state, limits, &interrupt).await;
+            let deadline = Deadline::of_call(limits, task_deadline);
+            let (returned, fuel_used, call) = self
+                .call(component, state, limits, deadline, &interrupt)
+                .await;
             if !matches!(&call, Call::Failed(error) if is_pool_full(error)) {
                 break (returned, fuel_used, call);
             }
@@ -263,9 +267,7 @@ impl Sandbox {
             Call::Returned(Ok(result)) => Outcome::Completed(result),
             Call::Returned(Err(error)) => Outcome::GuestError(error),
             Call::Failed(error) => Outcome::Trapped(classify_trap(&error, &state, &stderr, limits)),
-            Call::TimedOut => Outcome::Trapped(FaultKind::Deadline {
-                seconds: limits.timeout_secs,
-            }),
+            Call::PastDeadline(fault) => Outcome::Trapped(fault),
             Call::Interrupted => Outcome::Interrupted,
         };
         let task_log = state.log_text(&stdout, &stderr);
@@ -286,6 +288,7 @@ impl Sandbox {
         component: &PreparedComponent,
         state: TaskState,
         limits: Limits,
+        deadline: Deadline,
         interrupt: &CancellationToken,
     ) -> (TaskState, u64, Call) {
         let mut store = Store::new(&self.engine, state);
@@ -293,8 +296,7 @@ impl Sandbox {
         let _ = store.set_fuel(limits.fuel);
         let _ = store.fuel_async_yield_interval(Some(FUEL_SLICE));
 
-        let timeout = Duration::from_secs(limits.timeout_secs.max(1));
-        let deadline_at = instant_after(timeout);
+        let deadline_at = deadline.at;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline_at {
@@ -310,12 +312,16 @@ impl Sandbox {
             let instance = component.pre.instantiate_async(&mut store).await?;
             instance.call_run(&mut store, &info, &payload).await
         };
-        let timed = tokio::time::timeout(timeout.saturating_add(EPOCH_TICK * 2), call);
+        // The epoch check runs only in wasm code, so a guest blocked in a host call is
+        // stopped by this timeout, two ticks after the deadline.
+        let left = deadline_at.saturating_duration_since(Instant::now());
+        let timed = tokio::time::timeout(left.saturating_add(EPOCH_TICK * 2), call);
         let call = tokio::select! {
             finished = timed => match finished {
                 Ok(Ok(returned)) => Call::Returned(returned),
+                Ok(Err(error)) if is_deadline(&error) => Call::PastDeadline(deadline.fault),
                 Ok(Err(error)) => Call::Failed(error),
-                Err(_elapsed) => Call::TimedOut,
+                Err(_elapsed) => Call::PastDeadline(deadline.fault),
             },
             () = interrupt.cancelled() => Call::Interrupted,
         };
@@ -334,10 +340,42 @@ enum Call {
     Returned(Result<String, TaskError>),
     /// Instantiation or the call failed: a trap, a limit or a full instance pool.
     Failed(wasmtime::Error),
-    /// The call outlasted the deadline inside a host call, where no epoch check runs.
-    TimedOut,
+    /// The call ran past its deadline; the fault names the deadline that stopped it.
+    PastDeadline(FaultKind),
     /// The controller cancelled `TaskContext::interrupt`.
     Interrupted,
+}
+
+/// The wall-clock limit of one call: the activity's timeout counted from the call's start,
+/// or the task's own deadline when that comes first.
+struct Deadline {
+    at: Instant,
+    /// The fault that a call stopped at `at` reports.
+    fault: FaultKind,
+}
+
+impl Deadline {
+    fn of_call(limits: Limits, task_deadline: Option<Instant>) -> Deadline {
+        let timeout_at = instant_after(Duration::from_secs(limits.timeout_secs.max(1)));
+        match task_deadline {
+            Some(at) if at < timeout_at => Deadline {
+                at,
+                fault: FaultKind::TaskDeadline,
+            },
+            _ => Deadline {
+                at: timeout_at,
+                fault: FaultKind::Deadline {
+                    seconds: limits.timeout_secs,
+                },
+            },
+        }
+    }
+}
+
+/// Returns true when the epoch check stopped a call at its deadline.
+fn is_deadline(error: &wasmtime::Error) -> bool {
+    error.downcast_ref::<DeadlineExceeded>().is_some()
+        || matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt))
 }
 
 /// Returns true when an instantiation failed because the pooling allocator had no free
@@ -375,6 +413,9 @@ pub struct TaskContext {
     pub progress: Arc<Mutex<Option<(u8, String)>>>,
     /// Bytes written to the output blob so far.
     pub output_written: Arc<AtomicU64>,
+    /// The task's own deadline on this host's monotonic clock. The attempt stops there,
+    /// to within one epoch tick, when that comes before the activity's timeout.
+    pub deadline: Option<Instant>,
 }
 
 /// Per-store state: the task's own data and the WASI context with nothing granted.
@@ -468,13 +509,30 @@ pub enum Outcome {
 /// Cause of a stopped attempt.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FaultKind {
-    OutOfFuel { fuel: u64 },
-    Deadline { seconds: u64 },
-    Memory { limit_mib: u64 },
-    StackOverflow { limit_bytes: usize },
-    Panic { message: String },
-    Trap { message: String },
-    Host { message: String },
+    OutOfFuel {
+        fuel: u64,
+    },
+    /// The activity's timeout, in whole seconds, ended the attempt.
+    Deadline {
+        seconds: u64,
+    },
+    /// The task's own deadline ended the attempt before the activity's timeout.
+    TaskDeadline,
+    Memory {
+        limit_mib: u64,
+    },
+    StackOverflow {
+        limit_bytes: usize,
+    },
+    Panic {
+        message: String,
+    },
+    Trap {
+        message: String,
+    },
+    Host {
+        message: String,
+    },
 }
 
 impl FaultKind {
@@ -487,6 +545,7 @@ impl FaultKind {
             FaultKind::Deadline { seconds } => format!(
                 "deadline exceeded: the attempt ran longer than {seconds} s (limit `timeout`, set with `bgw register --timeout`)"
             ),
+            FaultKind::TaskDeadline => "deadline exceeded: the task's own deadline (set with `bgw submit --deadline`) passed while the attempt ran".to_owned(),
             FaultKind::Memory { limit_mib } => format!(
                 "memory limit exceeded: the guest tried to grow its memory past {limit_mib} MiB (limit `memory`, set with `bgw register --memory`)"
             ),
@@ -499,9 +558,10 @@ impl FaultKind {
         }
     }
 
-    /// Returns true when another attempt might succeed.
+    /// Returns true when another attempt might succeed. After the task's own deadline,
+    /// none may start.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, FaultKind::Host { .. })
+        !matches!(self, FaultKind::Host { .. } | FaultKind::TaskDeadline)
     }
 }
 
@@ -533,22 +593,12 @@ fn classify_trap(
     stderr: &BoundedText,
     limits: Limits,
 ) -> FaultKind {
-    if error.downcast_ref::<DeadlineExceeded>().is_some() {
-        return FaultKind::Deadline {
-            seconds: limits.timeout_secs,
-        };
-    }
     if let Some(trap) = error.downcast_ref::<Trap>() {
         match trap {
             Trap::OutOfFuel => return FaultKind::OutOfFuel { fuel: limits.fuel },
             Trap::StackOverflow => {
                 return FaultKind::StackOverflow {
                     limit_bytes: state.stack_limit,
-                }
-            }
-            Trap::Interrupt => {
-                return FaultKind::Deadline {
-                    seconds: limits.timeout_secs,
                 }
             }
             Trap::UnreachableCodeReached => {
