@@ -28,6 +28,7 @@ support::on_both_backends!(
     poison_messages_dead_lettered_healthy_completes,
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
+    cancel_while_waiting_for_slot_never_runs,
     queued_tasks_outlast_busy_workers,
     busy_cores_never_stop_intake,
     duplicate_delivery_keeps_completed_record,
@@ -717,6 +718,54 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
 }
 
 // Cancellation
+
+/// The attempt of a task leased ahead begins, and its record shows RUNNING, before the task
+/// has a worker slot. A cancellation requested then ends the task CANCELLED when it gets
+/// the slot, and its guest never runs.
+fn cancel_while_waiting_for_slot_never_runs(env: TestEnv) {
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    // The daemon leases ahead only once it has stored an outcome and measured a run.
+    let warm_up = env.submit("hostile", r#"{"mode": "echo"}"#, &[]);
+    env.wait_for_status(&warm_up, "COMPLETED", TASK_TIMEOUT);
+
+    let blocker = env.submit("hostile", r#"{"mode": "sleep", "ms": 4000}"#, &[]);
+    env.wait_for_status(&blocker, "RUNNING", TASK_TIMEOUT);
+    let waiting = env.submit("hostile", r#"{"mode": "sleep", "ms": 10000}"#, &[]);
+    env.wait_for_status(&waiting, "RUNNING", TASK_TIMEOUT);
+    let blocker_record = env.status_json(&blocker);
+    assert_eq!(
+        blocker_record["Status"], "RUNNING",
+        "the second task was leased ahead while the first one held the only slot: \
+         {blocker_record:#}"
+    );
+    let printed = env.run_ok(&["cancel", &waiting]);
+    assert!(
+        printed.contains("cancellation requested"),
+        "cancel output: {printed}"
+    );
+
+    let records = env.wait_all(&[blocker.clone(), waiting.clone()], TASK_TIMEOUT);
+    let record = &records[&waiting];
+    assert_ended_with(record, "CANCELLED", "cancelled before it started");
+    assert_eq!(
+        record["FuelUsed"],
+        Value::Null,
+        "its guest never ran: {record:#}"
+    );
+    assert_eq!(
+        record["StartTime"],
+        Value::Null,
+        "it never started: {record:#}"
+    );
+    let slot_freed = time_of(&records[&blocker], "EndTime");
+    let after_slot = seconds_between(slot_freed, time_of(record, "EndTime"));
+    assert!(
+        after_slot < 1.0,
+        "it ended {after_slot} s after the slot was free, not after a cancellation grace \
+         period: {record:#}"
+    );
+}
 
 fn cancel_queued_running_finished_and_unknown(env: TestEnv) {
     env.register("hostile", &guest("hostile"), &[]);

@@ -509,9 +509,21 @@ impl Controller {
         );
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
+        let waiting_since = std::time::Instant::now();
         let Some(slot) = self.slot_holding_lease(&current_lease).await else {
             return Ok(());
         };
+        // The attempt of a task leased ahead began before it had a slot, so `bgw cancel`
+        // only flagged it. The keep-alive reads the flag every CANCEL_POLL while the guest
+        // runs, so only a task that waited at least that long pays for a read here.
+        if waiting_since.elapsed() >= CANCEL_POLL && self.cancel_requested(&record).await {
+            drop(slot);
+            let lease = current_lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return self.end_cancelled_before_run(lease, record).await;
+        }
         let start_time = crate::record::now();
         record.start_time = Some(start_time);
         let started = std::time::Instant::now();
@@ -830,6 +842,33 @@ impl Controller {
         if let Err(error) = self.backend.finish_without_lease(&record).await {
             tracing::error!(task_id = %task_id, %error, "failed to record the error of a task with a base64 message");
         }
+    }
+
+    /// Returns whether a cancellation was requested for the task. A failed read counts as
+    /// no request, because the keep-alive reads the flag again while the guest runs.
+    async fn cancel_requested(&self, record: &TaskRecord) -> bool {
+        let requested = self
+            .backend
+            .cancel_requested(&record.partition_key, &record.row_key)
+            .await;
+        requested.unwrap_or_else(|error| {
+            tracing::warn!(%error, "failed to check for cancellation before the run");
+            false
+        })
+    }
+
+    /// Ends CANCELLED, without running its guest, a task whose attempt began and whose
+    /// cancellation was requested while it waited for a worker slot.
+    async fn end_cancelled_before_run(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
+        tracing::info!("cancellation requested while the task waited for a worker slot: ending it without running it");
+        record.status = Status::Cancelled;
+        record.error_message = Some("cancelled before it started".to_owned());
+        record.cancel_requested = true;
+        record.start_time = None;
+        record.fuel_used = None;
+        record.set_end_time_now();
+        record.attempt_history.push(record.current_attempt());
+        self.finish(lease, record, None).await
     }
 
     /// Ends a task ERROR with `reason` before its component ran.

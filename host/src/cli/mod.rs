@@ -80,6 +80,10 @@ enum Command {
     /// List tasks, newest first
     List(ListArgs),
     /// Cancel a task: a queued one never starts, a running one is stopped
+    ///
+    /// A RUNNING task that still waits for a worker slot, because a daemon leased it
+    /// ahead, ends CANCELLED without starting when it gets the slot, unless it waited less
+    /// than 250 ms.
     Cancel(TaskArgs),
     /// Delete finished tasks older than a number of days, with their blobs
     Prune(PruneArgs),
