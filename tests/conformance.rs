@@ -117,6 +117,7 @@ conformance!(
     dead_letter_then_requeue,
     idempotency_key_reuse_checks_request,
     cancel_queued_and_running_tasks,
+    end_unstarted_leaves_running_task,
     registry_register_rollback_and_generation,
     registry_unregister_then_restore,
     timestamps_round_trip,
@@ -185,6 +186,18 @@ fn completed(record: &TaskRecord) -> TaskRecord {
     record.output_payload = r#"{"product": 42}"#.into();
     record.end_time = Some(parse_time(&format_time(&chrono::Utc::now())).unwrap());
     record
+}
+
+/// Returns the records of every task with this id, in both tables.
+async fn records_of(subject: &Subject, task_id: &str) -> Vec<TaskRecord> {
+    let all = subject
+        .backend
+        .list_tasks(&ListFilter::default())
+        .await
+        .unwrap();
+    all.into_iter()
+        .filter(|record| record.row_key == task_id)
+        .collect()
 }
 
 fn read_case(name: &str) -> Vec<u8> {
@@ -679,6 +692,60 @@ async fn cancel_queued_and_running_tasks(subject: &Subject, mode: &str) {
         .await
         .unwrap();
     assert_eq!(missing, CancelOutcome::NotFound);
+}
+
+async fn end_unstarted_leaves_running_task(subject: &Subject, mode: &str) {
+    let queued = submit_new(subject, mode).await;
+    let running = submit_new(subject, mode).await;
+    let leases = subject
+        .backend
+        .lease(2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let lease = leases
+        .into_iter()
+        .find(|lease| lease.body.contains(&running.row_key))
+        .expect("the running task's message");
+    subject
+        .backend
+        .begin_attempt(&lease, &attempt_of(&running, &lease))
+        .await
+        .unwrap();
+
+    let ended = subject
+        .backend
+        .end_unstarted("res-0001", &running.row_key, Status::Error, "base64 body")
+        .await
+        .unwrap();
+    assert!(!ended, "a running task is left to its attempt");
+    let records = records_of(subject, &running.row_key).await;
+    assert_eq!(records.len(), 1, "one record: {records:?}");
+    assert_eq!(records[0].status, Status::Running);
+
+    let ended = subject
+        .backend
+        .end_unstarted("res-0001", &queued.row_key, Status::Error, "base64 body")
+        .await
+        .unwrap();
+    assert!(ended, "a CREATED task ends");
+    let records = records_of(subject, &queued.row_key).await;
+    assert_eq!(records.len(), 1, "one record: {records:?}");
+    assert_eq!(records[0].status, Status::Error);
+    assert_eq!(records[0].error_message.as_deref(), Some("base64 body"));
+    assert!(records[0].end_time.is_some(), "{:?}", records[0]);
+
+    let again = subject
+        .backend
+        .end_unstarted("res-0001", &queued.row_key, Status::Error, "again")
+        .await
+        .unwrap();
+    assert!(!again, "a finished task keeps its outcome");
+    let missing = subject
+        .backend
+        .end_unstarted("res-0001", "no-such-task", Status::Error, "base64 body")
+        .await
+        .unwrap();
+    assert!(!missing);
 }
 
 async fn registry_register_rollback_and_generation(subject: &Subject, _mode: &str) {

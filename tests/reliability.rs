@@ -617,6 +617,7 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
 
 fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
     env.register("multiply", &guest("multiply"), &[]);
+    env.register("hostile", &guest("hostile"), &[]);
 
     // The raw message needs its record, written with the message in one submit.
     let raw = case_file("C03-message-raw.json");
@@ -640,7 +641,8 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
             },
         ))
         .expect("failed to submit the raw case message");
-    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    // Two slots, so that a copy of a running task's message is leased while it runs.
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
     let record = env.wait_one(task_id, TASK_TIMEOUT);
     assert_eq!(
         status_of(&record),
@@ -684,6 +686,52 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         "the base64 copy changed nothing: {after:#}"
     );
 
+    // A base64 copy that arrives while the task runs is only dead-lettered: the attempt
+    // holds the lease and stores the outcome, and the task is never in both tables.
+    let running_id = env.submit(
+        "hostile",
+        r#"{"mode": "sleep", "ms": 5000}"#,
+        &["--resource", resource_id],
+    );
+    env.wait_for_status(&running_id, "RUNNING", TASK_TIMEOUT);
+    let mut copy = message.clone();
+    copy["row_key"] = json!(running_id);
+    copy["task_type"] = json!("hostile");
+    let copy_encoded = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(copy.to_string())
+    };
+    enqueue_raw(&env, &[&copy_encoded]);
+    env.wait_for(
+        "the copy of the running task's message to be dead-lettered",
+        TASK_TIMEOUT,
+        || dead_letter_with_body(&env, &copy_encoded),
+    );
+    let during = env.status_json(&running_id);
+    assert_eq!(
+        status_of(&during),
+        "RUNNING",
+        "the copy left the running task alone: {during:#}"
+    );
+    assert!(
+        !env.row_keys(TaskTable::Finished).contains(&running_id),
+        "the running task is not in the finished table too"
+    );
+    let done = env.wait_one(&running_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&done), "COMPLETED", "{done:#}");
+    assert_eq!(done["Attempt"], 1, "{done:#}");
+    assert_eq!(history_of(&done).len(), 1, "one attempt ran: {done:#}");
+    let finished_rows = env.row_keys(TaskTable::Finished);
+    assert_eq!(
+        finished_rows.iter().filter(|id| **id == running_id).count(),
+        1,
+        "one finished row"
+    );
+    assert!(
+        !env.row_keys(TaskTable::Active).contains(&running_id),
+        "no active row left"
+    );
+
     // A task whose only message is base64 ends ERROR instead of staying CREATED.
     let other_id = "00000000-0000-4000-8000-000000000002";
     insert_record(&env, other_id, resource_id, "multiply", r#"{"x": 5}"#);
@@ -696,6 +744,10 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
     enqueue_raw(&env, &[&other_encoded]);
     let failed = env.wait_one(other_id, TASK_TIMEOUT);
     assert_eq!(status_of(&failed), "ERROR", "{failed:#}");
+    assert_eq!(
+        failed["Attempt"], 0,
+        "the base64 delivery is not an attempt: {failed:#}"
+    );
     assert!(
         error_of(&failed).contains("base64"),
         "the error names the encoding: {failed:#}"

@@ -811,36 +811,42 @@ impl Controller {
         self.finish(lease, record, Some(reason)).await
     }
 
-    /// Ends ERROR the unfinished task that a base64-encoded message names, so that the task
-    /// does not stay CREATED once its only message is dead-lettered.
+    /// Ends ERROR the task that a base64-encoded message names, when it is CREATED, so that
+    /// the task does not stay CREATED once its only message is dead-lettered. A task that
+    /// runs is left to its own attempt, whose worker holds the lease and stores the outcome,
+    /// and a finished one keeps its outcome. The base64 delivery is not an attempt, so
+    /// `Attempt` and `AttemptHistory` stay as they are.
     async fn fail_task_of_encoded_message(&self, body: &str, reason: &str) {
         let Some(message) = QueueMessage::parse_base64(body) else {
             return;
         };
-        let task_id = message.row_key.clone();
-        let found = self
-            .reader
-            .call((message.resource_id, message.row_key))
-            .await;
-        let mut record = match found {
-            Ok(Some(record)) if !record.status.is_terminal() => record,
-            Ok(_) => return,
-            Err(error) => {
-                tracing::error!(task_id = %task_id, %error, "failed to read the task of a base64 message");
-                return;
-            }
-        };
-        record.status = Status::Error;
-        record.error_message = Some(format!(
+        let error_message = format!(
             "{reason}; its message body was base64, which bgw does not decode, so the message \
              was dead-lettered: send task messages as plain UTF-8 JSON text, then submit the \
              task again with `bgw submit`, because `bgw requeue` would send the same base64 body"
-        ));
-        record.attempt = next_attempt(&record);
-        record.set_end_time_now();
-        record.attempt_history.push(record.current_attempt());
-        if let Err(error) = self.backend.finish_without_lease(&record).await {
-            tracing::error!(task_id = %task_id, %error, "failed to record the error of a task with a base64 message");
+        );
+        let ended = self
+            .backend
+            .end_unstarted(
+                &message.resource_id,
+                &message.row_key,
+                Status::Error,
+                &error_message,
+            )
+            .await;
+        match ended {
+            Ok(true) => {
+                tracing::warn!(task_id = %message.row_key, "task of a base64 message ended ERROR")
+            }
+            Ok(false) => tracing::info!(
+                task_id = %message.row_key,
+                "task of a base64 message is running or has ended: leaving it as it is"
+            ),
+            Err(error) => tracing::error!(
+                task_id = %message.row_key,
+                %error,
+                "failed to record the error of a task with a base64 message"
+            ),
         }
     }
 

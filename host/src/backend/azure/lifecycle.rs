@@ -189,6 +189,47 @@ impl Backend for AzureBackend {
         Ok(())
     }
 
+    /// Inserts the finished entity, which fails when one exists, then deletes the active
+    /// entity if it is unchanged since it was read (`If-Match`). When another writer changed
+    /// it in between, for example a daemon that began an attempt, the finished entity is
+    /// deleted again, with its own ETag, and the task is read again.
+    async fn end_unstarted(
+        &self,
+        resource_id: &str,
+        task_id: &str,
+        status: Status,
+        error_message: &str,
+    ) -> Result<bool> {
+        let shared = self.ready().await?;
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let Some((entity, etag)) = table::get(&shared.active, resource_id, task_id).await?
+            else {
+                return Ok(false);
+            };
+            let mut record = shared.read_record(&shared.active_name, entity).await?;
+            if record.status != Status::Created {
+                return Ok(false);
+            }
+            record.status = status;
+            record.error_message = Some(error_message.to_owned());
+            record.set_end_time_now();
+            let finished = shared.entity_of(&record, None).await?;
+            let Write::Done(finished_etag) = table::insert(&shared.finished, &finished).await?
+            else {
+                // Another writer stored the task's outcome first.
+                return Ok(false);
+            };
+            match table::delete(&shared.active, resource_id, task_id, Some(&etag)).await? {
+                Write::Done(_) | Write::NotFound => return Ok(true),
+                Write::Conflict => {
+                    table::delete(&shared.finished, resource_id, task_id, Some(&finished_etag))
+                        .await?;
+                }
+            }
+        }
+        Err(conflict_error(task_id))
+    }
+
     fn blobs(&self) -> &dyn BlobStore {
         &self.blobs
     }

@@ -169,6 +169,29 @@ impl Backend for SqliteBackend {
             .await
     }
 
+    async fn end_unstarted(
+        &self,
+        resource_id: &str,
+        task_id: &str,
+        status: Status,
+        error_message: &str,
+    ) -> Result<bool> {
+        let (resource_id, task_id) = (resource_id.to_owned(), task_id.to_owned());
+        let error_message = error_message.to_owned();
+        self.write(move |shared, connection| {
+            let found = find_task(connection, &shared.active, Some(&resource_id), &task_id)?;
+            let Some(mut record) = found.filter(|record| record.status == Status::Created) else {
+                return Ok(false);
+            };
+            record.status = status;
+            record.error_message = Some(error_message.clone());
+            record.set_end_time_now();
+            move_to_finished(connection, shared, &record)?;
+            Ok(true)
+        })
+        .await
+    }
+
     fn blobs(&self) -> &dyn BlobStore {
         &self.blobs
     }
