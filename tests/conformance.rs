@@ -118,6 +118,7 @@ conformance!(
     idempotency_key_reuse_checks_request,
     cancel_queued_and_running_tasks,
     end_unstarted_leaves_running_task,
+    cancel_of_leased_task_keeps_one_record,
     registry_register_rollback_and_generation,
     registry_unregister_then_restore,
     timestamps_round_trip,
@@ -746,6 +747,62 @@ async fn end_unstarted_leaves_running_task(subject: &Subject, mode: &str) {
         .await
         .unwrap();
     assert!(!missing);
+}
+
+/// `bgw cancel` ends a CREATED task without a lease, also while a daemon holds the lease
+/// of its message, for example to look for a component. The daemon's later write under
+/// that lease must neither bring the task back to the active table nor replace the
+/// cancellation.
+async fn cancel_of_leased_task_keeps_one_record(subject: &Subject, mode: &str) {
+    let waiting = submit_new(subject, mode).await;
+    let lease = lease_one(subject, Duration::from_secs(30)).await;
+    let cancelled = subject
+        .backend
+        .request_cancel(None, &waiting.row_key)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, CancelOutcome::Cancelled);
+    let mut looked = waiting.clone();
+    looked.error_message = Some("no component registered yet".into());
+    let retried = subject
+        .backend
+        .retry(&lease, &looked, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(retried, Fenced::Written);
+    let records = records_of(subject, &waiting.row_key).await;
+    assert_eq!(records.len(), 1, "one record after the retry: {records:?}");
+    assert_eq!(records[0].status, Status::Cancelled);
+
+    let failing = submit_new(subject, mode).await;
+    let lease = lease_one(subject, Duration::from_secs(30)).await;
+    assert!(lease.body.contains(&failing.row_key), "{}", lease.body);
+    let cancelled = subject
+        .backend
+        .request_cancel(None, &failing.row_key)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, CancelOutcome::Cancelled);
+    let mut failed = failing.clone();
+    failed.status = Status::Error;
+    failed.error_message = Some("no component registered within 30 s".into());
+    let finish = Finish {
+        lease,
+        record: failed,
+        dead_letter: None,
+    };
+    assert_eq!(
+        subject.backend.finish(&[finish]).await.unwrap(),
+        [Fenced::Written]
+    );
+    let records = records_of(subject, &failing.row_key).await;
+    assert_eq!(records.len(), 1, "one record after the finish: {records:?}");
+    assert_eq!(
+        records[0].status,
+        Status::Cancelled,
+        "the cancellation stored first stays: {:?}",
+        records[0]
+    );
 }
 
 async fn registry_register_rollback_and_generation(subject: &Subject, _mode: &str) {

@@ -158,11 +158,11 @@ impl Backend for AzureBackend {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
             let write = match found {
-                None => {
-                    let entity = shared.entity_of(&record, Some(lease)).await?;
-                    table::upsert(&shared.active, &entity).await?;
-                    Write::Done(azure_core::Etag::from(String::new()))
-                }
+                // `bgw cancel` ended the CREATED task, for example one waiting for a
+                // component, while this lease held its message. Writing the record back
+                // would put the task in both tables. The message, already hidden for
+                // `delay`, is acknowledged as a duplicate at its next delivery.
+                None => return Ok(Fenced::Written),
                 Some((current, etag)) => {
                     if runs_under_other_message(&current, lease) {
                         return Ok(Fenced::LeaseLost);
@@ -259,13 +259,23 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
     let finished = shared.entity_of(record, Some(lease)).await?;
 
     let mut moved = false;
-    for _ in 0..MAX_CONFLICT_RETRIES {
+    for pass in 0..MAX_CONFLICT_RETRIES {
         let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
         let etag = match found {
             Some((current, _)) if runs_under_other_message(&current, lease) => {
                 return Ok(Fenced::LeaseLost)
             }
             Some((_, etag)) => Some(etag),
+            // Gone before this finish wrote anything: `bgw cancel` ended the CREATED task
+            // while this lease held its message, and the outcome stored first stays.
+            None if pass == 0 && in_finished_table(shared, record).await? => {
+                tracing::info!(
+                    task_id = %record.row_key,
+                    "task already ended while its message was leased: keeping its stored outcome"
+                );
+                shared.delete_message(&held).await?;
+                return Ok(Fenced::Written);
+            }
             None => None,
         };
         table::upsert(&shared.finished, &finished).await?;
@@ -302,6 +312,12 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
         );
     }
     Ok(Fenced::Written)
+}
+
+/// Returns true when the finished table has a record with the key of `record`.
+async fn in_finished_table(shared: &Shared, record: &TaskRecord) -> Result<bool> {
+    let found = table::get(&shared.finished, &record.partition_key, &record.row_key).await?;
+    Ok(found.is_some())
 }
 
 /// Deletes the hidden message of a submit whose record was not stored. When the delete

@@ -11,7 +11,9 @@ use super::queue::{
     dead_letter, delete_message, fenced, insert_message, lease, lease_holds, release_message,
 };
 use super::schema::TASK_COLUMNS;
-use super::store::{find_task, insert_new_task, move_to_finished, task_from_row, write_task};
+use super::store::{
+    delete_from, find_task, insert_new_task, move_to_finished, task_from_row, write_task,
+};
 use super::{Shared, SqliteBackend};
 use crate::backend::{
     AttemptStart, Backend, BeginDecision, BegunAttempt, BlobStore, ComponentRegistry, Fenced,
@@ -99,6 +101,12 @@ impl Backend for SqliteBackend {
                 ));
                 move_to_finished(connection, shared, &cancelled)?;
                 return Ok(Fenced::Written);
+            }
+            if !in_table(connection, &shared.active, &record)? {
+                // `bgw cancel` ended the CREATED task, for example one waiting for a
+                // component, while this lease held its message. Writing the record back
+                // would put the task in both tables, so the message is acknowledged.
+                return Ok(fenced(delete_message(connection, &shared.queue, &lease)?));
             }
             if !release_message(connection, &shared.queue, &lease, delay)? {
                 return Ok(Fenced::LeaseLost);
@@ -340,7 +348,24 @@ fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Resu
     if removed == Fenced::LeaseLost {
         return Ok(Fenced::LeaseLost);
     }
-    move_to_finished(connection, shared, &finish.record)?;
+    let record = &finish.record;
+    // Deleting the active record first tells, at no extra cost, whether it was still
+    // there. A task whose record left the active table while this lease held its message,
+    // because `bgw cancel` ended it CREATED, keeps the outcome stored first.
+    let was_active = delete_from(
+        connection,
+        &shared.active,
+        &record.partition_key,
+        &record.row_key,
+    )?;
+    if !was_active && in_table(connection, &shared.finished, record)? {
+        tracing::info!(
+            task_id = %record.row_key,
+            "task already ended while its message was leased: keeping its stored outcome"
+        );
+        return Ok(Fenced::Written);
+    }
+    write_task(connection, &shared.finished, record, true)?;
     Ok(Fenced::Written)
 }
 
@@ -359,6 +384,16 @@ fn find_by_idempotency_key(
         }
     }
     Ok(None)
+}
+
+/// Returns true when `table` has a record with the key of `record`.
+fn in_table(connection: &Connection, table: &str, record: &TaskRecord) -> Result<bool> {
+    let sql =
+        format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE resource_id = ?1 AND row_key = ?2)");
+    let exists = connection
+        .prepare_cached(&sql)?
+        .query_row([&record.partition_key, &record.row_key], |row| row.get(0))?;
+    Ok(exists)
 }
 
 /// Returns true when the active record of the task has a cancellation request.
