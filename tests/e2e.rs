@@ -33,6 +33,7 @@ support::on_both_backends!(
     large_payloads_stored_byte_for_byte,
     poison_tasks_do_not_block_healthy_task,
     task_waits_for_late_registration,
+    delayed_task_gets_whole_component_grace,
     fuel_and_deadline_stop_endless_guests,
     deep_recursion_fails_next_task_runs,
     prune_deletes_old_finished_tasks,
@@ -109,16 +110,18 @@ fn fuel_of(record: &Value) -> u64 {
 
 /// Returns EndTime - StartTime of a finished record.
 fn run_time(record: &Value) -> Duration {
-    let time = |field: &str| {
-        let text = record[field]
-            .as_str()
-            .unwrap_or_else(|| panic!("{field} is missing: {record:#}"));
-        chrono::DateTime::parse_from_rfc3339(text)
-            .unwrap_or_else(|error| panic!("{field} {text:?} is not RFC 3339: {error}"))
-    };
-    (time("EndTime") - time("StartTime"))
+    (time_of(record, "EndTime") - time_of(record, "StartTime"))
         .to_std()
         .unwrap_or_else(|_| panic!("EndTime is before StartTime: {record:#}"))
+}
+
+/// Returns a time field of a record.
+fn time_of(record: &Value, field: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let text = record[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is missing: {record:#}"));
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|error| panic!("{field} {text:?} is not RFC 3339: {error}"))
 }
 
 /// Returns true for the multibyte case payload on Azurite, whose stored text the test
@@ -1472,6 +1475,36 @@ fn poison_tasks_do_not_block_healthy_task(env: TestEnv) {
         "{dead_letters:#}"
     );
     assert!(trap_reason.contains("guest trapped"), "{dead_letters:#}");
+}
+
+/// The missing-component grace counts from the first look at a task, so a task whose delay
+/// is longer than the grace still waits the whole grace once it is visible, as does a task
+/// that was queued while no daemon ran.
+fn delayed_task_gets_whole_component_grace(env: TestEnv) {
+    let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "3"]);
+    let id = env.submit("not-yet", "{}", &["--delay", "2"]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_failed_with(
+        &record,
+        "no component registered for activity type \"not-yet\" within 3 s",
+    );
+    assert_eq!(
+        record["ComponentWaitStart"],
+        Value::Null,
+        "the ended wait leaves no start: {record:#}"
+    );
+
+    let visible = time_of(&record, "CreatedTime") + chrono::TimeDelta::seconds(2);
+    let waited = (time_of(&record, "EndTime") - visible)
+        .to_std()
+        .unwrap_or_default();
+    // Azure's lease times are whole seconds, which can shorten the counted wait by up to
+    // 1 s. Counted from the submit, the 2 s delay used up most of the grace, and the task
+    // failed at its first look.
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the task waited {waited:?} after it became visible: {record:#}"
+    );
 }
 
 fn task_waits_for_late_registration(env: TestEnv) {

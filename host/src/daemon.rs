@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +78,8 @@ pub struct DaemonOptions {
     /// again. So a message that crashes its worker every time cannot loop forever.
     pub max_deliveries: u32,
     /// Time a task whose activity type has no component waits for a registration, counted
-    /// from when its message was first enqueued, before it ends ERROR.
+    /// on the queue's clock from the first look that found no component, before it ends
+    /// ERROR.
     pub missing_component_grace: Duration,
 }
 
@@ -761,15 +762,19 @@ impl Controller {
 
     /// Handles a task whose activity type has no component.
     ///
-    /// Within the grace period after its message was first enqueued, the task waits for a
-    /// registration and is looked at again. A wait is not an attempt: the attempt number,
-    /// the history and the retry budget stay as they are. After the grace period, the task
-    /// ends ERROR and its message is dead-lettered, so that `bgw requeue` can send it again
-    /// once a component exists.
+    /// Within the grace period after the first look that found no component, the task
+    /// waits for a registration and is looked at again. The record keeps the lease time of
+    /// that first look, so the wait counts only time that the task was visible and looked
+    /// at, whatever its delay or time in the queue before. A wait is not an attempt: the
+    /// attempt number, the history and the retry budget stay as they are. After the grace
+    /// period, the task ends ERROR and its message is dead-lettered, so that `bgw requeue`
+    /// can send it again once a component exists.
     async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
         let activity_type = record.task_type.clone();
         let grace = self.options.missing_component_grace;
-        let waited = queued_for(&lease, self.options.visibility_timeout);
+        let first_look = record.component_wait_start.is_none();
+        let leased_at = leased_at(&lease, self.options.visibility_timeout);
+        let waited = component_wait(&mut record, leased_at);
 
         if waited < grace {
             let delay = (grace - waited).min(COMPONENT_RECHECK);
@@ -777,15 +782,13 @@ impl Controller {
                 "no component registered for activity type {activity_type:?} yet: waiting up to {} s for `bgw register {activity_type} FILE.wasm`",
                 grace.as_secs()
             );
-            // A record whose error message is already this reason was stored by an earlier
-            // look, so only the first look of a wait logs at info level.
-            if record.error_message.as_deref() == Some(reason.as_str()) {
+            if first_look {
+                tracing::info!(%reason, "task waits for a component");
+            } else {
                 tracing::debug!(
                     waited_secs = waited.as_secs(),
                     "task still waits for a component"
                 );
-            } else {
-                tracing::info!(%reason, "task waits for a component");
             }
             record.status = Status::Created;
             record.error_message = Some(reason);
@@ -804,6 +807,7 @@ impl Controller {
         tracing::warn!(%reason, "task failed and its message is dead-lettered");
         record.host_id = Some(self.options.host_id.clone());
         record.start_time = None;
+        record.component_wait_start = None;
         record.status = Status::Error;
         record.error_message = Some(reason.clone());
         record.set_end_time_now();
@@ -1150,6 +1154,7 @@ fn mark_running(record: &mut TaskRecord, start: &AttemptStart) {
     record.host_id = Some(start.host_id.clone());
     record.error_message = None;
     record.end_time = None;
+    record.component_wait_start = None;
 }
 
 /// Returns the number of the attempt a delivery begins: one more than the last attempt
@@ -1195,18 +1200,24 @@ fn counted_attempts(record: &TaskRecord) -> u32 {
         .saturating_sub(u32::try_from(interrupted).unwrap_or(u32::MAX))
 }
 
-/// Returns how long a message had been in the queue when it was leased, counted on the
-/// queue's clock. Both its enqueue time and its lease time come from the queue, so a host
-/// whose own clock is skewed still counts the right time. On Azure both are whole seconds.
-fn queued_for(lease: &Lease, visibility: Duration) -> Duration {
+/// Returns when a message was leased, on the queue's clock: the time until which the lease
+/// hides it, less the visibility timeout. Two such times of one message are compared
+/// without any host's clock, so a skewed host still counts the right time. On Azure they
+/// are whole seconds.
+fn leased_at(lease: &Lease, visibility: Duration) -> DateTime<Utc> {
     let visibility = chrono::TimeDelta::from_std(visibility).unwrap_or(chrono::TimeDelta::MAX);
-    let leased_at = lease
+    lease
         .visible_at
         .checked_sub_signed(visibility)
-        .unwrap_or(lease.inserted_at);
-    (leased_at - lease.inserted_at)
-        .to_std()
-        .unwrap_or(Duration::ZERO)
+        .unwrap_or(lease.inserted_at)
+}
+
+/// Returns how long a task has waited for a component when a delivery leased at
+/// `leased_at` looks at it: the time since the lease of the first look, which the record
+/// keeps. At the first look the record takes `leased_at` as the start.
+fn component_wait(record: &mut TaskRecord, leased_at: DateTime<Utc>) -> Duration {
+    let start = *record.component_wait_start.get_or_insert(leased_at);
+    (leased_at - start).to_std().unwrap_or(Duration::ZERO)
 }
 
 /// Formats a guest's own error value for the record.
@@ -1462,14 +1473,21 @@ mod tests {
     }
 
     #[test]
-    fn queued_for_reads_only_queue_times() {
+    fn component_wait_counts_from_first_look() {
         let visibility = Duration::from_secs(30);
-        assert_eq!(
-            queued_for(&lease_at(100, 135), visibility),
-            Duration::from_secs(5)
-        );
-        assert_eq!(queued_for(&lease_at(100, 130), visibility), Duration::ZERO);
-        // Azure rounds both times to whole seconds, so the lease can seem to come first.
-        assert_eq!(queued_for(&lease_at(100, 129), visibility), Duration::ZERO);
+        let mut record = TaskRecord::new("t", "r", "a", "{}");
+
+        // Enqueued at 100 s with a delay, first looked at when leased at 140 s.
+        let first = leased_at(&lease_at(100, 170), visibility);
+        assert_eq!(component_wait(&mut record, first), Duration::ZERO);
+        assert_eq!(record.component_wait_start, Some(first));
+
+        let later = leased_at(&lease_at(100, 175), visibility);
+        assert_eq!(component_wait(&mut record, later), Duration::from_secs(5));
+        assert_eq!(record.component_wait_start, Some(first), "the start stays");
+
+        // Azure rounds lease times to whole seconds, so a look can seem to come first.
+        let earlier = leased_at(&lease_at(100, 169), visibility);
+        assert_eq!(component_wait(&mut record, earlier), Duration::ZERO);
     }
 }

@@ -113,8 +113,9 @@ struct DaemonArgs {
         value_parser = whole_number(0, u64::MAX)
     )]
     shutdown_grace: u64,
-    /// Seconds a task whose activity type has no component waits for a registration
-    /// before it ends ERROR and is dead-lettered, 0 or more
+    /// Seconds a task whose activity type has no component waits for a registration,
+    /// counted from the first look at it, before it ends ERROR and is dead-lettered, 0 or
+    /// more
     #[arg(
         allow_negative_numbers = true,
         long,

@@ -436,6 +436,7 @@ fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Res
     set_time(entity, "StartTime", &start.start_time)?;
     remove_property(entity, "EndTime");
     remove_property(entity, "ErrorMessage");
+    remove_property(entity, "ComponentWaitStart");
     Ok(())
 }
 

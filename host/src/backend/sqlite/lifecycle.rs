@@ -281,7 +281,8 @@ fn begin_attempt(
 fn mark_running(connection: &Connection, shared: &Shared, start: &AttemptStart) -> Result<()> {
     let sql = format!(
         "UPDATE {} SET status = ?1, start_time = ?2, attempt = ?3, component_digest = ?4,
-             component_version = ?5, host_id = ?6, end_time = NULL, error_message = NULL
+             component_version = ?5, host_id = ?6, end_time = NULL, error_message = NULL,
+             component_wait_start = NULL
          WHERE resource_id = ?7 AND row_key = ?8",
         shared.active
     );
