@@ -1477,9 +1477,9 @@ fn poison_tasks_do_not_block_healthy_task(env: TestEnv) {
     assert!(trap_reason.contains("guest trapped"), "{dead_letters:#}");
 }
 
-/// The missing-component grace counts from the first look at a task, so a task whose delay
-/// is longer than the grace still waits the whole grace once it is visible, as does a task
-/// that was queued while no daemon ran.
+/// Checks that a task whose delay is longer than the missing-component grace still waits
+/// the whole grace once it is visible, because the grace counts from the first look at it.
+/// A task queued while no daemon ran is in the same case.
 fn delayed_task_gets_whole_component_grace(env: TestEnv) {
     let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "3"]);
     let id = env.submit("not-yet", "{}", &["--delay", "2"]);

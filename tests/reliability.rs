@@ -771,9 +771,9 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
 
 // Cancellation
 
-/// The attempt of a task leased ahead begins, and its record shows RUNNING, before the task
-/// has a worker slot. A cancellation requested then ends the task CANCELLED when it gets
-/// the slot, and its guest never runs.
+/// Cancels a task leased ahead while it waits for the only worker slot. Its attempt began,
+/// and its record shows RUNNING, before it had the slot, and it must end CANCELLED when it
+/// gets the slot, without running its guest.
 fn cancel_while_waiting_for_slot_never_runs(env: TestEnv) {
     env.register("hostile", &guest("hostile"), &[]);
     let _daemon = env.start_daemon(&["--concurrency", "1"]);

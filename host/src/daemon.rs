@@ -30,14 +30,14 @@ use crate::{validate, Result};
 pub const OUTPUT_CONTAINER: &str = "bgw-output";
 
 /// Maximum worker slots of a daemon. `bgw daemon` sizes the sandbox's instance pool to its
-/// concurrency, and the pool reserves about 8 GiB of address space per slot: 1,024 slots
-/// reserve about 8.5 TiB of the 128 TiB that a Linux process has on x86-64. An idle daemon
-/// kept about 15 MiB resident with 1, 256 and 1,024 slots (measured with `VmRSS` on a
+/// concurrency, and the pool reserves about 8 GiB of address space per slot. So 1,024
+/// slots reserve about 8.5 TiB of the 128 TiB that a Linux process has on x86-64. An idle
+/// daemon kept about 15 MiB resident with 1, 256 and 1,024 slots (`VmRSS`, measured on a
 /// 2-core x86-64 virtual machine).
 pub const MAX_CONCURRENCY: usize = 1024;
 
-/// Maximum visibility timeout of a lease: 7 days, the most that Azure Queue Storage accepts
-/// when it hides a message.
+/// Maximum visibility timeout of a lease: 7 days, the maximum that Azure Queue Storage
+/// accepts for Get Messages and Update Message.
 pub const MAX_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default time a task waits for a component of its activity type to be registered.
@@ -101,8 +101,8 @@ impl Default for DaemonOptions {
 }
 
 /// Checks the options that a caller of the library may set to any value. The concurrency
-/// may not exceed `pool_size`, the attempts that the sandbox's instance pool holds, so
-/// that every worker slot has an instance slot.
+/// may not exceed `pool_size`, the slots of the sandbox's instance pool, so that every
+/// worker slot has an instance slot.
 fn check_options(options: &DaemonOptions, pool_size: Option<u32>) -> Result<()> {
     if !(1..=MAX_CONCURRENCY).contains(&options.concurrency) {
         return Err(crate::Error::Invalid(format!(
@@ -112,8 +112,8 @@ fn check_options(options: &DaemonOptions, pool_size: Option<u32>) -> Result<()> 
     }
     if let Some(pool_size) = pool_size.filter(|size| options.concurrency > *size as usize) {
         return Err(crate::Error::Invalid(format!(
-            "invalid concurrency {}: the sandbox's instance pool holds {pool_size} attempts \
-             at once; create the sandbox with `pooled_instances` of at least {0}",
+            "invalid concurrency {}: the sandbox's instance pool has only {pool_size} slots, \
+             so create the sandbox with `pooled_instances` of at least {0}",
             options.concurrency
         )));
     }
@@ -1431,7 +1431,9 @@ mod tests {
         };
         match check_options(&options, Some(256)) {
             Err(crate::Error::Invalid(message)) => assert!(
-                message.contains("invalid concurrency 300: the sandbox's instance pool holds 256"),
+                message.contains(
+                    "invalid concurrency 300: the sandbox's instance pool has only 256 slots"
+                ),
                 "{message}"
             ),
             other => panic!("expected Error::Invalid, got {other:?}"),

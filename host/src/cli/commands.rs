@@ -111,7 +111,7 @@ async fn daemon(settings: &Settings, args: DaemonArgs) -> Result<Finished> {
     if concurrency == 0 {
         return Err(UsageError("invalid --concurrency 0: it must be at least 1".into()).into());
     }
-    // One pooled instance per worker slot, so that a slot never waits for an instance.
+    // One pooled instance per worker slot, as `daemon::run` requires.
     let sandbox = Sandbox::new(EngineSettings {
         pooled_instances: u32::try_from(concurrency).unwrap_or(u32::MAX),
         ..EngineSettings::default()

@@ -80,8 +80,8 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
     settings: EngineSettings,
-    /// Instances the pooling allocator holds, or `None` when the engine uses the on-demand
-    /// allocator: when the settings select it, or when the pool could not be reserved.
+    /// Instance slots of the pooling allocator, or `None` when the engine uses the on-demand
+    /// allocator, because the settings select it or the pool could not be reserved.
     pool_size: Option<u32>,
     engine_hash: String,
 }
@@ -165,8 +165,8 @@ impl Sandbox {
         self.settings
     }
 
-    /// Returns the number of attempts that the pooling allocator can hold at once, or
-    /// `None` when the engine uses the on-demand allocator, which has no such limit.
+    /// Returns the number of attempts that the pooling allocator has slots for, or `None`
+    /// when the engine uses the on-demand allocator, which has no such limit.
     pub fn pool_size(&self) -> Option<u32> {
         self.pool_size
     }
@@ -334,13 +334,13 @@ impl Sandbox {
     }
 }
 
-/// How one call of a guest's `run` export ended.
+/// Outcome of one call of a guest's `run` export.
 enum Call {
     /// The guest returned its result or its own error value.
     Returned(Result<String, TaskError>),
     /// Instantiation or the call failed: a trap, a limit or a full instance pool.
     Failed(wasmtime::Error),
-    /// The call ran past its deadline; the fault names the deadline that stopped it.
+    /// The call ran past its deadline, and the fault names the deadline that stopped it.
     PastDeadline(FaultKind),
     /// The controller cancelled `TaskContext::interrupt`.
     Interrupted,
@@ -414,7 +414,7 @@ pub struct TaskContext {
     /// Bytes written to the output blob so far.
     pub output_written: Arc<AtomicU64>,
     /// The task's own deadline on this host's monotonic clock. The attempt stops there,
-    /// to within one epoch tick, when that comes before the activity's timeout.
+    /// to within two epoch ticks, when that comes before the activity's timeout.
     pub deadline: Option<Instant>,
 }
 

@@ -350,7 +350,7 @@ fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Resu
         return Ok(Fenced::LeaseLost);
     }
     let record = &finish.record;
-    // Deleting the active record first tells, at no extra cost, whether it was still
+    // Deleting the active record first returns, at no extra cost, whether it was still
     // there. A task whose record left the active table while this lease held its message,
     // because `bgw cancel` ended it CREATED, keeps the outcome stored first.
     let was_active = delete_from(
