@@ -1,6 +1,7 @@
 //! Several processes on one SQLite file: daemons, submitters and a reader. Checks that no
 //! task is lost or run twice and that no process reports a locked or busy database while
-//! the others write.
+//! the others write. Also one daemon that runs more attempts at once than the sandbox's
+//! instance pool held before the pool was sized from `--concurrency`.
 
 mod support;
 
@@ -35,11 +36,46 @@ const BUSY_MARKERS: [&str; 3] = ["database is locked", "SQLITE_BUSY", "stayed bu
 /// Maximum time for every task to finish after the last submit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Worker slots of the wide daemon: more than the 256 instances of the sandbox's former
+/// fixed pool.
+const WIDE_CONCURRENCY: usize = 260;
+
+/// Sleep of each task of the wide daemon. Every task must start before the first one ends.
+const WIDE_SLEEP: Duration = Duration::from_secs(3);
+
 /// Returns the first busy marker that `text` contains.
 fn busy_marker_in(text: &str) -> Option<&'static str> {
     BUSY_MARKERS
         .into_iter()
         .find(|marker| text.to_lowercase().contains(&marker.to_lowercase()))
+}
+
+#[test]
+fn concurrency_above_256_runs_every_task() {
+    let env = TestEnv::new();
+    env.register("sleepy", &guest("hostile"), &["--max-attempts", "1"]);
+    let payload = json!({"mode": "sleep", "ms": WIDE_SLEEP.as_millis() as u64}).to_string();
+    let count = WIDE_CONCURRENCY.to_string();
+    let ids = env.submit_many("sleepy", &payload, &["--count", &count]);
+    let _daemon = env.start_daemon(&["--concurrency", &count]);
+
+    let records = env.wait_all(&ids, DRAIN_TIMEOUT);
+    let mut starts = Vec::new();
+    for (id, record) in &records {
+        assert_eq!(record["Status"], "COMPLETED", "task {id}: {record:#}");
+        assert_eq!(record["Attempt"], 1, "task {id} ran once: {record:#}");
+        let start = record["StartTime"].as_str().unwrap_or_default();
+        starts.push(
+            chrono::DateTime::parse_from_rfc3339(start)
+                .unwrap_or_else(|error| panic!("task {id}: StartTime {start:?}: {error}")),
+        );
+    }
+    let first = starts.iter().min().expect("tasks were submitted");
+    let last = starts.iter().max().expect("tasks were submitted");
+    assert!(
+        (*last - *first).to_std().unwrap_or_default() < WIDE_SLEEP,
+        "all {WIDE_CONCURRENCY} tasks ran at once: starts spread from {first} to {last}"
+    );
 }
 
 #[test]

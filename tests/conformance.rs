@@ -117,6 +117,8 @@ conformance!(
     dead_letter_then_requeue,
     idempotency_key_reuse_checks_request,
     cancel_queued_and_running_tasks,
+    end_unstarted_leaves_running_task,
+    cancel_of_leased_task_keeps_one_record,
     registry_register_rollback_and_generation,
     registry_unregister_then_restore,
     timestamps_round_trip,
@@ -185,6 +187,18 @@ fn completed(record: &TaskRecord) -> TaskRecord {
     record.output_payload = r#"{"product": 42}"#.into();
     record.end_time = Some(parse_time(&format_time(&chrono::Utc::now())).unwrap());
     record
+}
+
+/// Returns the records of every task with this id, in both tables.
+async fn records_of(subject: &Subject, task_id: &str) -> Vec<TaskRecord> {
+    let all = subject
+        .backend
+        .list_tasks(&ListFilter::default())
+        .await
+        .unwrap();
+    all.into_iter()
+        .filter(|record| record.row_key == task_id)
+        .collect()
 }
 
 fn read_case(name: &str) -> Vec<u8> {
@@ -679,6 +693,116 @@ async fn cancel_queued_and_running_tasks(subject: &Subject, mode: &str) {
         .await
         .unwrap();
     assert_eq!(missing, CancelOutcome::NotFound);
+}
+
+async fn end_unstarted_leaves_running_task(subject: &Subject, mode: &str) {
+    let queued = submit_new(subject, mode).await;
+    let running = submit_new(subject, mode).await;
+    let leases = subject
+        .backend
+        .lease(2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let lease = leases
+        .into_iter()
+        .find(|lease| lease.body.contains(&running.row_key))
+        .expect("the running task's message");
+    subject
+        .backend
+        .begin_attempt(&lease, &attempt_of(&running, &lease))
+        .await
+        .unwrap();
+
+    let ended = subject
+        .backend
+        .end_unstarted("res-0001", &running.row_key, Status::Error, "base64 body")
+        .await
+        .unwrap();
+    assert!(!ended, "a running task is left to its attempt");
+    let records = records_of(subject, &running.row_key).await;
+    assert_eq!(records.len(), 1, "one record: {records:?}");
+    assert_eq!(records[0].status, Status::Running);
+
+    let ended = subject
+        .backend
+        .end_unstarted("res-0001", &queued.row_key, Status::Error, "base64 body")
+        .await
+        .unwrap();
+    assert!(ended, "a CREATED task ends");
+    let records = records_of(subject, &queued.row_key).await;
+    assert_eq!(records.len(), 1, "one record: {records:?}");
+    assert_eq!(records[0].status, Status::Error);
+    assert_eq!(records[0].error_message.as_deref(), Some("base64 body"));
+    assert!(records[0].end_time.is_some(), "{:?}", records[0]);
+
+    let again = subject
+        .backend
+        .end_unstarted("res-0001", &queued.row_key, Status::Error, "again")
+        .await
+        .unwrap();
+    assert!(!again, "a finished task keeps its outcome");
+    let missing = subject
+        .backend
+        .end_unstarted("res-0001", "no-such-task", Status::Error, "base64 body")
+        .await
+        .unwrap();
+    assert!(!missing);
+}
+
+/// `bgw cancel` ends a CREATED task without a lease, also while a daemon holds the lease
+/// of its message, for example to look for a component. The daemon's later write under
+/// that lease must neither bring the task back to the active table nor replace the
+/// cancellation.
+async fn cancel_of_leased_task_keeps_one_record(subject: &Subject, mode: &str) {
+    let waiting = submit_new(subject, mode).await;
+    let lease = lease_one(subject, Duration::from_secs(30)).await;
+    let cancelled = subject
+        .backend
+        .request_cancel(None, &waiting.row_key)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, CancelOutcome::Cancelled);
+    let mut looked = waiting.clone();
+    looked.error_message = Some("no component registered yet".into());
+    let retried = subject
+        .backend
+        .retry(&lease, &looked, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(retried, Fenced::Written);
+    let records = records_of(subject, &waiting.row_key).await;
+    assert_eq!(records.len(), 1, "one record after the retry: {records:?}");
+    assert_eq!(records[0].status, Status::Cancelled);
+
+    let failing = submit_new(subject, mode).await;
+    let lease = lease_one(subject, Duration::from_secs(30)).await;
+    assert!(lease.body.contains(&failing.row_key), "{}", lease.body);
+    let cancelled = subject
+        .backend
+        .request_cancel(None, &failing.row_key)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, CancelOutcome::Cancelled);
+    let mut failed = failing.clone();
+    failed.status = Status::Error;
+    failed.error_message = Some("no component registered within 30 s".into());
+    let finish = Finish {
+        lease,
+        record: failed,
+        dead_letter: None,
+    };
+    assert_eq!(
+        subject.backend.finish(&[finish]).await.unwrap(),
+        [Fenced::Written]
+    );
+    let records = records_of(subject, &failing.row_key).await;
+    assert_eq!(records.len(), 1, "one record after the finish: {records:?}");
+    assert_eq!(
+        records[0].status,
+        Status::Cancelled,
+        "the cancellation stored first stays: {:?}",
+        records[0]
+    );
 }
 
 async fn registry_register_rollback_and_generation(subject: &Subject, _mode: &str) {

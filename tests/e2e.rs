@@ -35,6 +35,7 @@ support::on_both_backends!(
     large_payloads_stored_byte_for_byte,
     poison_tasks_do_not_block_healthy_task,
     task_waits_for_late_registration,
+    delayed_task_gets_whole_component_grace,
     fuel_and_deadline_stop_endless_guests,
     deep_recursion_fails_next_task_runs,
     prune_deletes_old_finished_tasks,
@@ -111,16 +112,18 @@ fn fuel_of(record: &Value) -> u64 {
 
 /// Returns EndTime - StartTime of a finished record.
 fn run_time(record: &Value) -> Duration {
-    let time = |field: &str| {
-        let text = record[field]
-            .as_str()
-            .unwrap_or_else(|| panic!("{field} is missing: {record:#}"));
-        chrono::DateTime::parse_from_rfc3339(text)
-            .unwrap_or_else(|error| panic!("{field} {text:?} is not RFC 3339: {error}"))
-    };
-    (time("EndTime") - time("StartTime"))
+    (time_of(record, "EndTime") - time_of(record, "StartTime"))
         .to_std()
         .unwrap_or_else(|_| panic!("EndTime is before StartTime: {record:#}"))
+}
+
+/// Returns a time field of a record.
+fn time_of(record: &Value, field: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let text = record[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is missing: {record:#}"));
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|error| panic!("{field} {text:?} is not RFC 3339: {error}"))
 }
 
 /// Returns true for the multibyte case payload on Azurite, whose stored text the test
@@ -1115,7 +1118,26 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             ["daemon", "--concurrency", "-1"]
                 .map(str::to_owned)
                 .to_vec(),
-            "'--concurrency <N>': it must be a whole number from 1 to",
+            "'--concurrency <N>': it must be a whole number from 1 to 1024",
+        ),
+        // The largest values that a tokio semaphore and an `Instant` cannot take.
+        (
+            ["daemon", "--concurrency", "18446744073709551615"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--concurrency <N>': it must be a whole number from 1 to 1024",
+        ),
+        (
+            ["daemon", "--concurrency", "1025"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--concurrency <N>': it must be a whole number from 1 to 1024",
+        ),
+        (
+            ["daemon", "--visibility-timeout", "9223372036854775807"]
+                .map(str::to_owned)
+                .to_vec(),
+            "'--visibility-timeout <SECS>': it must be a whole number from 1 to 604800",
         ),
         (
             ["--queue", "Tasks", "list"].map(str::to_owned).to_vec(),
@@ -1193,6 +1215,28 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
         config.display()
     );
     assert!(result.stderr.contains(&expected), "{}", result.stderr);
+
+    // The daemon's keys too, checked by any command that reads the file.
+    let daemon_cases = [
+        (
+            "[daemon]\nconcurrency = 9223372036854775807\n",
+            "invalid daemon.concurrency 9223372036854775807",
+            "between 1 and 1024",
+        ),
+        (
+            "[daemon]\nvisibility_timeout_secs = 604801\n",
+            "invalid daemon.visibility_timeout_secs 604801",
+            "between 1 and 604800",
+        ),
+    ];
+    for (text, key, range) in daemon_cases {
+        std::fs::write(&config, text).unwrap();
+        let result = env.run(&["list"]);
+        std::fs::remove_file(&config).unwrap();
+        assert_eq!(result.code(), 2, "{text:?}: {result:?}");
+        assert!(result.stderr.contains(key), "{text:?}: {}", result.stderr);
+        assert!(result.stderr.contains(range), "{text:?}: {}", result.stderr);
+    }
 
     let mut command = env.command(&["list"]);
     let result: support::CommandResult =
@@ -1653,6 +1697,36 @@ fn poison_tasks_do_not_block_healthy_task(env: TestEnv) {
         "{dead_letters:#}"
     );
     assert!(trap_reason.contains("guest trapped"), "{dead_letters:#}");
+}
+
+/// Checks that a task whose delay is longer than the missing-component grace still waits
+/// the whole grace once it is visible, because the grace counts from the first look at it.
+/// A task queued while no daemon ran is in the same case.
+fn delayed_task_gets_whole_component_grace(env: TestEnv) {
+    let _daemon = env.start_daemon(&["--concurrency", "1", "--missing-component-grace", "3"]);
+    let id = env.submit("not-yet", "{}", &["--delay", "2"]);
+    let record = env.wait_one(&id, TASK_TIMEOUT);
+    assert_failed_with(
+        &record,
+        "no component registered for activity type \"not-yet\" within 3 s",
+    );
+    assert_eq!(
+        record["ComponentWaitStart"],
+        Value::Null,
+        "the ended wait leaves no start: {record:#}"
+    );
+
+    let visible = time_of(&record, "CreatedTime") + chrono::TimeDelta::seconds(2);
+    let waited = (time_of(&record, "EndTime") - visible)
+        .to_std()
+        .unwrap_or_default();
+    // Azure's lease times are whole seconds, which can shorten the counted wait by up to
+    // 1 s. Counted from the submit, the 2 s delay used up most of the grace, and the task
+    // failed at its first look.
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the task waited {waited:?} after it became visible: {record:#}"
+    );
 }
 
 fn task_waits_for_late_registration(env: TestEnv) {

@@ -29,6 +29,7 @@ support::on_both_backends!(
     requeued_task_gets_one_extra_attempt,
     base64_body_dead_lettered_raw_completes,
     cancel_queued_running_finished_and_unknown,
+    cancel_while_waiting_for_slot_never_runs,
     queued_tasks_outlast_busy_workers,
     busy_cores_never_stop_intake,
     duplicate_delivery_keeps_completed_record,
@@ -674,6 +675,7 @@ fn requeued_task_gets_one_extra_attempt(env: TestEnv) {
 
 fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
     env.register("multiply", &guest("multiply"), &[]);
+    env.register("hostile", &guest("hostile"), &[]);
 
     // The raw message needs its record, written with the message in one submit.
     let raw = case_file("C03-message-raw.json");
@@ -697,7 +699,8 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
             },
         ))
         .expect("failed to submit the raw case message");
-    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    // Two slots, so that a copy of a running task's message is leased while it runs.
+    let _daemon = env.start_daemon(&["--concurrency", "2"]);
     let record = env.wait_one(task_id, TASK_TIMEOUT);
     assert_eq!(
         status_of(&record),
@@ -741,6 +744,52 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
         "the base64 copy changed nothing: {after:#}"
     );
 
+    // A base64 copy that arrives while the task runs is only dead-lettered: the attempt
+    // holds the lease and stores the outcome, and the task is never in both tables.
+    let running_id = env.submit(
+        "hostile",
+        r#"{"mode": "sleep", "ms": 5000}"#,
+        &["--resource", resource_id],
+    );
+    env.wait_for_status(&running_id, "RUNNING", TASK_TIMEOUT);
+    let mut copy = message.clone();
+    copy["row_key"] = json!(running_id);
+    copy["task_type"] = json!("hostile");
+    let copy_encoded = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(copy.to_string())
+    };
+    enqueue_raw(&env, &[&copy_encoded]);
+    env.wait_for(
+        "the copy of the running task's message to be dead-lettered",
+        TASK_TIMEOUT,
+        || dead_letter_with_body(&env, &copy_encoded),
+    );
+    let during = env.status_json(&running_id);
+    assert_eq!(
+        status_of(&during),
+        "RUNNING",
+        "the copy left the running task alone: {during:#}"
+    );
+    assert!(
+        !env.row_keys(TaskTable::Finished).contains(&running_id),
+        "the running task is not in the finished table too"
+    );
+    let done = env.wait_one(&running_id, TASK_TIMEOUT);
+    assert_eq!(status_of(&done), "COMPLETED", "{done:#}");
+    assert_eq!(done["Attempt"], 1, "{done:#}");
+    assert_eq!(history_of(&done).len(), 1, "one attempt ran: {done:#}");
+    let finished_rows = env.row_keys(TaskTable::Finished);
+    assert_eq!(
+        finished_rows.iter().filter(|id| **id == running_id).count(),
+        1,
+        "one finished row"
+    );
+    assert!(
+        !env.row_keys(TaskTable::Active).contains(&running_id),
+        "no active row left"
+    );
+
     // A task whose only message is base64 ends ERROR instead of staying CREATED.
     let other_id = "00000000-0000-4000-8000-000000000002";
     insert_record(&env, other_id, resource_id, "multiply", r#"{"x": 5}"#);
@@ -753,6 +802,10 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
     enqueue_raw(&env, &[&other_encoded]);
     let failed = env.wait_one(other_id, TASK_TIMEOUT);
     assert_eq!(status_of(&failed), "ERROR", "{failed:#}");
+    assert_eq!(
+        failed["Attempt"], 0,
+        "the base64 delivery is not an attempt: {failed:#}"
+    );
     assert!(
         error_of(&failed).contains("base64"),
         "the error names the encoding: {failed:#}"
@@ -775,6 +828,54 @@ fn base64_body_dead_lettered_raw_completes(env: TestEnv) {
 }
 
 // Cancellation
+
+/// Cancels a task leased ahead while it waits for the only worker slot. Its attempt began,
+/// and its record shows RUNNING, before it had the slot, and it must end CANCELLED when it
+/// gets the slot, without running its guest.
+fn cancel_while_waiting_for_slot_never_runs(env: TestEnv) {
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+    // The daemon leases ahead only once it has stored an outcome and measured a run.
+    let warm_up = env.submit("hostile", r#"{"mode": "echo"}"#, &[]);
+    env.wait_for_status(&warm_up, "COMPLETED", TASK_TIMEOUT);
+
+    let blocker = env.submit("hostile", r#"{"mode": "sleep", "ms": 4000}"#, &[]);
+    env.wait_for_status(&blocker, "RUNNING", TASK_TIMEOUT);
+    let waiting = env.submit("hostile", r#"{"mode": "sleep", "ms": 10000}"#, &[]);
+    env.wait_for_status(&waiting, "RUNNING", TASK_TIMEOUT);
+    let blocker_record = env.status_json(&blocker);
+    assert_eq!(
+        blocker_record["Status"], "RUNNING",
+        "the second task was leased ahead while the first one held the only slot: \
+         {blocker_record:#}"
+    );
+    let printed = env.run_ok(&["cancel", &waiting]);
+    assert!(
+        printed.contains("cancellation requested"),
+        "cancel output: {printed}"
+    );
+
+    let records = env.wait_all(&[blocker.clone(), waiting.clone()], TASK_TIMEOUT);
+    let record = &records[&waiting];
+    assert_ended_with(record, "CANCELLED", "cancelled before it started");
+    assert_eq!(
+        record["FuelUsed"],
+        Value::Null,
+        "its guest never ran: {record:#}"
+    );
+    assert_eq!(
+        record["StartTime"],
+        Value::Null,
+        "it never started: {record:#}"
+    );
+    let slot_freed = time_of(&records[&blocker], "EndTime");
+    let after_slot = seconds_between(slot_freed, time_of(record, "EndTime"));
+    assert!(
+        after_slot < 1.0,
+        "it ended {after_slot} s after the slot was free, not after a cancellation grace \
+         period: {record:#}"
+    );
+}
 
 fn cancel_queued_running_finished_and_unknown(env: TestEnv) {
     env.register("hostile", &guest("hostile"), &[]);
@@ -1099,7 +1200,11 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         r#"{"mode": "echo"}"#,
         &["--deadline", "0.5", "--delay", "2"],
     );
-    let records = env.wait_all(&[running.clone(), late.clone()], TASK_TIMEOUT);
+    let spinning = env.submit("hostile", r#"{"mode": "spin"}"#, &["--deadline", "1.5"]);
+    let records = env.wait_all(
+        &[running.clone(), late.clone(), spinning.clone()],
+        TASK_TIMEOUT,
+    );
 
     let record = &records[&running];
     assert_ended_with(record, "ERROR", "task deadline");
@@ -1123,6 +1228,21 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         record["StartTime"],
         Value::Null,
         "it never started: {record:#}"
+    );
+
+    // A fractional deadline stops a busy guest within a few epoch ticks of it, where a
+    // limit rounded up to whole seconds would let it run up to 1 s longer.
+    let record = &records[&spinning];
+    assert_ended_with(record, "ERROR", "reached while the attempt ran");
+    let late_by = seconds_between(time_of(record, "DeadlineTime"), time_of(record, "EndTime"));
+    assert!(
+        late_by < 0.3,
+        "the attempt ended {late_by} s after the deadline: {record:#}"
+    );
+    assert!(
+        late_by > -0.1,
+        "the attempt ended {} s before the deadline: {record:#}",
+        -late_by
     );
 }
 

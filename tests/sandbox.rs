@@ -88,8 +88,19 @@ async fn run_with(
     limits: Limits,
 ) -> (AttemptReport, Arc<Mutex<Vec<u8>>>) {
     let committed = Arc::new(Mutex::new(Vec::new()));
-    let sink = committed.clone();
-    let context = TaskContext {
+    let context = task_context(name, payload, input, committed.clone());
+    let report = sandbox().run(&component(name), context, limits).await;
+    (report, committed)
+}
+
+/// Builds the context of a task whose committed output blob lands in `sink`.
+fn task_context(
+    name: &str,
+    payload: Value,
+    input: Option<Vec<u8>>,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> TaskContext {
+    TaskContext {
         task_id: "0190f0e8-0000-7000-8000-000000000001".into(),
         resource_id: "res-1".into(),
         activity_type: name.into(),
@@ -106,9 +117,8 @@ async fn run_with(
         interrupt: tokio_util::sync::CancellationToken::new(),
         progress: Arc::new(Mutex::new(None)),
         output_written: Arc::new(AtomicU64::new(0)),
-    };
-    let report = sandbox().run(&component(name), context, limits).await;
-    (report, committed)
+        deadline: None,
+    }
 }
 
 async fn run(name: &str, payload: Value) -> AttemptReport {
@@ -177,6 +187,30 @@ async fn spin_is_stopped_by_deadline() {
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_deadline_stops_spin_to_the_millisecond() {
+    let mut limits = limits();
+    limits.fuel = u64::MAX / 2;
+    limits.timeout_secs = 60;
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let mut context = task_context("hostile", json!({"mode": "spin"}), None, sink);
+    let started = Instant::now();
+    context.deadline = Some(started + Duration::from_millis(1500));
+    let report = sandbox().run(&component("hostile"), context, limits).await;
+    let elapsed = started.elapsed();
+    assert_eq!(fault(&report), FaultKind::TaskDeadline);
+    assert!(!FaultKind::TaskDeadline.is_retryable());
+    assert!(
+        elapsed >= Duration::from_millis(1500),
+        "the attempt ran until the deadline: {elapsed:?}"
+    );
+    // The epoch ticks every 10 ms; the bound leaves room for a slow or shared core.
+    assert!(
+        elapsed < Duration::from_millis(1800),
+        "the attempt stopped at the deadline, not at a whole second: {elapsed:?}"
     );
 }
 
@@ -348,6 +382,56 @@ async fn corrupt_and_core_wasm_are_rejected() {
     truncated.truncate(truncated.len() / 2);
     let error = sandbox().compile(&truncated).err().unwrap();
     assert!(error.contains("invalid component"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_makes_attempt_wait() {
+    let settings = EngineSettings {
+        pooled_instances: 1,
+        ..EngineSettings::default()
+    };
+    let small = Sandbox::new(settings).expect("engine");
+    assert_eq!(small.pool_size(), Some(1));
+    let (hostile, _) = small
+        .compile(&support::guest_bytes("hostile"))
+        .expect("example guest compiles");
+    let sleep = |ms: u64| {
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        task_context("hostile", json!({"mode": "sleep", "ms": ms}), None, sink)
+    };
+
+    // The first attempt takes the only slot, so the second waits for it instead of trapping.
+    let (first, second) = tokio::join!(
+        small.run(&hostile, sleep(500), limits()),
+        small.run(&hostile, sleep(10), limits()),
+    );
+    completed(&first);
+    completed(&second);
+    assert!(
+        second.duration >= Duration::from_millis(400),
+        "the second attempt waited for the slot: {:?}",
+        second.duration
+    );
+
+    // An interrupt ends the wait, and the guest is charged nothing.
+    let waiting = sleep(10);
+    let interrupt = waiting.interrupt.clone();
+    let stop_soon = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        interrupt.cancel();
+    };
+    let (first, (), second) = tokio::join!(
+        small.run(&hostile, sleep(500), limits()),
+        stop_soon,
+        small.run(&hostile, waiting, limits()),
+    );
+    completed(&first);
+    assert!(
+        matches!(second.outcome, Outcome::Interrupted),
+        "{:?}",
+        second.outcome
+    );
+    assert_eq!(second.fuel_used, 0);
 }
 
 #[test]

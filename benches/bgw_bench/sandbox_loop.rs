@@ -106,5 +106,6 @@ fn task_context(index: usize) -> TaskContext {
         interrupt: tokio_util::sync::CancellationToken::new(),
         progress: Arc::new(Mutex::new(None)),
         output_written: Arc::new(AtomicU64::new(0)),
+        deadline: None,
     }
 }

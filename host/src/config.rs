@@ -27,8 +27,8 @@
 //! synchronous = "full"          # default "normal"
 //!
 //! [daemon]
-//! concurrency = 8               # default: number of CPU cores
-//! visibility_timeout_secs = 30
+//! concurrency = 8               # 1 to 1024; default: number of CPU cores
+//! visibility_timeout_secs = 30  # 1 to 604800 (7 days)
 //!
 //! [azure]
 //! submit_visibility_secs = 120  # a new message stays hidden this long until its record is stored
@@ -57,6 +57,7 @@ use crate::backend::azure::{
 use crate::backend::sqlite::{SqliteOptions, Synchronous, DEFAULT_QUEUE};
 use crate::backend::{Limits, RetryPolicy};
 use crate::client::{DEFAULT_MAX_INPUT_BLOB_BYTES, MAX_INPUT_BLOB_BYTES};
+use crate::daemon::{MAX_CONCURRENCY, MAX_VISIBILITY_TIMEOUT};
 use crate::record::{DEFAULT_ACTIVE_TABLE, DEFAULT_FINISHED_TABLE};
 use crate::{registry, validate, Error, Result};
 
@@ -370,14 +371,24 @@ impl Settings {
 
     /// Checks the values that [`Overrides`] can set and the file did not already check.
     fn validate(&self) -> Result<()> {
-        let at_least_one = [
-            ("concurrency", self.concurrency as u64),
-            ("visibility timeout", self.visibility_timeout.as_secs()),
+        let ranges = [
+            (
+                "concurrency",
+                self.concurrency as u64,
+                MAX_CONCURRENCY as u64,
+                "",
+            ),
+            (
+                "visibility timeout",
+                self.visibility_timeout.as_secs(),
+                MAX_VISIBILITY_TIMEOUT.as_secs(),
+                " s",
+            ),
         ];
-        for (name, value) in at_least_one {
-            if value == 0 {
+        for (name, value, max, unit) in ranges {
+            if !(1..=max).contains(&value) {
                 return Err(Error::Invalid(format!(
-                    "invalid {name} 0: it must be at least 1"
+                    "invalid {name} {value}{unit}: it must be from 1 to {max}{unit}"
                 )));
             }
         }
@@ -501,13 +512,13 @@ impl FileSettings {
                 "daemon.concurrency",
                 self.daemon.concurrency.map(|value| value as u64),
                 1,
-                u64::MAX,
+                MAX_CONCURRENCY as u64,
             ),
             (
                 "daemon.visibility_timeout_secs",
                 self.daemon.visibility_timeout_secs,
                 1,
-                u64::MAX,
+                MAX_VISIBILITY_TIMEOUT.as_secs(),
             ),
             ("limits.fuel", self.limits.fuel, 1, registry::MAX_FUEL),
             (
@@ -640,7 +651,9 @@ fn seconds_setting(
 }
 
 fn default_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(1, |cores| cores.get())
+    std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get())
+        .min(MAX_CONCURRENCY)
 }
 
 #[cfg(test)]
@@ -955,7 +968,17 @@ mod tests {
             (
                 "[daemon]\nconcurrency = 0\n",
                 "invalid daemon.concurrency 0",
-                "at least 1",
+                "between 1 and 1024",
+            ),
+            (
+                "[daemon]\nconcurrency = 9223372036854775807\n",
+                "invalid daemon.concurrency 9223372036854775807",
+                "between 1 and 1024",
+            ),
+            (
+                "[daemon]\nvisibility_timeout_secs = 9223372036854775807\n",
+                "invalid daemon.visibility_timeout_secs 9223372036854775807",
+                "between 1 and 604800",
             ),
             (
                 "[limits]\nmemory_mib = 99999\n",
@@ -1002,6 +1025,31 @@ mod tests {
         let error = invalid_message(Settings::resolve_with(&with_data_dir(dir.path()), &env));
         assert!(error.contains("STORE_MODE"), "{error}");
         assert!(error.contains("\"redis\""), "{error}");
+    }
+
+    #[test]
+    fn daemon_overrides_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                Overrides {
+                    concurrency: Some(1025),
+                    ..with_data_dir(dir.path())
+                },
+                "invalid concurrency 1025: it must be from 1 to 1024",
+            ),
+            (
+                Overrides {
+                    visibility_timeout_secs: Some(604_801),
+                    ..with_data_dir(dir.path())
+                },
+                "invalid visibility timeout 604801 s: it must be from 1 to 604800 s",
+            ),
+        ];
+        for (overrides, expected) in cases {
+            let error = invalid_message(Settings::resolve_with(&overrides, &environment(&[])));
+            assert_eq!(error, expected);
+        }
     }
 
     #[test]

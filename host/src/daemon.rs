@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::{
-    AttemptStart, Backend, BeginDecision, BegunAttempt, BlobRef, Fenced, Finish, Lease, LeasedTask,
-    ProgressUpdate,
+    instant_after, AttemptStart, Backend, BeginDecision, BegunAttempt, BlobRef, Fenced, Finish,
+    Lease, LeasedTask, ProgressUpdate,
 };
 use crate::batch::Batcher;
 use crate::record::{format_time, QueueMessage, Status, TaskRecord};
@@ -28,6 +28,17 @@ use crate::{validate, Result};
 
 /// Container that guests' output blobs are stored in.
 pub const OUTPUT_CONTAINER: &str = "bgw-output";
+
+/// Maximum worker slots of a daemon. `bgw daemon` sizes the sandbox's instance pool to its
+/// concurrency, and the pool reserves about 8 GiB of address space per slot. So 1,024
+/// slots reserve about 8.5 TiB of the 128 TiB that a Linux process has on x86-64. An idle
+/// daemon kept about 15 MiB resident with 1, 256 and 1,024 slots (`VmRSS`, measured on a
+/// 2-core x86-64 virtual machine).
+pub const MAX_CONCURRENCY: usize = 1024;
+
+/// Maximum visibility timeout of a lease: 7 days, the maximum that Azure Queue Storage
+/// accepts for Get Messages and Update Message.
+pub const MAX_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default time a task waits for a component of its activity type to be registered.
 pub const DEFAULT_MISSING_COMPONENT_GRACE: Duration = Duration::from_secs(30);
@@ -48,10 +59,11 @@ const MAX_BATCH: usize = 256;
 /// Settings of the daemon.
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
-    /// Tasks run at once.
+    /// Tasks run at once, from 1 to [`MAX_CONCURRENCY`].
     pub concurrency: usize,
-    /// How long a leased message stays invisible before another worker may take it.
-    /// Running tasks extend it every third of this period.
+    /// How long a leased message stays invisible before another worker may take it, more
+    /// than zero and at most [`MAX_VISIBILITY_TIMEOUT`]. Running tasks extend it every
+    /// third of this period.
     pub visibility_timeout: Duration,
     /// Maximum pause between polls of an empty queue.
     pub idle_poll: Duration,
@@ -66,14 +78,17 @@ pub struct DaemonOptions {
     /// again. So a message that crashes its worker every time cannot loop forever.
     pub max_deliveries: u32,
     /// Time a task whose activity type has no component waits for a registration, counted
-    /// from when its message was first enqueued, before it ends ERROR.
+    /// on the queue's clock from the first look that found no component, before it ends
+    /// ERROR.
     pub missing_component_grace: Duration,
 }
 
 impl Default for DaemonOptions {
     fn default() -> Self {
         DaemonOptions {
-            concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            concurrency: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(MAX_CONCURRENCY),
             visibility_timeout: Duration::from_secs(30),
             idle_poll: Duration::from_millis(50),
             registry_poll: Duration::from_millis(50),
@@ -83,6 +98,34 @@ impl Default for DaemonOptions {
             missing_component_grace: DEFAULT_MISSING_COMPONENT_GRACE,
         }
     }
+}
+
+/// Checks the options that a caller of the library may set to any value. The concurrency
+/// may not exceed `pool_size`, the slots of the sandbox's instance pool, so that every
+/// worker slot has an instance slot.
+fn check_options(options: &DaemonOptions, pool_size: Option<u32>) -> Result<()> {
+    if !(1..=MAX_CONCURRENCY).contains(&options.concurrency) {
+        return Err(crate::Error::Invalid(format!(
+            "invalid concurrency {}: it must be from 1 to {MAX_CONCURRENCY}",
+            options.concurrency
+        )));
+    }
+    if let Some(pool_size) = pool_size.filter(|size| options.concurrency > *size as usize) {
+        return Err(crate::Error::Invalid(format!(
+            "invalid concurrency {}: the sandbox's instance pool has only {pool_size} slots, \
+             so create the sandbox with `pooled_instances` of at least {0}",
+            options.concurrency
+        )));
+    }
+    let visibility = options.visibility_timeout;
+    if visibility.is_zero() || visibility > MAX_VISIBILITY_TIMEOUT {
+        return Err(crate::Error::Invalid(format!(
+            "invalid visibility timeout of {} ms: it must be more than 0 and at most {} s",
+            visibility.as_millis(),
+            MAX_VISIBILITY_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(())
 }
 
 /// Returns `HOSTNAME:PID`, which distinguishes hosts and restarts in task records.
@@ -121,6 +164,7 @@ pub async fn run(
     options: DaemonOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    check_options(&options, sandbox.pool_size())?;
     let components = Arc::new(ComponentCache::new(sandbox.clone(), backend.clone()));
     components.refresh().await?;
     backend.serve_daemon();
@@ -161,7 +205,7 @@ pub async fn run(
         reader,
         starter,
         finisher,
-        pipeline: Pipeline::new(options.concurrency.max(1), options.visibility_timeout),
+        pipeline: Pipeline::new(options.concurrency, options.visibility_timeout),
     });
     tracing::info!(
         concurrency = options.concurrency,
@@ -422,18 +466,13 @@ impl Controller {
             _ => None,
         };
 
-        // The attempt's wall-clock limit is the activity's timeout, shortened to the task's
-        // own deadline when that comes first.
-        let mut limits = component.version.limits;
-        let mut deadline_binds = false;
-        if let Some(deadline) = record.deadline_time {
-            let left = (deadline - Utc::now()).num_milliseconds().max(0) as u64;
-            let left_secs = left.div_ceil(1000).max(1);
-            if left_secs < limits.timeout_secs {
-                limits.timeout_secs = left_secs;
-                deadline_binds = true;
-            }
-        }
+        // The task's deadline, moved to the monotonic clock to the millisecond, ends the
+        // attempt when it comes before the activity's timeout.
+        let limits = component.version.limits;
+        let deadline = record.deadline_time.map(|deadline| {
+            let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            instant_after(left)
+        });
 
         let watch = AttemptWatch::new(self.interrupt.child_token());
         let backend = self.backend.clone();
@@ -455,6 +494,7 @@ impl Controller {
             interrupt: watch.interrupt.clone(),
             progress: watch.progress.clone(),
             output_written: Arc::new(AtomicU64::new(0)),
+            deadline,
         };
 
         let current_lease = Arc::new(Mutex::new(lease));
@@ -470,9 +510,21 @@ impl Controller {
         );
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
+        let waiting_since = std::time::Instant::now();
         let Some(slot) = self.slot_holding_lease(&current_lease).await else {
             return Ok(());
         };
+        // The attempt of a task leased ahead began before it had a slot, so `bgw cancel`
+        // only flagged it. The keep-alive reads the flag every CANCEL_POLL while the guest
+        // runs, so only a task that waited at least that long pays for a read here.
+        if waiting_since.elapsed() >= CANCEL_POLL && self.cancel_requested(&record).await {
+            drop(slot);
+            let lease = current_lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return self.end_cancelled_before_run(lease, record).await;
+        }
         let start_time = crate::record::now();
         record.start_time = Some(start_time);
         let started = std::time::Instant::now();
@@ -529,7 +581,7 @@ impl Controller {
                 record.status = Status::Error;
                 record.error_message = Some(describe_guest_error(&error));
             }
-            Outcome::Trapped(FaultKind::Deadline { .. }) if deadline_binds => {
+            Outcome::Trapped(FaultKind::TaskDeadline) => {
                 record.status = Status::Error;
                 record.error_message = Some(format!(
                     "task deadline {} reached while the attempt ran",
@@ -710,15 +762,19 @@ impl Controller {
 
     /// Handles a task whose activity type has no component.
     ///
-    /// Within the grace period after its message was first enqueued, the task waits for a
-    /// registration and is looked at again. A wait is not an attempt: the attempt number,
-    /// the history and the retry budget stay as they are. After the grace period, the task
-    /// ends ERROR and its message is dead-lettered, so that `bgw requeue` can send it again
-    /// once a component exists.
+    /// Within the grace period after the first look that found no component, the task
+    /// waits for a registration and is looked at again. The record keeps the lease time of
+    /// that first look, so the wait counts only time that the task was visible and looked
+    /// at, whatever its delay or time in the queue before. A wait is not an attempt: the
+    /// attempt number, the history and the retry budget stay as they are. After the grace
+    /// period, the task ends ERROR and its message is dead-lettered, so that `bgw requeue`
+    /// can send it again once a component exists.
     async fn wait_for_component(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
         let activity_type = record.task_type.clone();
         let grace = self.options.missing_component_grace;
-        let waited = queued_for(&lease, self.options.visibility_timeout);
+        let first_look = record.component_wait_start.is_none();
+        let leased_at = leased_at(&lease, self.options.visibility_timeout);
+        let waited = component_wait(&mut record, leased_at);
 
         if waited < grace {
             let delay = (grace - waited).min(COMPONENT_RECHECK);
@@ -726,15 +782,13 @@ impl Controller {
                 "no component registered for activity type {activity_type:?} yet: waiting up to {} s for `bgw register {activity_type} FILE.wasm`",
                 grace.as_secs()
             );
-            // A record whose error message is already this reason was stored by an earlier
-            // look, so only the first look of a wait logs at info level.
-            if record.error_message.as_deref() == Some(reason.as_str()) {
+            if first_look {
+                tracing::info!(%reason, "task waits for a component");
+            } else {
                 tracing::debug!(
                     waited_secs = waited.as_secs(),
                     "task still waits for a component"
                 );
-            } else {
-                tracing::info!(%reason, "task waits for a component");
             }
             record.status = Status::Created;
             record.error_message = Some(reason);
@@ -753,6 +807,7 @@ impl Controller {
         tracing::warn!(%reason, "task failed and its message is dead-lettered");
         record.host_id = Some(self.options.host_id.clone());
         record.start_time = None;
+        record.component_wait_start = None;
         record.status = Status::Error;
         record.error_message = Some(reason.clone());
         record.set_end_time_now();
@@ -760,37 +815,70 @@ impl Controller {
         self.finish(lease, record, Some(reason)).await
     }
 
-    /// Ends ERROR the unfinished task that a base64-encoded message names, so that the task
-    /// does not stay CREATED once its only message is dead-lettered.
+    /// Ends ERROR the task that a base64-encoded message names, when it is CREATED, so that
+    /// the task does not stay CREATED once its only message is dead-lettered. A task that
+    /// runs is left to its own attempt, whose worker holds the lease and stores the outcome,
+    /// and a finished one keeps its outcome. The base64 delivery is not an attempt, so
+    /// `Attempt` and `AttemptHistory` stay as they are.
     async fn fail_task_of_encoded_message(&self, body: &str, reason: &str) {
         let Some(message) = QueueMessage::parse_base64(body) else {
             return;
         };
-        let task_id = message.row_key.clone();
-        let found = self
-            .reader
-            .call((message.resource_id, message.row_key))
-            .await;
-        let mut record = match found {
-            Ok(Some(record)) if !record.status.is_terminal() => record,
-            Ok(_) => return,
-            Err(error) => {
-                tracing::error!(task_id = %task_id, %error, "failed to read the task of a base64 message");
-                return;
-            }
-        };
-        record.status = Status::Error;
-        record.error_message = Some(format!(
+        let error_message = format!(
             "{reason}; its message body was base64, which bgw does not decode, so the message \
              was dead-lettered: send task messages as plain UTF-8 JSON text, then submit the \
              task again with `bgw submit`, because `bgw requeue` would send the same base64 body"
-        ));
-        record.attempt = next_attempt(&record);
+        );
+        let ended = self
+            .backend
+            .end_unstarted(
+                &message.resource_id,
+                &message.row_key,
+                Status::Error,
+                &error_message,
+            )
+            .await;
+        match ended {
+            Ok(true) => {
+                tracing::warn!(task_id = %message.row_key, "task of a base64 message ended ERROR")
+            }
+            Ok(false) => tracing::info!(
+                task_id = %message.row_key,
+                "task of a base64 message is running or has ended: leaving it as it is"
+            ),
+            Err(error) => tracing::error!(
+                task_id = %message.row_key,
+                %error,
+                "failed to record the error of a task with a base64 message"
+            ),
+        }
+    }
+
+    /// Returns whether a cancellation was requested for the task. A failed read counts as
+    /// no request, because the keep-alive reads the flag again while the guest runs.
+    async fn cancel_requested(&self, record: &TaskRecord) -> bool {
+        let requested = self
+            .backend
+            .cancel_requested(&record.partition_key, &record.row_key)
+            .await;
+        requested.unwrap_or_else(|error| {
+            tracing::warn!(%error, "failed to check for cancellation before the run");
+            false
+        })
+    }
+
+    /// Ends CANCELLED, without running its guest, a task whose attempt began and whose
+    /// cancellation was requested while it waited for a worker slot.
+    async fn end_cancelled_before_run(&self, lease: Lease, mut record: TaskRecord) -> Result<()> {
+        tracing::info!("cancellation requested while the task waited for a worker slot: ending it without running it");
+        record.status = Status::Cancelled;
+        record.error_message = Some("cancelled before it started".to_owned());
+        record.cancel_requested = true;
+        record.start_time = None;
+        record.fuel_used = None;
         record.set_end_time_now();
         record.attempt_history.push(record.current_attempt());
-        if let Err(error) = self.backend.finish_without_lease(&record).await {
-            tracing::error!(task_id = %task_id, %error, "failed to record the error of a task with a base64 message");
-        }
+        self.finish(lease, record, None).await
     }
 
     /// Ends a task ERROR with `reason` before its component ran.
@@ -1066,6 +1154,7 @@ fn mark_running(record: &mut TaskRecord, start: &AttemptStart) {
     record.host_id = Some(start.host_id.clone());
     record.error_message = None;
     record.end_time = None;
+    record.component_wait_start = None;
 }
 
 /// Returns the number of the attempt a delivery begins: one more than the last attempt
@@ -1123,18 +1212,24 @@ fn counted_attempts(record: &TaskRecord) -> u32 {
         .saturating_sub(u32::try_from(interrupted).unwrap_or(u32::MAX))
 }
 
-/// Returns how long a message had been in the queue when it was leased, counted on the
-/// queue's clock. Both its enqueue time and its lease time come from the queue, so a host
-/// whose own clock is skewed still counts the right time. On Azure both are whole seconds.
-fn queued_for(lease: &Lease, visibility: Duration) -> Duration {
+/// Returns when a message was leased, on the queue's clock: the time until which the lease
+/// hides it, less the visibility timeout. Two such times of one message are compared
+/// without any host's clock, so a skewed host still counts the right time. On Azure they
+/// are whole seconds.
+fn leased_at(lease: &Lease, visibility: Duration) -> DateTime<Utc> {
     let visibility = chrono::TimeDelta::from_std(visibility).unwrap_or(chrono::TimeDelta::MAX);
-    let leased_at = lease
+    lease
         .visible_at
         .checked_sub_signed(visibility)
-        .unwrap_or(lease.inserted_at);
-    (leased_at - lease.inserted_at)
-        .to_std()
-        .unwrap_or(Duration::ZERO)
+        .unwrap_or(lease.inserted_at)
+}
+
+/// Returns how long a task has waited for a component when a delivery leased at
+/// `leased_at` looks at it: the time since the lease of the first look, which the record
+/// keeps. At the first look the record takes `leased_at` as the start.
+fn component_wait(record: &mut TaskRecord, leased_at: DateTime<Utc>) -> Duration {
+    let start = *record.component_wait_start.get_or_insert(leased_at);
+    (leased_at - start).to_std().unwrap_or(Duration::ZERO)
 }
 
 /// Formats a guest's own error value for the record.
@@ -1313,6 +1408,53 @@ mod tests {
     }
 
     #[test]
+    fn options_out_of_range_are_rejected() {
+        let cases = [
+            (0, Duration::from_secs(30), "invalid concurrency 0"),
+            (
+                MAX_CONCURRENCY + 1,
+                Duration::from_secs(30),
+                "invalid concurrency 1025",
+            ),
+            (1, Duration::ZERO, "invalid visibility timeout of 0 ms"),
+            (1, Duration::MAX, "at most 604800 s"),
+        ];
+        for (concurrency, visibility_timeout, expected) in cases {
+            let options = DaemonOptions {
+                concurrency,
+                visibility_timeout,
+                ..DaemonOptions::default()
+            };
+            match check_options(&options, None) {
+                Err(crate::Error::Invalid(message)) => {
+                    assert!(message.contains(expected), "{message}")
+                }
+                other => panic!("{concurrency}, {visibility_timeout:?}: {other:?}"),
+            }
+        }
+        assert!(check_options(&DaemonOptions::default(), None).is_ok());
+    }
+
+    #[test]
+    fn concurrency_above_pool_size_is_rejected() {
+        let options = DaemonOptions {
+            concurrency: 300,
+            ..DaemonOptions::default()
+        };
+        match check_options(&options, Some(256)) {
+            Err(crate::Error::Invalid(message)) => assert!(
+                message.contains(
+                    "invalid concurrency 300: the sandbox's instance pool has only 256 slots"
+                ),
+                "{message}"
+            ),
+            other => panic!("expected Error::Invalid, got {other:?}"),
+        }
+        assert!(check_options(&options, Some(300)).is_ok());
+        assert!(check_options(&options, None).is_ok());
+    }
+
+    #[test]
     fn lost_attempts_count_from_last_outcome() {
         let mut record = TaskRecord::new("t", "r", "a", "{}");
         assert_eq!(lost_attempts(&record), 0, "a new task");
@@ -1388,14 +1530,21 @@ mod tests {
     }
 
     #[test]
-    fn queued_for_reads_only_queue_times() {
+    fn component_wait_counts_from_first_look() {
         let visibility = Duration::from_secs(30);
-        assert_eq!(
-            queued_for(&lease_at(100, 135), visibility),
-            Duration::from_secs(5)
-        );
-        assert_eq!(queued_for(&lease_at(100, 130), visibility), Duration::ZERO);
-        // Azure rounds both times to whole seconds, so the lease can seem to come first.
-        assert_eq!(queued_for(&lease_at(100, 129), visibility), Duration::ZERO);
+        let mut record = TaskRecord::new("t", "r", "a", "{}");
+
+        // Enqueued at 100 s with a delay, first looked at when leased at 140 s.
+        let first = leased_at(&lease_at(100, 170), visibility);
+        assert_eq!(component_wait(&mut record, first), Duration::ZERO);
+        assert_eq!(record.component_wait_start, Some(first));
+
+        let later = leased_at(&lease_at(100, 175), visibility);
+        assert_eq!(component_wait(&mut record, later), Duration::from_secs(5));
+        assert_eq!(record.component_wait_start, Some(first), "the start stays");
+
+        // Azure rounds lease times to whole seconds, so a look can seem to come first.
+        let earlier = leased_at(&lease_at(100, 169), visibility);
+        assert_eq!(component_wait(&mut record, earlier), Duration::ZERO);
     }
 }

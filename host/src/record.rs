@@ -137,6 +137,11 @@ pub struct TaskRecord {
     pub idempotency_key: Option<String>,
     /// Set by `bgw cancel` while the task runs: the daemon stops it.
     pub cancel_requested: bool,
+    /// Lease time, on the queue's clock, of the first look that found no component for the
+    /// task's activity type. The missing-component grace counts from it, and it is cleared
+    /// when an attempt begins or the wait ends.
+    #[serde(with = "optional_time")]
+    pub component_wait_start: Option<DateTime<Utc>>,
 }
 
 /// Summary of one finished attempt of a task.
@@ -239,6 +244,7 @@ impl TaskRecord {
             deadline_time: None,
             idempotency_key: None,
             cancel_requested: false,
+            component_wait_start: None,
         }
     }
 }

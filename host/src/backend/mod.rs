@@ -45,6 +45,18 @@ pub struct Lease {
     pub held_until: Instant,
 }
 
+/// Time after which [`instant_after`] places an instant that `Instant` cannot hold.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// Returns the instant `duration` from now on the monotonic clock, or one 30 years from
+/// now when the sum overflows, so that no duration a caller passes can panic.
+pub(crate) fn instant_after(duration: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(duration)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
 /// A message to enqueue.
 #[derive(Clone, Debug)]
 pub struct OutgoingMessage {
@@ -387,8 +399,23 @@ pub trait Backend: TaskStore + TaskQueue {
     async fn retry(&self, lease: &Lease, record: &TaskRecord, delay: Duration) -> Result<Fenced>;
 
     /// Stores a terminal record for a task whose message is already gone or was never
-    /// leased, such as a cancelled task.
+    /// leased, without a lease and without checking the task's state, so the caller must
+    /// know that no attempt of the task runs. The daemon uses [`Backend::end_unstarted`]
+    /// instead.
     async fn finish_without_lease(&self, record: &TaskRecord) -> Result<()>;
+
+    /// Ends a task that has not started, without a lease: when its active record is
+    /// CREATED, sets `status`, `error_message` and the end time, stores the record in the
+    /// finished table and removes it from the active one. Returns false, and writes
+    /// nothing, when the active table has no record of the task or its record is not
+    /// CREATED, for example because an attempt runs, whose worker stores the outcome.
+    async fn end_unstarted(
+        &self,
+        resource_id: &str,
+        task_id: &str,
+        status: Status,
+        error_message: &str,
+    ) -> Result<bool>;
 
     /// Returns the blob store of this backend.
     fn blobs(&self) -> &dyn BlobStore;

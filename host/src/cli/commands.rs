@@ -105,18 +105,21 @@ fn sandbox() -> Result<Arc<Sandbox>> {
 
 async fn daemon(settings: &Settings, args: DaemonArgs) -> Result<Finished> {
     let backend = bgw::open_backend(settings).context("failed to open the task store")?;
-    let sandbox = sandbox()?;
+    let concurrency = args.concurrency.unwrap_or(settings.concurrency);
+    if concurrency == 0 {
+        return Err(UsageError("invalid --concurrency 0: it must be at least 1".into()).into());
+    }
+    // One pooled instance per worker slot, as `daemon::run` requires.
+    let sandbox = Sandbox::new(EngineSettings {
+        pooled_instances: u32::try_from(concurrency).unwrap_or(u32::MAX),
+        ..EngineSettings::default()
+    })?;
     let mut options = DaemonOptions {
+        concurrency,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         missing_component_grace: Duration::from_secs(args.missing_component_grace),
         ..DaemonOptions::default()
     };
-    if let Some(concurrency) = args.concurrency.or(Some(settings.concurrency)) {
-        if concurrency == 0 {
-            return Err(UsageError("invalid --concurrency 0: it must be at least 1".into()).into());
-        }
-        options.concurrency = concurrency;
-    }
     let visibility = args
         .visibility_timeout
         .unwrap_or(settings.visibility_timeout.as_secs());

@@ -8,6 +8,7 @@ mod output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bgw::daemon::{MAX_CONCURRENCY, MAX_VISIBILITY_TIMEOUT};
 use bgw::registry::{MAX_ATTEMPTS, MAX_FUEL, MAX_MEMORY_MIB, MAX_OUTPUT_BYTES, MAX_TIMEOUT_SECS};
 use clap::{Args, Parser, Subcommand};
 
@@ -79,6 +80,10 @@ enum Command {
     /// List tasks, newest first
     List(ListArgs),
     /// Cancel a task: a queued one never starts, a running one is stopped
+    ///
+    /// A RUNNING task that still waits for a worker slot, because a daemon leased it
+    /// ahead, ends CANCELLED without starting when it gets the slot, unless it waited less
+    /// than 250 ms.
     Cancel(TaskArgs),
     /// Delete finished tasks older than a number of days, with their blobs
     Prune(PruneArgs),
@@ -90,13 +95,14 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct DaemonArgs {
-    /// Tasks run at once, 1 or more [default: number of cores, or the configuration's
+    /// Tasks run at once, from 1 to 1024 [default: number of cores, or the configuration's
     /// daemon.concurrency]
-    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, usize::MAX))]
+    #[arg(allow_negative_numbers = true, long, value_name = "N", value_parser = whole_number(1, MAX_CONCURRENCY))]
     concurrency: Option<usize>,
-    /// Seconds a leased message stays hidden before another worker may take it over, 1 or
-    /// more [default: 30, or the configuration's daemon.visibility_timeout_secs]
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = whole_number(1, u64::MAX))]
+    /// Seconds a leased message stays hidden before another worker may take it over, from
+    /// 1 to 604800 (7 days) [default: 30, or the configuration's
+    /// daemon.visibility_timeout_secs]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = whole_number(1, MAX_VISIBILITY_TIMEOUT.as_secs()))]
     visibility_timeout: Option<u64>,
     /// Seconds running tasks get to finish after SIGTERM or SIGINT, 0 or more
     #[arg(
@@ -107,8 +113,9 @@ struct DaemonArgs {
         value_parser = whole_number(0, u64::MAX)
     )]
     shutdown_grace: u64,
-    /// Seconds a task whose activity type has no component waits for a registration
-    /// before it ends ERROR and is dead-lettered, 0 or more
+    /// Seconds a task whose activity type has no component waits for a registration,
+    /// counted from the first look at it, before it ends ERROR and is dead-lettered, 0 or
+    /// more
     #[arg(
         allow_negative_numbers = true,
         long,

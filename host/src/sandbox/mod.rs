@@ -25,7 +25,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::backend::{BlobWriter, Limits, ReadAt};
+use crate::backend::{instant_after, BlobWriter, Limits, ReadAt};
 pub use host_api::bindings::bgw::activity::types::{LogLevel, TaskError};
 use host_api::bindings::{Activity, ActivityPre};
 pub use output::BoundedText;
@@ -58,8 +58,10 @@ pub struct EngineSettings {
     /// Stack of the fiber each async call runs on, in bytes. Must exceed `max_wasm_stack`
     /// so that host functions called near the wasm stack limit still have room.
     pub async_stack_size: usize,
-    /// Instances the pooling allocator keeps slots for: attempts that can run at once.
-    /// 0 selects the on-demand allocator, which maps memory for every attempt.
+    /// Instances the pooling allocator keeps slots for: attempts that can run at once. A
+    /// daemon's concurrency may not exceed it. Each slot reserves about 8 GiB of address
+    /// space, which stays virtual until an attempt touches it. 0 selects the on-demand
+    /// allocator, which maps memory for every attempt.
     pub pooled_instances: u32,
 }
 
@@ -78,6 +80,9 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
     settings: EngineSettings,
+    /// Instance slots of the pooling allocator, or `None` when the engine uses the on-demand
+    /// allocator, because the settings select it or the pool could not be reserved.
+    pool_size: Option<u32>,
     engine_hash: String,
 }
 
@@ -100,15 +105,17 @@ impl Sandbox {
             .max_wasm_stack(settings.max_wasm_stack)
             .async_stack_size(settings.async_stack_size)
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
-        if settings.pooled_instances > 0 {
-            config.allocation_strategy(pooling_config(settings.pooled_instances));
+        let mut pool_size = (settings.pooled_instances > 0).then_some(settings.pooled_instances);
+        if let Some(instances) = pool_size {
+            config.allocation_strategy(pooling_config(instances));
         }
         let engine = match Engine::new(&config) {
             Ok(engine) => engine,
-            Err(error) if settings.pooled_instances > 0 => {
+            Err(error) if pool_size.is_some() => {
                 // The pool reserves address space up front, which a low `ulimit -v` forbids.
                 tracing::warn!(%error, "pooling allocator unavailable, using the on-demand allocator");
                 config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+                pool_size = None;
                 Engine::new(&config)
                     .map_err(anyhow::Error::from)
                     .context("failed to create the wasmtime engine")?
@@ -143,6 +150,7 @@ impl Sandbox {
             engine,
             linker,
             settings,
+            pool_size,
             engine_hash,
         }))
     }
@@ -155,6 +163,12 @@ impl Sandbox {
     /// Engine-wide settings.
     pub fn settings(&self) -> EngineSettings {
         self.settings
+    }
+
+    /// Returns the number of attempts that the pooling allocator has slots for, or `None`
+    /// when the engine uses the on-demand allocator, which has no such limit.
+    pub fn pool_size(&self) -> Option<u32> {
+        self.pool_size
     }
 
     /// Checks that `wasm` is a component of the activity world and compiles it.
@@ -194,6 +208,12 @@ impl Sandbox {
 
     /// Runs one attempt in a fresh store. Traps, limits and guest errors end up in the
     /// returned report, not in a panic.
+    ///
+    /// When the pooling allocator has no free slot for the instance or its stack, the
+    /// attempt waits for one, polling every [`EPOCH_TICK`] until another attempt frees a
+    /// slot or `task.interrupt` is cancelled. That wait is the host's, so the guest is not
+    /// charged for it: the deadline and the fuel budget start with the call that gets a
+    /// slot.
     pub async fn run(
         &self,
         component: &PreparedComponent,
@@ -201,7 +221,6 @@ impl Sandbox {
         limits: Limits,
     ) -> AttemptReport {
         let started = Instant::now();
-        let deadline = Duration::from_secs(limits.timeout_secs.max(1));
         let stdout = BoundedText::new(MAX_LOG_BYTES);
         let stderr = BoundedText::new(MAX_LOG_BYTES);
         let wasi = WasiCtxBuilder::new()
@@ -211,16 +230,73 @@ impl Sandbox {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-
         let interrupt = task.interrupt.clone();
-        let state = TaskState::new(task, wasi, limits, self.settings.max_wasm_stack);
+        let task_deadline = task.deadline;
+        let mut state = TaskState::new(task, wasi, limits, self.settings.max_wasm_stack);
+
+        let mut waited_for_pool = false;
+        let (state, fuel_used, call) = loop {
+            let deadline = Deadline::of_call(limits, task_deadline);
+            let (returned, fuel_used, call) = self
+                .call(component, state, limits, deadline, &interrupt)
+                .await;
+            if !matches!(&call, Call::Failed(error) if is_pool_full(error)) {
+                break (returned, fuel_used, call);
+            }
+            if !waited_for_pool {
+                tracing::warn!(
+                    pooled_instances = self.settings.pooled_instances,
+                    "instance pool full: the attempt waits for a slot"
+                );
+                waited_for_pool = true;
+            }
+            state = returned;
+            tokio::select! {
+                () = tokio::time::sleep(EPOCH_TICK) => {}
+                () = interrupt.cancelled() => break (state, 0, Call::Interrupted),
+            }
+        };
+        if waited_for_pool {
+            tracing::debug!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "the attempt left the wait for an instance pool slot"
+            );
+        }
+
+        let outcome = match call {
+            Call::Returned(Ok(result)) => Outcome::Completed(result),
+            Call::Returned(Err(error)) => Outcome::GuestError(error),
+            Call::Failed(error) => Outcome::Trapped(classify_trap(&error, &state, &stderr, limits)),
+            Call::PastDeadline(fault) => Outcome::Trapped(fault),
+            Call::Interrupted => Outcome::Interrupted,
+        };
+        let task_log = state.log_text(&stdout, &stderr);
+        AttemptReport {
+            outcome,
+            fuel_used,
+            duration: started.elapsed(),
+            task_log,
+            output: state.output,
+        }
+    }
+
+    /// Instantiates the component in a new store that owns `state` and calls its `run`
+    /// export under the fuel budget and the deadline. Returns the state, for the output and
+    /// the log or for another call after the instance pool was full, and the fuel used.
+    async fn call(
+        &self,
+        component: &PreparedComponent,
+        state: TaskState,
+        limits: Limits,
+        deadline: Deadline,
+        interrupt: &CancellationToken,
+    ) -> (TaskState, u64, Call) {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        let fuel_budget = limits.fuel;
-        let _ = store.set_fuel(fuel_budget);
+        let _ = store.set_fuel(limits.fuel);
         let _ = store.fuel_async_yield_interval(Some(FUEL_SLICE));
 
-        let deadline_at = started + deadline;
+        let deadline_at = deadline.at;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline_at {
@@ -236,35 +312,78 @@ impl Sandbox {
             let instance = component.pre.instantiate_async(&mut store).await?;
             instance.call_run(&mut store, &info, &payload).await
         };
-        let timed = tokio::time::timeout(deadline + EPOCH_TICK * 2, call);
-        let finished = tokio::select! {
-            finished = timed => Some(finished),
-            _ = interrupt.cancelled() => None,
+        // The epoch check runs only in wasm code, so a guest blocked in a host call is
+        // stopped by this timeout, two ticks after the deadline.
+        let left = deadline_at.saturating_duration_since(Instant::now());
+        let timed = tokio::time::timeout(left.saturating_add(EPOCH_TICK * 2), call);
+        let call = tokio::select! {
+            finished = timed => match finished {
+                Ok(Ok(returned)) => Call::Returned(returned),
+                Ok(Err(error)) if is_deadline(&error) => Call::PastDeadline(deadline.fault),
+                Ok(Err(error)) => Call::Failed(error),
+                Err(_elapsed) => Call::PastDeadline(deadline.fault),
+            },
+            () = interrupt.cancelled() => Call::Interrupted,
         };
-        let outcome = match finished {
-            Some(Ok(Ok(Ok(result)))) => Outcome::Completed(result),
-            Some(Ok(Ok(Err(error)))) => Outcome::GuestError(error),
-            Some(Ok(Err(error))) => {
-                Outcome::Trapped(classify_trap(&error, &store, &stderr, limits))
-            }
-            Some(Err(_elapsed)) => Outcome::Trapped(FaultKind::Deadline {
-                seconds: limits.timeout_secs,
-            }),
-            None => Outcome::Interrupted,
-        };
-
+        // Read after the call ends, also after a trap or a timeout, so that work done
+        // before them is charged.
         let remaining = store.get_fuel().unwrap_or(0);
-        let state = store.into_data();
-        let task_log = state.log_text(&stdout, &stderr);
-        let output = state.output;
-        AttemptReport {
-            outcome,
-            fuel_used: fuel_budget.saturating_sub(remaining),
-            duration: started.elapsed(),
-            task_log,
-            output,
+        let mut state = store.into_data();
+        state.payload = payload;
+        (state, limits.fuel.saturating_sub(remaining), call)
+    }
+}
+
+/// Outcome of one call of a guest's `run` export.
+enum Call {
+    /// The guest returned its result or its own error value.
+    Returned(Result<String, TaskError>),
+    /// Instantiation or the call failed: a trap, a limit or a full instance pool.
+    Failed(wasmtime::Error),
+    /// The call ran past its deadline, and the fault names the deadline that stopped it.
+    PastDeadline(FaultKind),
+    /// The controller cancelled `TaskContext::interrupt`.
+    Interrupted,
+}
+
+/// The wall-clock limit of one call: the activity's timeout counted from the call's start,
+/// or the task's own deadline when that comes first.
+struct Deadline {
+    at: Instant,
+    /// The fault that a call stopped at `at` reports.
+    fault: FaultKind,
+}
+
+impl Deadline {
+    fn of_call(limits: Limits, task_deadline: Option<Instant>) -> Deadline {
+        let timeout_at = instant_after(Duration::from_secs(limits.timeout_secs.max(1)));
+        match task_deadline {
+            Some(at) if at < timeout_at => Deadline {
+                at,
+                fault: FaultKind::TaskDeadline,
+            },
+            _ => Deadline {
+                at: timeout_at,
+                fault: FaultKind::Deadline {
+                    seconds: limits.timeout_secs,
+                },
+            },
         }
     }
+}
+
+/// Returns true when the epoch check stopped a call at its deadline.
+fn is_deadline(error: &wasmtime::Error) -> bool {
+    error.downcast_ref::<DeadlineExceeded>().is_some()
+        || matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt))
+}
+
+/// Returns true when an instantiation failed because the pooling allocator had no free
+/// slot for an instance, a memory, a table or a stack.
+fn is_pool_full(error: &wasmtime::Error) -> bool {
+    error
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
 }
 
 /// A component compiled and linked, ready to instantiate for each attempt.
@@ -294,6 +413,9 @@ pub struct TaskContext {
     pub progress: Arc<Mutex<Option<(u8, String)>>>,
     /// Bytes written to the output blob so far.
     pub output_written: Arc<AtomicU64>,
+    /// The task's own deadline on this host's monotonic clock. The attempt stops there,
+    /// to within two epoch ticks, when that comes before the activity's timeout.
+    pub deadline: Option<Instant>,
 }
 
 /// Per-store state: the task's own data and the WASI context with nothing granted.
@@ -387,13 +509,30 @@ pub enum Outcome {
 /// Cause of a stopped attempt.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FaultKind {
-    OutOfFuel { fuel: u64 },
-    Deadline { seconds: u64 },
-    Memory { limit_mib: u64 },
-    StackOverflow { limit_bytes: usize },
-    Panic { message: String },
-    Trap { message: String },
-    Host { message: String },
+    OutOfFuel {
+        fuel: u64,
+    },
+    /// The activity's timeout, in whole seconds, ended the attempt.
+    Deadline {
+        seconds: u64,
+    },
+    /// The task's own deadline ended the attempt before the activity's timeout.
+    TaskDeadline,
+    Memory {
+        limit_mib: u64,
+    },
+    StackOverflow {
+        limit_bytes: usize,
+    },
+    Panic {
+        message: String,
+    },
+    Trap {
+        message: String,
+    },
+    Host {
+        message: String,
+    },
 }
 
 impl FaultKind {
@@ -406,6 +545,7 @@ impl FaultKind {
             FaultKind::Deadline { seconds } => format!(
                 "deadline exceeded: the attempt ran longer than {seconds} s (limit `timeout`, set with `bgw register --timeout`)"
             ),
+            FaultKind::TaskDeadline => "deadline exceeded: the task's own deadline (set with `bgw submit --deadline`) passed while the attempt ran".to_owned(),
             FaultKind::Memory { limit_mib } => format!(
                 "memory limit exceeded: the guest tried to grow its memory past {limit_mib} MiB (limit `memory`, set with `bgw register --memory`)"
             ),
@@ -418,9 +558,10 @@ impl FaultKind {
         }
     }
 
-    /// Returns true when another attempt might succeed.
+    /// Returns true when another attempt might succeed. After the task's own deadline,
+    /// none may start.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, FaultKind::Host { .. })
+        !matches!(self, FaultKind::Host { .. } | FaultKind::TaskDeadline)
     }
 }
 
@@ -448,30 +589,20 @@ impl std::error::Error for DeadlineExceeded {}
 
 fn classify_trap(
     error: &wasmtime::Error,
-    store: &Store<TaskState>,
+    state: &TaskState,
     stderr: &BoundedText,
     limits: Limits,
 ) -> FaultKind {
-    if error.downcast_ref::<DeadlineExceeded>().is_some() {
-        return FaultKind::Deadline {
-            seconds: limits.timeout_secs,
-        };
-    }
     if let Some(trap) = error.downcast_ref::<Trap>() {
         match trap {
             Trap::OutOfFuel => return FaultKind::OutOfFuel { fuel: limits.fuel },
             Trap::StackOverflow => {
                 return FaultKind::StackOverflow {
-                    limit_bytes: store.data().stack_limit,
-                }
-            }
-            Trap::Interrupt => {
-                return FaultKind::Deadline {
-                    seconds: limits.timeout_secs,
+                    limit_bytes: state.stack_limit,
                 }
             }
             Trap::UnreachableCodeReached => {
-                if let Some(message) = panic_message(&stderr.text(), &store.data().log.text()) {
+                if let Some(message) = panic_message(&stderr.text(), &state.log.text()) {
                     return FaultKind::Panic { message };
                 }
             }
@@ -485,10 +616,10 @@ fn classify_trap(
     let text = format!("{error:#}");
     if text.contains("forcing trap when growing memory") {
         return FaultKind::Memory {
-            limit_mib: store.data().memory_cap / (1024 * 1024),
+            limit_mib: state.memory_cap / (1024 * 1024),
         };
     }
-    if let Some(message) = panic_message(&stderr.text(), &store.data().log.text()) {
+    if let Some(message) = panic_message(&stderr.text(), &state.log.text()) {
         return FaultKind::Panic { message };
     }
     FaultKind::Trap { message: text }

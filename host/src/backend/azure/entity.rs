@@ -92,6 +92,7 @@ pub(super) async fn to_entity(
         ("EndTime", record.end_time),
         ("CreatedTime", record.created_time),
         ("DeadlineTime", record.deadline_time),
+        ("ComponentWaitStart", record.component_wait_start),
     ];
     for (name, time) in times {
         if let Some(time) = time {
@@ -322,6 +323,7 @@ pub(super) fn from_entity(entity: &Entity, table: &str) -> Result<TaskRecord> {
         cancel_requested: entity
             .get("CancelRequested")
             .is_some_and(|value| value.as_bool() == Some(true) || value == "true"),
+        component_wait_start: time("ComponentWaitStart"),
         row_key,
     })
 }

@@ -158,11 +158,11 @@ impl Backend for AzureBackend {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
             let write = match found {
-                None => {
-                    let entity = shared.entity_of(&record, Some(lease)).await?;
-                    table::upsert(&shared.active, &entity).await?;
-                    Write::Done(azure_core::Etag::from(String::new()))
-                }
+                // `bgw cancel` ended the CREATED task, for example one waiting for a
+                // component, while this lease held its message. Writing the record back
+                // would put the task in both tables. The message, already hidden for
+                // `delay`, is acknowledged as a duplicate at its next delivery.
+                None => return Ok(Fenced::Written),
                 Some((current, etag)) => {
                     if runs_under_other_message(&current, lease) {
                         return Ok(Fenced::LeaseLost);
@@ -187,6 +187,47 @@ impl Backend for AzureBackend {
         table::upsert(&shared.finished, &entity).await?;
         table::delete(&shared.active, &record.partition_key, &record.row_key, None).await?;
         Ok(())
+    }
+
+    /// Inserts the finished entity, which fails when one exists, then deletes the active
+    /// entity if it is unchanged since it was read (`If-Match`). When another writer changed
+    /// it in between, for example a daemon that began an attempt, the finished entity is
+    /// deleted again, with its own ETag, and the task is read again.
+    async fn end_unstarted(
+        &self,
+        resource_id: &str,
+        task_id: &str,
+        status: Status,
+        error_message: &str,
+    ) -> Result<bool> {
+        let shared = self.ready().await?;
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let Some((entity, etag)) = table::get(&shared.active, resource_id, task_id).await?
+            else {
+                return Ok(false);
+            };
+            let mut record = shared.read_record(&shared.active_name, entity).await?;
+            if record.status != Status::Created {
+                return Ok(false);
+            }
+            record.status = status;
+            record.error_message = Some(error_message.to_owned());
+            record.set_end_time_now();
+            let finished = shared.entity_of(&record, None).await?;
+            let Write::Done(finished_etag) = table::insert(&shared.finished, &finished).await?
+            else {
+                // Another writer stored the task's outcome first.
+                return Ok(false);
+            };
+            match table::delete(&shared.active, resource_id, task_id, Some(&etag)).await? {
+                Write::Done(_) | Write::NotFound => return Ok(true),
+                Write::Conflict => {
+                    table::delete(&shared.finished, resource_id, task_id, Some(&finished_etag))
+                        .await?;
+                }
+            }
+        }
+        Err(conflict_error(task_id))
     }
 
     fn blobs(&self) -> &dyn BlobStore {
@@ -218,13 +259,23 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
     let finished = shared.entity_of(record, Some(lease)).await?;
 
     let mut moved = false;
-    for _ in 0..MAX_CONFLICT_RETRIES {
+    for pass in 0..MAX_CONFLICT_RETRIES {
         let found = table::get(&shared.active, &record.partition_key, &record.row_key).await?;
         let etag = match found {
             Some((current, _)) if runs_under_other_message(&current, lease) => {
                 return Ok(Fenced::LeaseLost)
             }
             Some((_, etag)) => Some(etag),
+            // Gone before this finish wrote anything: `bgw cancel` ended the CREATED task
+            // while this lease held its message, and the outcome stored first stays.
+            None if pass == 0 && in_finished_table(shared, record).await? => {
+                tracing::info!(
+                    task_id = %record.row_key,
+                    "task already ended while its message was leased: keeping its stored outcome"
+                );
+                shared.delete_message(&held).await?;
+                return Ok(Fenced::Written);
+            }
             None => None,
         };
         table::upsert(&shared.finished, &finished).await?;
@@ -261,6 +312,12 @@ async fn finish_one(shared: &Shared, finish: &Finish) -> Result<Fenced> {
         );
     }
     Ok(Fenced::Written)
+}
+
+/// Returns true when the finished table has a record with the key of `record`.
+async fn in_finished_table(shared: &Shared, record: &TaskRecord) -> Result<bool> {
+    let found = table::get(&shared.finished, &record.partition_key, &record.row_key).await?;
+    Ok(found.is_some())
 }
 
 /// Deletes the hidden message of a submit whose record was not stored. When the delete
@@ -379,6 +436,7 @@ fn mark_running(entity: &mut Entity, lease: &Lease, start: &AttemptStart) -> Res
     set_time(entity, "StartTime", &start.start_time)?;
     remove_property(entity, "EndTime");
     remove_property(entity, "ErrorMessage");
+    remove_property(entity, "ComponentWaitStart");
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use super::entity::{
 use super::store::find_task;
 use super::table;
 use super::{azure_error, concurrently, status_of, AzureBackend, Shared, PAYLOAD_CONTAINER};
-use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
+use crate::backend::{instant_after, DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
 use crate::record::{to_python_json, QueueMessage, Status};
 use crate::{Error, Result};
 
@@ -66,7 +66,7 @@ impl TaskQueue for AzureBackend {
         let shared = self.ready().await?;
         let count = max.min(MAX_MESSAGES_PER_GET) as u8;
         let visibility = whole_seconds(visibility);
-        let held_until = Instant::now() + visibility;
+        let held_until = instant_after(visibility);
         let response = shared
             .queue
             .get_messages()
@@ -209,7 +209,7 @@ impl Shared {
     ) -> Result<Lease> {
         let body = self.fit_message(body).await?;
         // Taken before the request, so it never outlasts the hidden time the service counts.
-        let held_until = Instant::now() + visibility;
+        let held_until = instant_after(visibility);
         let mut builder = self.queue.put_message(body.clone());
         if !visibility.is_zero() {
             builder = builder.visibility_timeout(VisibilityTimeout::new(whole_seconds(visibility)));
@@ -273,7 +273,7 @@ impl Shared {
     ) -> Result<Option<Lease>> {
         let receipt = PopReceipt::new(lease.message_id.clone(), lease.pop_receipt.clone());
         let visibility = whole_seconds(visibility);
-        let held_until = Instant::now() + visibility;
+        let held_until = instant_after(visibility);
         let result = self
             .queue
             .pop_receipt_client(receipt)

@@ -11,7 +11,9 @@ use super::queue::{
     dead_letter, delete_message, fenced, insert_message, lease, lease_holds, release_message,
 };
 use super::schema::TASK_COLUMNS;
-use super::store::{find_task, insert_new_task, move_to_finished, task_from_row, write_task};
+use super::store::{
+    delete_from, find_task, insert_new_task, move_to_finished, task_from_row, write_task,
+};
 use super::{Shared, SqliteBackend};
 use crate::backend::{
     AttemptStart, Backend, BeginDecision, BegunAttempt, BlobStore, ComponentRegistry, Fenced,
@@ -100,6 +102,12 @@ impl Backend for SqliteBackend {
                 move_to_finished(connection, shared, &cancelled)?;
                 return Ok(Fenced::Written);
             }
+            if !in_table(connection, &shared.active, &record)? {
+                // `bgw cancel` ended the CREATED task, for example one waiting for a
+                // component, while this lease held its message. Writing the record back
+                // would put the task in both tables, so the message is acknowledged.
+                return Ok(fenced(delete_message(connection, &shared.queue, &lease)?));
+            }
             if !release_message(connection, &shared.queue, &lease, delay)? {
                 return Ok(Fenced::LeaseLost);
             }
@@ -167,6 +175,29 @@ impl Backend for SqliteBackend {
         let record = record.clone();
         self.write(move |shared, connection| move_to_finished(connection, shared, &record))
             .await
+    }
+
+    async fn end_unstarted(
+        &self,
+        resource_id: &str,
+        task_id: &str,
+        status: Status,
+        error_message: &str,
+    ) -> Result<bool> {
+        let (resource_id, task_id) = (resource_id.to_owned(), task_id.to_owned());
+        let error_message = error_message.to_owned();
+        self.write(move |shared, connection| {
+            let found = find_task(connection, &shared.active, Some(&resource_id), &task_id)?;
+            let Some(mut record) = found.filter(|record| record.status == Status::Created) else {
+                return Ok(false);
+            };
+            record.status = status;
+            record.error_message = Some(error_message.clone());
+            record.set_end_time_now();
+            move_to_finished(connection, shared, &record)?;
+            Ok(true)
+        })
+        .await
     }
 
     fn blobs(&self) -> &dyn BlobStore {
@@ -250,7 +281,8 @@ fn begin_attempt(
 fn mark_running(connection: &Connection, shared: &Shared, start: &AttemptStart) -> Result<()> {
     let sql = format!(
         "UPDATE {} SET status = ?1, start_time = ?2, attempt = ?3, component_digest = ?4,
-             component_version = ?5, host_id = ?6, end_time = NULL, error_message = NULL
+             component_version = ?5, host_id = ?6, end_time = NULL, error_message = NULL,
+             component_wait_start = NULL
          WHERE resource_id = ?7 AND row_key = ?8",
         shared.active
     );
@@ -317,7 +349,24 @@ fn finish_one(connection: &Connection, shared: &Shared, finish: &Finish) -> Resu
     if removed == Fenced::LeaseLost {
         return Ok(Fenced::LeaseLost);
     }
-    move_to_finished(connection, shared, &finish.record)?;
+    let record = &finish.record;
+    // Deleting the active record first returns, at no extra cost, whether it was still
+    // there. A task whose record left the active table while this lease held its message,
+    // because `bgw cancel` ended it CREATED, keeps the outcome stored first.
+    let was_active = delete_from(
+        connection,
+        &shared.active,
+        &record.partition_key,
+        &record.row_key,
+    )?;
+    if !was_active && in_table(connection, &shared.finished, record)? {
+        tracing::info!(
+            task_id = %record.row_key,
+            "task already ended while its message was leased: keeping its stored outcome"
+        );
+        return Ok(Fenced::Written);
+    }
+    write_task(connection, &shared.finished, record, true)?;
     Ok(Fenced::Written)
 }
 
@@ -336,6 +385,16 @@ fn find_by_idempotency_key(
         }
     }
     Ok(None)
+}
+
+/// Returns true when `table` has a record with the key of `record`.
+fn in_table(connection: &Connection, table: &str, record: &TaskRecord) -> Result<bool> {
+    let sql =
+        format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE resource_id = ?1 AND row_key = ?2)");
+    let exists = connection
+        .prepare_cached(&sql)?
+        .query_row([&record.partition_key, &record.row_key], |row| row.get(0))?;
+    Ok(exists)
 }
 
 /// Returns true when the active record of the task has a cancellation request.

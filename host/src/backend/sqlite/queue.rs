@@ -1,7 +1,7 @@
 //! The queue table, with the semantics of Azure Storage Queues: a lease hides a message
 //! until its visibility time, and only the newest pop receipt can change the message.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::schema::{task_column_names, TASK_COLUMNS};
 use super::{Shared, SqliteBackend};
-use crate::backend::{DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
+use crate::backend::{instant_after, DeadLetter, Fenced, Lease, OutgoingMessage, TaskQueue};
 use crate::record::{QueueMessage, Status};
 use crate::validate::quote;
 use crate::{Error, Result};
@@ -49,7 +49,7 @@ impl TaskQueue for SqliteBackend {
             return Ok(None);
         };
         self.write(move |shared, connection| {
-            let held_until = Instant::now() + visibility;
+            let held_until = instant_after(visibility);
             let visible_at = now_ms().saturating_add(duration_ms(visibility));
             let renewed = connection
                 .prepare_cached(&sql)?
@@ -254,7 +254,7 @@ pub(super) fn lease(
     visibility: Duration,
 ) -> Result<Vec<Lease>> {
     let sql = lease_sql();
-    let held_until = Instant::now() + visibility;
+    let held_until = instant_after(visibility);
     let now = now_ms();
     let visible_at = now.saturating_add(duration_ms(visibility));
     let limit = i64::try_from(max).unwrap_or(i64::MAX);

@@ -26,7 +26,7 @@ pub(super) const PYTHON_COLUMNS: [&str; 12] = [
 ];
 
 /// Columns `bgw` adds after the Python ones, with their types, in this order.
-pub(super) const EXTRA_COLUMNS: [(&str, &str); 15] = [
+pub(super) const EXTRA_COLUMNS: [(&str, &str); 16] = [
     ("attempt", "INTEGER"),
     ("component_digest", "TEXT"),
     ("component_version", "INTEGER"),
@@ -42,19 +42,21 @@ pub(super) const EXTRA_COLUMNS: [(&str, &str); 15] = [
     ("deadline_time", "TEXT"),
     ("idempotency_key", "TEXT"),
     ("cancel_requested", "INTEGER"),
+    ("component_wait_start", "TEXT"),
 ];
 
-/// All 27 task columns in table order, which is also the field order of `TaskRecord`.
+/// All 28 task columns in table order, which is also the field order of `TaskRecord`.
 pub(super) const TASK_COLUMNS: &str = "resource_id, row_key, task_type, status, \
     input_payload, output_payload, start_time, end_time, batch_id, error_message, \
     container_name, blob_name, attempt, component_digest, component_version, fuel_used, \
     progress, progress_message, output_container_name, output_blob_name, task_log, host_id, \
-    created_time, attempt_history, deadline_time, idempotency_key, cancel_requested";
+    created_time, attempt_history, deadline_time, idempotency_key, cancel_requested, \
+    component_wait_start";
 
 /// Number of task columns.
-pub(super) const TASK_COLUMN_COUNT: usize = 27;
+pub(super) const TASK_COLUMN_COUNT: usize = 28;
 
-/// Names of the 27 task columns in table order.
+/// Names of the 28 task columns in table order.
 pub(super) fn task_column_names() -> impl Iterator<Item = &'static str> {
     PYTHON_COLUMNS
         .into_iter()

@@ -236,7 +236,7 @@ pub(super) fn write_task(
     Ok(())
 }
 
-/// `?1, ?2, ..., ?27`: the placeholders of every task column, built once.
+/// `?1, ?2, ..., ?28`: the placeholders of every task column, built once.
 static TASK_PLACEHOLDERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     (1..=TASK_COLUMN_COUNT)
         .map(|index| format!("?{index}"))
@@ -384,6 +384,7 @@ pub(super) fn task_from_row(row: &Row<'_>, table: &str) -> Result<TaskRecord> {
         deadline_time: time(24, "deadline_time")?,
         idempotency_key: text(row, 25)?,
         cancel_requested: integer(row, 26)?.unwrap_or(0) != 0,
+        component_wait_start: time(27, "component_wait_start")?,
         row_key,
     })
 }
@@ -395,6 +396,7 @@ struct OwnedColumns {
     end_time: Option<String>,
     created_time: Option<String>,
     deadline_time: Option<String>,
+    component_wait_start: Option<String>,
     attempt_history: Option<String>,
 }
 
@@ -406,6 +408,7 @@ impl OwnedColumns {
             end_time: time(&record.end_time),
             created_time: time(&record.created_time),
             deadline_time: time(&record.deadline_time),
+            component_wait_start: time(&record.component_wait_start),
             attempt_history: (!record.attempt_history.is_empty()).then(|| {
                 serde_json::to_string(&record.attempt_history).expect("attempt summaries serialize")
             }),
@@ -455,6 +458,7 @@ fn task_values<'a>(
         optional(&owned.deadline_time),
         optional(&record.idempotency_key),
         ToSqlOutput::from(i64::from(record.cancel_requested)),
+        optional(&owned.component_wait_start),
     ]
 }
 

@@ -265,6 +265,22 @@ async fn lease_hides_message_until_visibility_passes() {
 }
 
 #[tokio::test]
+async fn longest_visibility_leases_and_extends() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path());
+    backend.enqueue(&[plain_message("forever")]).await.unwrap();
+
+    let mut leases = backend.lease(1, Duration::MAX).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    let lease = leases.pop().unwrap();
+    assert!(lease.held_until > Instant::now() + Duration::from_secs(3600));
+
+    let extended = backend.extend(&lease, Duration::MAX).await.unwrap();
+    assert!(extended.is_some(), "the lease still holds");
+    assert!(backend.lease(1, VISIBILITY).await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn lease_takes_oldest_first_up_to_max() {
     let dir = tempfile::tempdir().unwrap();
     let backend = open(dir.path());
