@@ -2286,6 +2286,45 @@ fn bulk_submit_wait_prints_each_task() {
     assert_task_named_once(&timed_out.stderr);
 }
 
+/// `submit --count N --wait --wait-timeout T` gives up T seconds after it starts waiting,
+/// not T seconds per task. With one worker, three tasks of 1.5 s each end at about 1.5,
+/// 3 and 4.5 s. A timeout of 2.5 s per task would see all three finish; one timeout for
+/// all of them ends while the second still runs.
+#[test]
+fn bulk_wait_timeout_counts_once_for_all_tasks() {
+    let env = TestEnv::new();
+    env.register("hostile", &guest("hostile"), &[]);
+    let _daemon = env.start_daemon(&["--concurrency", "1"]);
+
+    let started = Instant::now();
+    let timed_out = env.run(&[
+        "submit",
+        "hostile",
+        "--resource",
+        support::DEFAULT_RESOURCE,
+        "--payload",
+        r#"{"mode": "sleep", "ms": 1500}"#,
+        "--count",
+        "3",
+        "--wait",
+        "--wait-timeout",
+        "2.5",
+    ]);
+    let waited = started.elapsed();
+    assert_eq!(timed_out.code(), 4, "{timed_out:?}");
+    assert!(
+        timed_out
+            .stderr
+            .contains("of 3 started tasks not seen finished within the --wait-timeout of 2.5 s"),
+        "{}",
+        timed_out.stderr
+    );
+    assert!(
+        waited < Duration::from_millis(4_000),
+        "the command returned after {waited:?}, not near 2.5 s"
+    );
+}
+
 /// Asserts that an error of `submit --wait-timeout` names the task it waited for once.
 fn assert_task_named_once(stderr: &str) {
     let (_, after) = stderr

@@ -419,17 +419,23 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         return Ok(Finished::Done);
     }
 
-    let timeout = wait_timeout;
+    // One timeout covers all the started tasks. Each wait gets the time that the earlier
+    // ones left, and a task that already finished is still seen when no time is left.
+    let waiting_since = std::time::Instant::now();
     let bar = output::progress_bar(true, task_ids.len() as u64, "waiting");
     let mut records = Vec::with_capacity(task_ids.len());
     for (index, task_id) in task_ids.iter().enumerate() {
+        let timeout = wait_timeout.map(|total| total.saturating_sub(waiting_since.elapsed()));
         let record = client
             .wait(task_id, lookup_resource, timeout)
             .await
             .map_err(|error| {
+                let within = wait_timeout.map_or(String::new(), |total| {
+                    format!(" within the --wait-timeout of {} s", total.as_secs_f64())
+                });
                 let unseen = format!(
-                    "{} of {} started tasks not seen finished; `bgw list --resource {}` lists \
-                     them all",
+                    "{} of {} started tasks not seen finished{within}; `bgw list --resource {}` \
+                     lists them all",
                     task_ids.len() - index,
                     task_ids.len(),
                     args.resource

@@ -226,7 +226,8 @@ struct SubmitArgs {
     /// Wait until every started task has finished, and print the final records
     #[arg(long)]
     wait: bool,
-    /// Give up waiting after this many seconds, from 0 to 2592000 (30 days)
+    /// Give up waiting after this many seconds, counted once for all the started tasks,
+    /// from 0 to 2592000 (30 days)
     #[arg(
         allow_negative_numbers = true,
         long,
