@@ -653,11 +653,17 @@ fn unregister_finishes_running_fails_queued(env: TestEnv) {
 
     let v1 = env.register("sleeper", &guest("hostile"), &[]);
     let v2_file = rebuilt_guest(&env, "hostile", "2");
+    // A daemon leases ahead as many tasks as its slots run in a quarter of the visibility
+    // timeout, and such a task begins its attempt on the version current at its lease. A
+    // quarter of 4 s is shorter than one 2 s task, so no task is leased ahead, and the
+    // tasks beyond the slots are still queued when the type is unregistered.
     let _daemon = env.start_daemon(&[
         "--concurrency",
         &SLOTS.to_string(),
         "--missing-component-grace",
         "2",
+        "--visibility-timeout",
+        "4",
     ]);
     let ids = env.submit_many(
         "sleeper",

@@ -419,13 +419,17 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
         return Ok(Finished::Done);
     }
 
-    // One timeout covers all the started tasks. Each wait gets the time that the earlier
-    // ones left, and a task that already finished is still seen when no time is left.
+    // One timeout covers all the started tasks. The first wait gets all of it and each
+    // later one the time left, and a task that already finished is still seen when no time
+    // is left.
     let waiting_since = std::time::Instant::now();
     let bar = output::progress_bar(true, task_ids.len() as u64, "waiting");
     let mut records = Vec::with_capacity(task_ids.len());
     for (index, task_id) in task_ids.iter().enumerate() {
-        let timeout = wait_timeout.map(|total| total.saturating_sub(waiting_since.elapsed()));
+        let timeout = match index {
+            0 => wait_timeout,
+            _ => wait_timeout.map(|total| total.saturating_sub(waiting_since.elapsed())),
+        };
         let record = client
             .wait(task_id, lookup_resource, timeout)
             .await
