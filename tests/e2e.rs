@@ -913,6 +913,64 @@ fn bad_input_rejected_before_storing(env: TestEnv) {
     );
     assert!(result.stderr.contains(&expected), "{}", result.stderr);
 
+    // Endless files are cut off one byte past their limit, not read into memory, and a
+    // deadline that ends before the delay is rejected.
+    let rejected: [(&str, &[&str], &str); 4] = [
+        (
+            "a payload file",
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "res-1",
+                "--payload",
+                "@/dev/zero",
+            ],
+            "payload file /dev/zero is larger than the maximum of 1048576 bytes (1 MiB)",
+        ),
+        (
+            "a file of payloads",
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "res-1",
+                "--payloads",
+                "/dev/zero",
+            ],
+            "invalid payload on line 1 of /dev/zero: it is longer than the maximum of 1048576 \
+             bytes (1 MiB)",
+        ),
+        (
+            "a component",
+            &["register", "endless", "/dev/zero"],
+            "component /dev/zero is larger than the maximum of 134217728 bytes (128 MiB)",
+        ),
+        (
+            "a deadline before the delay ends",
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "res-1",
+                "--delay",
+                "5",
+                "--deadline",
+                "2",
+            ],
+            "invalid --deadline 2: the task may not start until 5.000 s from now",
+        ),
+    ];
+    for (what, args, expected) in rejected {
+        let result = env.run(args);
+        assert_eq!(result.code(), 2, "{what}: {result:?}");
+        assert!(
+            result.stderr.contains(expected),
+            "{what}: stderr lacks {expected:?}: {}",
+            result.stderr
+        );
+    }
+
     // Every submit was rejected before the store was opened. On SQLite there is no
     // database file at all; on Azure the tables and the queue hold nothing.
     if env.is_azure() {

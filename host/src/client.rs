@@ -272,6 +272,20 @@ impl WorkflowClient {
             validate::idempotency_key(key)?;
         }
 
+        if let Some(deadline) = options.deadline {
+            let delay =
+                chrono::TimeDelta::from_std(options.delay).unwrap_or(chrono::TimeDelta::MAX);
+            let earliest = chrono::Utc::now().checked_add_signed(delay);
+            if earliest.is_none_or(|earliest| deadline <= earliest) {
+                return Err(Error::Invalid(format!(
+                    "invalid deadline {}: the task may not start until {:.3} s from now, so a \
+                     deadline before then would end it without a run",
+                    crate::record::format_time(&deadline),
+                    options.delay.as_secs_f64()
+                )));
+            }
+        }
+
         let task_id = uuid::Uuid::now_v7().to_string();
         let mut record = TaskRecord::new(&task_id, resource_id, activity_type, &payload_text);
         record.idempotency_key = options.idempotency_key.clone();

@@ -511,12 +511,37 @@ impl Controller {
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
         let waiting_since = std::time::Instant::now();
-        let Some(slot) = self.slot_holding_lease(&current_lease).await else {
-            return Ok(());
+        let slot = match self.slot_holding_lease(&current_lease, deadline).await {
+            SlotWait::Slot(slot) => Some(slot),
+            SlotWait::LeaseLost => return Ok(()),
+            SlotWait::DeadlinePassed => None,
         };
         // The attempt of a task leased ahead began before it had a slot, so `bgw cancel`
         // only flagged it. The keep-alive reads the flag every CANCEL_POLL while the guest
         // runs, so only a task that waited at least that long pays for a read here.
+        let slot = match slot {
+            Some(slot) if deadline.is_none_or(|at| std::time::Instant::now() < at) => slot,
+            // The deadline was checked before the wait for a slot, and a task leased ahead
+            // can wait past it.
+            _ => {
+                let lease = current_lease
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let reason = format!(
+                    "task deadline {} passed while the task waited for a worker slot",
+                    record
+                        .deadline_time
+                        .as_ref()
+                        .map(format_time)
+                        .unwrap_or_default()
+                );
+                tracing::warn!(%reason, "task failed before its guest ran");
+                record.start_time = None;
+                record.fuel_used = None;
+                return self.end_with_error(lease, record, reason).await;
+            }
+        };
         if waiting_since.elapsed() >= CANCEL_POLL && self.cancel_requested(&record).await {
             drop(slot);
             let lease = current_lease
@@ -616,12 +641,32 @@ impl Controller {
         let retry = &component.version.limits.retry;
         let counted = counted_attempts(&record);
         let attempt = describe_attempt(&record, retry.max_attempts);
-        let deadline_passed = record
+        let mut retryable_error = record.status == Status::Error && retryable;
+        let attempts_left = counted < retry.max_attempts;
+        let delay = retry.delay_before(counted + 1);
+        // No retry is made that would start after the task's deadline: the task ends now,
+        // with this attempt's error, rather than later without a run. Without attempts
+        // left, a passed deadline also keeps the message out of the dead letters.
+        let retry_at = match attempts_left {
+            true => Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default(),
+            false => Utc::now(),
+        };
+        let deadline_first = record
             .deadline_time
-            .is_some_and(|deadline| deadline <= Utc::now());
-        let retryable_error = record.status == Status::Error && retryable && !deadline_passed;
+            .filter(|deadline| retryable_error && *deadline <= retry_at);
+        if let Some(deadline) = deadline_first {
+            retryable_error = false;
+            if attempts_left {
+                let error = record.error_message.take().unwrap_or_default();
+                record.error_message = Some(format!(
+                    "{attempt} failed, and a retry in {:.1} s would start after the task \
+                     deadline {}: {error}",
+                    delay.as_secs_f64(),
+                    format_time(&deadline)
+                ));
+            }
+        }
         if retryable_error && counted < retry.max_attempts {
-            let delay = retry.delay_before(counted + 1);
             let error = record.error_message.take().unwrap_or_default();
             tracing::warn!(
                 fuel_used = report.fuel_used,
@@ -897,18 +942,27 @@ impl Controller {
 
     /// Waits for a worker slot and extends the lease every third of the visibility timeout
     /// meanwhile. A task leased ahead can wait longer than the lease when the tasks before
-    /// it run longer than the daemon expected. Returns `None` when the lease was lost while
-    /// the task waited: another delivery owns the task then.
-    async fn slot_holding_lease(&self, lease: &Mutex<Lease>) -> Option<OwnedSemaphorePermit> {
+    /// it run longer than the daemon expected. The wait also ends when the lease is lost,
+    /// because another delivery owns the task then, or when `deadline` passes.
+    async fn slot_holding_lease(
+        &self,
+        lease: &Mutex<Lease>,
+        deadline: Option<std::time::Instant>,
+    ) -> SlotWait {
         let visibility = self.options.visibility_timeout;
         let renew_every = (visibility / 3).max(CANCEL_POLL);
+        let deadline_at =
+            tokio::time::Instant::from_std(deadline.unwrap_or_else(std::time::Instant::now));
         // Pinned once, so that the task keeps its place in the slot queue across renewals.
         let acquire = self.pipeline.execution_slot();
         tokio::pin!(acquire);
         loop {
             tokio::select! {
                 biased;
-                slot = &mut acquire => return Some(slot),
+                slot = &mut acquire => return SlotWait::Slot(slot),
+                () = tokio::time::sleep_until(deadline_at), if deadline.is_some() => {
+                    return SlotWait::DeadlinePassed;
+                }
                 () = tokio::time::sleep(renew_every) => {}
             }
             let held = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -916,7 +970,7 @@ impl Controller {
                 Ok(Some(renewed)) => *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed,
                 Ok(None) => {
                     tracing::warn!("lease lost while the task waited for a worker slot: another worker has the task");
-                    return None;
+                    return SlotWait::LeaseLost;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "failed to extend the lease of a task waiting for a worker slot")
@@ -1099,6 +1153,16 @@ impl Pipeline {
         };
         self.average_run_us.store(next, Ordering::Relaxed);
     }
+}
+
+/// Outcome of a task's wait for a worker slot.
+enum SlotWait {
+    /// The task has a slot and may run its guest.
+    Slot(OwnedSemaphorePermit),
+    /// Another delivery took over the task's message while it waited.
+    LeaseLost,
+    /// The task's deadline passed while it waited.
+    DeadlinePassed,
 }
 
 /// Most leased tasks a daemon holds beyond its worker slots. Four leases of [`MAX_BATCH`]

@@ -187,6 +187,21 @@ impl TaskRecord {
         self.end_time = Some(self.start_time.map_or(now, |start| start.max(now)));
     }
 
+    /// Ends a CREATED task CANCELLED: one still queued, or one waiting for a retry. The
+    /// error message names how many attempts already ran.
+    pub fn cancel_unstarted(&mut self) {
+        self.status = Status::Cancelled;
+        self.set_end_time_now();
+        let ran = self.attempt_history.len();
+        self.error_message = Some(match ran {
+            0 => "cancelled before it started".to_owned(),
+            _ => format!(
+                "cancelled while it waited for a retry, after {ran} attempt{}",
+                if ran == 1 { "" } else { "s" }
+            ),
+        });
+    }
+
     /// Checks that `request`, a new task with this record's idempotency key, has the same
     /// activity type, resource id and payload, where payloads compare as JSON values.
     /// Returns [`Error::IdempotencyConflict`](crate::Error) otherwise.
@@ -484,6 +499,29 @@ pub mod required_time {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_message_names_attempts_run() {
+        let mut queued = TaskRecord::new("t", "r", "a", "{}");
+        queued.cancel_unstarted();
+        assert_eq!(queued.status, Status::Cancelled);
+        assert!(queued.end_time.is_some());
+        assert_eq!(
+            queued.error_message.as_deref(),
+            Some("cancelled before it started")
+        );
+
+        let mut retrying = TaskRecord::new("t", "r", "a", "{}");
+        for attempt in 1..=2 {
+            retrying.attempt = attempt;
+            retrying.attempt_history.push(retrying.current_attempt());
+        }
+        retrying.cancel_unstarted();
+        assert_eq!(
+            retrying.error_message.as_deref(),
+            Some("cancelled while it waited for a retry, after 2 attempts")
+        );
+    }
 
     #[test]
     fn task_key_of_reads_json_and_base64_bodies() {

@@ -32,6 +32,12 @@ pub async fn register(
 ) -> Result<ComponentVersion> {
     validate::activity_type(activity_type)?;
     check_limits(&limits)?;
+    if wasm.len() > MAX_COMPONENT_BYTES {
+        return Err(Error::Invalid(format!(
+            "component is {} bytes; the maximum is {MAX_COMPONENT_BYTES} bytes (128 MiB)",
+            wasm.len()
+        )));
+    }
     let digest = digest_of(wasm);
     let (_, artifact) = sandbox.compile(wasm).map_err(Error::Component)?;
     registry
@@ -45,6 +51,11 @@ pub async fn register(
         )
         .await
 }
+
+/// Largest `.wasm` file a registration accepts: 128 MiB. Every daemon compiles it and
+/// keeps it in memory, and the largest components built from whole language runtimes are
+/// tens of MiB.
+pub const MAX_COMPONENT_BYTES: usize = 128 * 1024 * 1024;
 
 /// Largest fuel budget. The stores keep limits as signed 64-bit integers.
 pub const MAX_FUEL: u64 = i64::MAX as u64;

@@ -1,6 +1,6 @@
 //! The commands behind the CLI.
 
-use std::io::IsTerminal;
+use std::io::{BufRead, IsTerminal, Read};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +12,13 @@ use bgw::config::{Overrides, Settings};
 use bgw::daemon::DaemonOptions;
 use bgw::record::{Status, TaskRecord};
 use bgw::sandbox::{EngineSettings, Sandbox};
+use bgw::validate::MAX_PAYLOAD_BYTES;
 
 use super::output::{self, outln};
 use super::{
     ActivitiesArgs, Cli, Command, DaemonArgs, Finished, GlobalArgs, ListArgs, PruneArgs,
     RegisterArgs, RequeueArgs, ResultArgs, RollbackArgs, SubmitArgs, TaskArgs, UnregisterArgs,
-    WaitArgs,
+    WaitArgs, MAX_SUBMIT_COUNT,
 };
 
 /// An error in how the command was called, reported with exit code 2.
@@ -156,8 +157,7 @@ async fn shutdown_signal() {
 }
 
 async fn register(settings: &Settings, args: RegisterArgs, json: bool) -> Result<Finished> {
-    let wasm = std::fs::read(&args.file)
-        .with_context(|| format!("failed to read {}", args.file.display()))?;
+    let wasm = read_at_most(&args.file, bgw::registry::MAX_COMPONENT_BYTES, "component")?;
 
     let defaults = settings.limits;
     let limits = Limits {
@@ -313,6 +313,17 @@ async fn submit(settings: &Settings, args: SubmitArgs, json: bool) -> Result<Fin
             None => None,
         },
     };
+    let deadline_first = args
+        .deadline
+        .filter(|secs| Duration::from_secs_f64(*secs) <= options.delay);
+    if let Some(secs) = deadline_first {
+        return Err(UsageError(format!(
+            "invalid --deadline {secs}: the task may not start until {:.3} s from now \
+             (--delay or --at), so a deadline before then would end it without a run",
+            options.delay.as_secs_f64()
+        ))
+        .into());
+    }
     if let Some(path) = &args.blob {
         // Fails before any task starts. Each task opens the file again to store its blob.
         let file = std::fs::File::open(path)
@@ -681,25 +692,79 @@ impl Payloads {
     }
 }
 
+/// Reads a whole file of at most `limit` bytes. The read stops one byte past the limit,
+/// so a huge or endless file such as `/dev/zero` fails at once instead of filling memory.
+fn read_at_most(path: &Path, limit: usize, label: &str) -> Result<Vec<u8>> {
+    let failed = || format!("failed to read {label} {}", path.display());
+    let file = std::fs::File::open(path).with_context(failed)?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(failed)?;
+    if bytes.len() > limit {
+        return Err(UsageError(format!(
+            "{label} {} is larger than the maximum of {limit} bytes ({} MiB)",
+            path.display(),
+            limit / (1024 * 1024)
+        ))
+        .into());
+    }
+    Ok(bytes)
+}
+
+/// Reads a file of payloads, one JSON object per line, and checks each. Lines are read one
+/// at a time, and none may pass the payload limit, so an endless line fails at once.
+fn read_payload_lines(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let failed = || format!("failed to read payload file {}", path.display());
+    let file = std::fs::File::open(path).with_context(failed)?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut lines = Vec::new();
+    let mut number = 0u64;
+    loop {
+        let mut line = Vec::new();
+        let read = (&mut reader)
+            .take(MAX_PAYLOAD_BYTES as u64 + 2)
+            .read_until(b'\n', &mut line)
+            .with_context(failed)?;
+        if read == 0 {
+            return Ok(lines);
+        }
+        number += 1;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > MAX_PAYLOAD_BYTES {
+            return Err(UsageError(format!(
+                "invalid payload on line {number} of {}: it is longer than the maximum of \
+                 {MAX_PAYLOAD_BYTES} bytes (1 MiB); no task was started",
+                path.display()
+            ))
+            .into());
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        bgw::validate::payload(&line).map_err(|error| {
+            UsageError(format!(
+                "invalid payload on line {number} of {}: {error}; no task was started",
+                path.display()
+            ))
+        })?;
+        if lines.len() as u64 == MAX_SUBMIT_COUNT {
+            return Err(UsageError(format!(
+                "payload file {} has more than {MAX_SUBMIT_COUNT} payloads, the most one \
+                 submit starts; no task was started",
+                path.display()
+            ))
+            .into());
+        }
+        lines.push(line);
+    }
+}
+
 /// Reads the payloads and checks every one before any task is started.
 fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
     if let Some(path) = &args.payloads {
-        let text = std::fs::read(path)
-            .with_context(|| format!("failed to read payload file {}", path.display()))?;
-        let mut lines = Vec::new();
-        for (number, line) in text.split(|&byte| byte == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            bgw::validate::payload(line).map_err(|error| {
-                UsageError(format!(
-                    "invalid payload on line {} of {}: {error}; no task was started",
-                    number + 1,
-                    path.display()
-                ))
-            })?;
-            lines.push(line.to_vec());
-        }
+        let lines = read_payload_lines(path)?;
         if lines.is_empty() {
             return Err(
                 UsageError(format!("payload file {} has no payloads", path.display())).into(),
@@ -708,9 +773,7 @@ fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
         return Ok(Payloads::Lines(lines));
     }
     let payload = match args.payload.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("failed to read payload file {path}"))?
-        }
+        Some(path) => read_at_most(Path::new(path), MAX_PAYLOAD_BYTES, "payload file")?,
         None => args.payload.clone().into_bytes(),
     };
     bgw::validate::payload(&payload).map_err(usage)?;

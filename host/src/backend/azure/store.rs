@@ -257,9 +257,7 @@ async fn try_cancel(
     // Queued or waiting for a retry: it never starts again. Its message is acknowledged
     // as a duplicate delivery when it is next leased. The finished entity is written
     // first, so that a crash in between leaves the task in both tables, not in neither.
-    record.status = Status::Cancelled;
-    record.set_end_time_now();
-    record.error_message = Some("cancelled before it started".to_owned());
+    record.cancel_unstarted();
     let finished = shared.entity_of(&record, None).await?;
     table::upsert(&shared.finished, &finished).await?;
     match table::delete(&shared.active, &partition_key, &row_key, Some(&etag)).await? {

@@ -103,9 +103,7 @@ impl TaskStore for SqliteBackend {
                 }
                 // Queued or waiting for a retry: it never starts again. Its message is
                 // acknowledged as a duplicate delivery when it is next leased.
-                record.status = Status::Cancelled;
-                record.set_end_time_now();
-                record.error_message = Some("cancelled before it started".to_owned());
+                record.cancel_unstarted();
                 move_to_finished(connection, shared, &record)?;
                 return Ok(CancelOutcome::Cancelled);
             }
