@@ -1219,7 +1219,7 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
     }
 
     let long_key = "k".repeat(300);
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (&["submit", "multiply"], "--resource"),
         (&["register", "multiply"], "<FILE>"),
@@ -1235,6 +1235,18 @@ fn usage_errors_exit_with_code_2(env: TestEnv) {
             "invalid --delay -5: it must be between 0 and",
         ),
         (&["prune", "--older-than", "-1"], "invalid --older-than -1"),
+        (
+            &[
+                "submit",
+                "multiply",
+                "--resource",
+                "r",
+                "--deadline",
+                "0x10",
+            ],
+            "'--deadline <SECS>': it must be a decimal number of seconds, such as 1.5, more \
+             than 0 and at most 2592000",
+        ),
         (
             &[
                 "submit",

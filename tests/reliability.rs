@@ -609,20 +609,21 @@ fn poison_messages_dead_lettered_healthy_completes(env: TestEnv) {
         unknown.stderr
     );
     assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
-    let malformed_id = env.run(&["requeue", "abc"]);
-    assert_eq!(
-        malformed_id.code(),
-        2,
-        "requeue of a malformed id is bad usage: {}",
-        malformed_id.stderr
-    );
-    assert!(
-        malformed_id
-            .stderr
-            .contains("invalid dead letter id \"abc\""),
-        "{}",
-        malformed_id.stderr
-    );
+    for malformed in ["abc", "-1"] {
+        let malformed_id = env.run(&["requeue", "--", malformed]);
+        assert_eq!(
+            malformed_id.code(),
+            2,
+            "requeue of the malformed id {malformed} is bad usage: {}",
+            malformed_id.stderr
+        );
+        let expected = format!("invalid dead letter id \"{malformed}\"");
+        assert!(
+            malformed_id.stderr.contains(&expected),
+            "{}",
+            malformed_id.stderr
+        );
+    }
 
     assert!(
         daemon.is_alive(),

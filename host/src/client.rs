@@ -335,8 +335,8 @@ impl WorkflowClient {
             if data.read > data.limit {
                 return Err(Error::Invalid(format!(
                     "input blob exceeds the limit of {} bytes: the copy stopped after {} \
-                     bytes and nothing was stored (submit.max_input_blob_bytes in bgw.toml \
-                     sets the limit)",
+                     bytes and nothing was stored (submit.max_input_blob_bytes in the \
+                     configuration file sets the limit)",
                     data.limit, data.read
                 )));
             }

@@ -154,10 +154,10 @@ struct RegisterArgs {
     max_attempts: Option<u32>,
     /// Delay before the first retry in seconds, doubled for each later one, with jitter,
     /// from 0 to 86400 and at most --max-backoff [default: 1]
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = decimal("seconds", "from 0 to 86400"))]
     backoff: Option<f64>,
     /// Maximum delay between attempts, in seconds, from 0 to 86400 [default: 60]
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = decimal("seconds", "from 0 to 86400"))]
     max_backoff: Option<f64>,
 }
 
@@ -209,15 +209,14 @@ struct SubmitArgs {
         allow_negative_numbers = true,
         long,
         value_name = "SECS",
-        conflicts_with = "at"
-    )]
+        conflicts_with = "at", value_parser = decimal("seconds", "from 0 to 2592000"))]
     delay: Option<f64>,
     /// Time before which the task may not start, in RFC 3339 (2026-12-24T18:00:00Z)
     #[arg(long, value_name = "TIME")]
     at: Option<String>,
     /// Seconds from now after which the task must not start or go on running, more than 0
     /// and at most 2592000 (30 days)
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = decimal("seconds", "more than 0 and at most 2592000"))]
     deadline: Option<f64>,
     /// Key that makes a retried submit return the task the first submit created, 1 to 256
     /// bytes
@@ -232,8 +231,7 @@ struct SubmitArgs {
         allow_negative_numbers = true,
         long,
         value_name = "SECS",
-        requires = "wait"
-    )]
+        requires = "wait", value_parser = decimal("seconds", "from 0 to 2592000"))]
     wait_timeout: Option<f64>,
 }
 
@@ -251,7 +249,7 @@ struct WaitArgs {
     #[command(flatten)]
     task: TaskArgs,
     /// Give up after this many seconds, from 0 to 2592000 (30 days)
-    #[arg(allow_negative_numbers = true, long, value_name = "SECS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "SECS", value_parser = decimal("seconds", "from 0 to 2592000"))]
     timeout: Option<f64>,
 }
 
@@ -289,7 +287,7 @@ struct ListArgs {
 #[derive(Args, Debug)]
 struct PruneArgs {
     /// Delete finished tasks whose EndTime is more than this many days ago, from 0 to 36500
-    #[arg(allow_negative_numbers = true, long, value_name = "DAYS")]
+    #[arg(allow_negative_numbers = true, long, value_name = "DAYS", value_parser = decimal("days", "from 0 to 36500"))]
     older_than: f64,
 }
 
@@ -308,6 +306,20 @@ where
     move |text: &str| match text.parse::<T>() {
         Ok(value) if min <= value && value <= max => Ok(value),
         _ => Err(format!("it must be a whole number from {min} to {max}")),
+    }
+}
+
+/// Returns a parser of a decimal number of `unit` whose error, for text that is not a
+/// number, names the range that the command checks after parsing.
+fn decimal(
+    unit: &'static str,
+    range: &'static str,
+) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync {
+    move |text: &str| match text.parse::<f64>() {
+        Ok(value) if value.is_finite() => Ok(value),
+        _ => Err(format!(
+            "it must be a decimal number of {unit}, such as 1.5, {range}"
+        )),
     }
 }
 

@@ -129,9 +129,9 @@ impl TaskQueue for SqliteBackend {
     }
 
     async fn requeue_dead_letter(&self, id: &str) -> Result<bool> {
-        let Ok(id) = id.parse::<i64>() else {
+        let Some(id) = id.parse::<i64>().ok().filter(|id| *id > 0) else {
             return Err(Error::Invalid(format!(
-                "invalid dead letter id {}: on SQLite it is a whole number, as `bgw \
+                "invalid dead letter id {}: on SQLite it is a whole number from 1, as `bgw \
                  dead-letters` lists it",
                 quote(id)
             )));
