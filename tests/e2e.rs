@@ -2399,6 +2399,19 @@ fn bulk_wait_timeout_counts_once_for_all_tasks() {
         waited < Duration::from_millis(4_000),
         "the command returned after {waited:?}, not near 2.5 s"
     );
+    let (_, after) = timed_out
+        .stderr
+        .split_once("timed out after ")
+        .expect("the error says how long the last wait took");
+    let seconds = after.split(' ').next().unwrap_or_default();
+    let decimals = seconds
+        .split_once('.')
+        .map_or(0, |(_, fraction)| fraction.len());
+    assert!(
+        decimals <= 3,
+        "the time is rounded to milliseconds: {}",
+        timed_out.stderr
+    );
 }
 
 /// Asserts that an error of `submit --wait-timeout` names the task it waited for once.

@@ -1195,9 +1195,10 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
         &guest("hostile"),
         &["--max-attempts", "5", "--backoff", "4"],
     );
-    // Its deadline passes before any daemon runs.
-    let late = env.submit("hostile", r#"{"mode": "echo"}"#, &["--deadline", "0.3"]);
-    std::thread::sleep(Duration::from_millis(500));
+    // Its deadline passes before any daemon runs. A deadline that short is accepted: only
+    // one that comes before a delay ends is rejected.
+    let late = env.submit("hostile", r#"{"mode": "echo"}"#, &["--deadline", "0.001"]);
+    std::thread::sleep(Duration::from_millis(100));
     let _daemon = env.start_daemon(&["--concurrency", "3"]);
 
     let running = env.submit(
@@ -1284,20 +1285,25 @@ fn deadlines_end_tasks_with_reason(env: TestEnv) {
     );
 }
 
-/// A task leased ahead waits for the only worker slot while its deadline passes. Its
-/// attempt began before it had the slot, and it must end ERROR at its deadline without
-/// running its guest, not run once the slot is free.
+/// Tasks leased ahead wait for the only worker slot while their deadlines pass. Their
+/// attempts began before they had the slot. Each must end at its deadline without running
+/// its guest, not run once the slot is free: ERROR, or CANCELLED when a cancellation was
+/// requested during the wait.
 fn deadline_passes_while_waiting_for_slot(env: TestEnv) {
     env.register("hostile", &guest("hostile"), &[]);
     let _daemon = env.start_daemon(&["--concurrency", "1"]);
-    // The daemon leases ahead only once it has stored an outcome and measured a run.
-    let warm_up = env.submit("hostile", r#"{"mode": "echo"}"#, &[]);
-    env.wait_for_status(&warm_up, "COMPLETED", TASK_TIMEOUT);
+    // The daemon leases ahead only once it has measured runs, and no more tasks than it
+    // stored outcomes for recently.
+    let warm_up = env.submit_many("hostile", r#"{"mode": "echo"}"#, &["--count", "4"]);
+    env.wait_all(&warm_up, TASK_TIMEOUT);
 
     let blocker = env.submit("hostile", r#"{"mode": "sleep", "ms": 5000}"#, &[]);
     env.wait_for_status(&blocker, "RUNNING", TASK_TIMEOUT);
     let waiting = env.submit("hostile", r#"{"mode": "echo"}"#, &["--deadline", "1.5"]);
+    let cancelled = env.submit("hostile", r#"{"mode": "echo"}"#, &["--deadline", "2.5"]);
     env.wait_for_status(&waiting, "RUNNING", TASK_TIMEOUT);
+    env.wait_for_status(&cancelled, "RUNNING", TASK_TIMEOUT);
+    env.run_ok(&["cancel", &cancelled]);
     let record = env.wait_for_status(&waiting, "ERROR", TASK_TIMEOUT);
 
     assert_ended_with(
@@ -1315,10 +1321,18 @@ fn deadline_passes_while_waiting_for_slot(env: TestEnv) {
         late_by < 1.0,
         "it ended {late_by} s after its deadline, not at it: {record:#}"
     );
+    let record = env.wait_for_status(&cancelled, "CANCELLED", TASK_TIMEOUT);
+    assert_ended_with(&record, "CANCELLED", "cancelled before it started");
+    assert_eq!(record["StartTime"], Value::Null, "it never ran: {record:#}");
+    assert_eq!(
+        record["CancelRequested"],
+        json!(true),
+        "the request stays recorded: {record:#}"
+    );
     assert_eq!(
         status_of(&env.status_json(&blocker)),
         "RUNNING",
-        "the task ended while the slot was still busy"
+        "both tasks ended while the slot was still busy"
     );
 }
 

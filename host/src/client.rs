@@ -22,6 +22,13 @@ pub struct InputBlob<'a> {
     pub data: &'a mut dyn Read,
 }
 
+/// Formats a duration in seconds with at most three decimals and no trailing zeros, as
+/// `0.3` or `2.5`.
+fn seconds_text(duration: Duration) -> String {
+    let text = format!("{:.3}", duration.as_secs_f64());
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 /// Options of `start_activity` beyond the payload.
 #[derive(Clone, Debug, Default)]
 pub struct StartOptions {
@@ -272,7 +279,9 @@ impl WorkflowClient {
             validate::idempotency_key(key)?;
         }
 
-        if let Some(deadline) = options.deadline {
+        // A deadline that has already passed is accepted without a delay: the task then
+        // ends ERROR when a daemon leases it, as a task whose deadline passed in the queue.
+        if let Some(deadline) = options.deadline.filter(|_| !options.delay.is_zero()) {
             let delay =
                 chrono::TimeDelta::from_std(options.delay).unwrap_or(chrono::TimeDelta::MAX);
             let earliest = chrono::Utc::now().checked_add_signed(delay);
@@ -497,7 +506,7 @@ impl WorkflowClient {
                 if elapsed >= limit {
                     return Err(Error::TimedOut(format!(
                         "timed out after {} s waiting for task {task_id}, which is still {status}",
-                        limit.as_secs_f64()
+                        seconds_text(limit)
                     )));
                 }
                 pause = pause.min(limit - elapsed);

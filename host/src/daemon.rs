@@ -528,6 +528,11 @@ impl Controller {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
+                // A cancellation requested during the wait came first, and the record read
+                // before it would otherwise overwrite the request.
+                if self.cancel_requested(&record).await {
+                    return self.end_cancelled_before_run(lease, record).await;
+                }
                 let reason = format!(
                     "task deadline {} passed while the task waited for a worker slot",
                     record

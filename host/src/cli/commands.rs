@@ -712,14 +712,20 @@ fn read_at_most(path: &Path, limit: usize, label: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Maximum bytes that `submit --payloads` reads from its file. Every payload is kept in
+/// memory until all have been checked, so the file as a whole needs a limit too.
+const MAX_PAYLOADS_FILE_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// Reads a file of payloads, one JSON object per line, and checks each. Lines are read one
-/// at a time, and none may pass the payload limit, so an endless line fails at once.
-fn read_payload_lines(path: &Path) -> Result<Vec<Vec<u8>>> {
+/// at a time, and none may pass the payload limit, so an endless line fails at once. The
+/// file may have at most `max_total` bytes in all.
+fn read_payload_lines(path: &Path, max_total: u64) -> Result<Vec<Vec<u8>>> {
     let failed = || format!("failed to read payload file {}", path.display());
     let file = std::fs::File::open(path).with_context(failed)?;
     let mut reader = std::io::BufReader::new(file);
     let mut lines = Vec::new();
     let mut number = 0u64;
+    let mut total = 0u64;
     loop {
         let mut line = Vec::new();
         let read = (&mut reader)
@@ -728,6 +734,15 @@ fn read_payload_lines(path: &Path) -> Result<Vec<Vec<u8>>> {
             .with_context(failed)?;
         if read == 0 {
             return Ok(lines);
+        }
+        total += read as u64;
+        if total > max_total {
+            return Err(UsageError(format!(
+                "payload file {} is larger than the maximum of {max_total} bytes; split it \
+                 over several submits; no task was started",
+                path.display()
+            ))
+            .into());
         }
         number += 1;
         if line.last() == Some(&b'\n') {
@@ -764,7 +779,7 @@ fn read_payload_lines(path: &Path) -> Result<Vec<Vec<u8>>> {
 /// Reads the payloads and checks every one before any task is started.
 fn read_payloads(args: &SubmitArgs) -> Result<Payloads> {
     if let Some(path) = &args.payloads {
-        let lines = read_payload_lines(path)?;
+        let lines = read_payload_lines(path, MAX_PAYLOADS_FILE_BYTES)?;
         if lines.is_empty() {
             return Err(
                 UsageError(format!("payload file {} has no payloads", path.display())).into(),
@@ -1068,4 +1083,34 @@ async fn requeue(settings: &Settings, args: RequeueArgs) -> Result<Finished> {
 /// Returns true when stderr is a terminal, where progress bars are drawn.
 pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_file_stops_at_total_limit() {
+        let dir = std::env::temp_dir().join(format!("bgw-payloads-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("payloads.jsonl");
+        let line = "{\"x\": 1}\n";
+        std::fs::write(&path, line.repeat(10)).unwrap();
+
+        let all = read_payload_lines(&path, 10 * line.len() as u64).unwrap();
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[0], b"{\"x\": 1}");
+
+        let error = read_payload_lines(&path, 9 * line.len() as u64).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!(
+                "is larger than the maximum of {} bytes",
+                9 * line.len()
+            )),
+            "{message}"
+        );
+        assert!(error.downcast_ref::<UsageError>().is_some(), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
