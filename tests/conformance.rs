@@ -169,6 +169,25 @@ async fn lease_one(subject: &Subject, visibility: Duration) -> Lease {
     leases.remove(0)
 }
 
+/// Leases the two visible messages and begins an attempt of `running`, which leaves its
+/// record RUNNING and the other message leased.
+async fn begin_running(subject: &Subject, running: &TaskRecord) {
+    let leases = subject
+        .backend
+        .lease(2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let lease = leases
+        .into_iter()
+        .find(|lease| lease.body.contains(&running.row_key))
+        .expect("the running task's message");
+    subject
+        .backend
+        .begin_attempt(&lease, &attempt_of(running, &lease))
+        .await
+        .unwrap();
+}
+
 fn attempt_of(record: &TaskRecord, lease: &Lease) -> AttemptStart {
     AttemptStart {
         resource_id: record.partition_key.clone(),
@@ -657,20 +676,7 @@ async fn cancel_queued_and_running_tasks(subject: &Subject, mode: &str) {
     assert_eq!(again, CancelOutcome::AlreadyFinished(Status::Cancelled));
 
     let running = submit_new(subject, mode).await;
-    let leases = subject
-        .backend
-        .lease(2, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let lease = leases
-        .into_iter()
-        .find(|lease| lease.body.contains(&running.row_key))
-        .expect("the running task's message");
-    subject
-        .backend
-        .begin_attempt(&lease, &attempt_of(&running, &lease))
-        .await
-        .unwrap();
+    begin_running(subject, &running).await;
     assert!(!subject
         .backend
         .cancel_requested("res-0001", &running.row_key)
@@ -698,20 +704,7 @@ async fn cancel_queued_and_running_tasks(subject: &Subject, mode: &str) {
 async fn end_unstarted_leaves_running_task(subject: &Subject, mode: &str) {
     let queued = submit_new(subject, mode).await;
     let running = submit_new(subject, mode).await;
-    let leases = subject
-        .backend
-        .lease(2, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let lease = leases
-        .into_iter()
-        .find(|lease| lease.body.contains(&running.row_key))
-        .expect("the running task's message");
-    subject
-        .backend
-        .begin_attempt(&lease, &attempt_of(&running, &lease))
-        .await
-        .unwrap();
+    begin_running(subject, &running).await;
 
     let ended = subject
         .backend
