@@ -157,16 +157,7 @@ fn two_daemons_and_submitters_share_one_file() {
                     None => env.run(&["list", "--limit", "20"]),
                 };
                 let described = format!("reader lookup {lookups} of {pick:?}");
-                outputs.lock().unwrap().push((
-                    described.clone(),
-                    format!("{}{}", result.stdout, result.stderr),
-                ));
-                assert_eq!(
-                    result.code(),
-                    0,
-                    "{described} failed (seed {seed}):\n{}",
-                    result.stderr
-                );
+                keep_lookup(outputs, described, &result, seed);
                 lookups += 1;
             }
             lookups
@@ -271,16 +262,7 @@ fn single_submits_to_eight_daemons() {
                 };
                 let result = env.run(&["status", id.as_str()]);
                 let described = format!("reader lookup {lookups} of {id}");
-                reader_outputs.lock().unwrap().push((
-                    described.clone(),
-                    format!("{}{}", result.stdout, result.stderr),
-                ));
-                assert_eq!(
-                    result.code(),
-                    0,
-                    "{described} failed (seed {seed}):\n{}",
-                    result.stderr
-                );
+                keep_lookup(reader_outputs, described, &result, seed);
                 lookups += 1;
             }
             lookups
@@ -436,4 +418,22 @@ fn assert_daemon_logs_clean(daemons: &[Daemon<'_>], seed: u64) {
             );
         }
     }
+}
+
+/// Stores the output of a reader's lookup for the later checks of every output, and
+/// asserts that the lookup succeeded.
+fn keep_lookup(
+    outputs: &Mutex<Vec<(String, String)>>,
+    described: String,
+    result: &support::CommandResult,
+    seed: u64,
+) {
+    let output = format!("{}{}", result.stdout, result.stderr);
+    outputs.lock().unwrap().push((described.clone(), output));
+    assert_eq!(
+        result.code(),
+        0,
+        "{described} failed (seed {seed}):\n{}",
+        result.stderr
+    );
 }

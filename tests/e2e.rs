@@ -1022,16 +1022,7 @@ fn input_blob_limit_checked_while_copying(env: TestEnv) {
         env.run(&args)
     };
     let submit_from_pipe = |size: usize| -> support::CommandResult {
-        let mut child = env
-            .command(&[
-                "submit",
-                "multiply",
-                "--resource",
-                "r",
-                "--blob",
-                "/dev/stdin",
-            ])
-            .stdin(std::process::Stdio::piped())
+        let mut child = stdin_blob_submit(&env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -2517,6 +2508,21 @@ fn config_db_path_follows_data_dir() {
     );
 }
 
+/// Returns a `bgw submit` of a `multiply` task whose input blob it reads from a piped
+/// stdin.
+fn stdin_blob_submit(env: &TestEnv) -> std::process::Command {
+    let mut command = env.command(&[
+        "submit",
+        "multiply",
+        "--resource",
+        "r",
+        "--blob",
+        "/dev/stdin",
+    ]);
+    command.stdin(std::process::Stdio::piped());
+    command
+}
+
 /// A submit stopped by SIGINT while it copies its blob leaves a partial blob file, which
 /// the next `bgw` command deletes once the file is an hour old.
 #[test]
@@ -2525,16 +2531,7 @@ fn interrupted_submit_leaves_file_for_cleanup() {
 
     let env = TestEnv::new();
     let temp_dir = env.data_dir().join("blobs/.tmp");
-    let mut child = env
-        .command(&[
-            "submit",
-            "multiply",
-            "--resource",
-            "r",
-            "--blob",
-            "/dev/stdin",
-        ])
-        .stdin(std::process::Stdio::piped())
+    let mut child = stdin_blob_submit(&env)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
