@@ -511,27 +511,26 @@ impl Controller {
         // Only guest execution takes a worker slot: reading the record, starting the attempt
         // and committing the outcome overlap with other tasks' execution.
         let waiting_since = std::time::Instant::now();
-        let slot = match self.slot_holding_lease(&current_lease, deadline).await {
-            SlotWait::Slot(slot) => Some(slot),
-            SlotWait::LeaseLost => return Ok(()),
-            SlotWait::DeadlinePassed => None,
+        let wait = self.slot_holding_lease(&current_lease, deadline).await;
+        let held_lease = || {
+            current_lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
         };
-        // The attempt of a task leased ahead began before it had a slot, so `bgw cancel`
-        // only flagged it. The keep-alive reads the flag every CANCEL_POLL while the guest
-        // runs, so only a task that waited at least that long pays for a read here.
-        let slot = match slot {
-            Some(slot) if deadline.is_none_or(|at| std::time::Instant::now() < at) => slot,
+        let slot = match wait {
+            SlotWait::LeaseLost => return Ok(()),
+            SlotWait::Slot(slot) if deadline.is_none_or(|at| std::time::Instant::now() < at) => {
+                slot
+            }
             // The deadline was checked before the wait for a slot, and a task leased ahead
             // can wait past it.
-            _ => {
-                let lease = current_lease
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+            wait => {
+                drop(wait);
                 // A cancellation requested during the wait came first, and the record read
                 // before it would otherwise overwrite the request.
                 if self.cancel_requested(&record).await {
-                    return self.end_cancelled_before_run(lease, record).await;
+                    return self.end_cancelled_before_run(held_lease(), record).await;
                 }
                 let reason = format!(
                     "task deadline {} passed while the task waited for a worker slot",
@@ -544,16 +543,15 @@ impl Controller {
                 tracing::warn!(%reason, "task failed before its guest ran");
                 record.start_time = None;
                 record.fuel_used = None;
-                return self.end_with_error(lease, record, reason).await;
+                return self.end_with_error(held_lease(), record, reason).await;
             }
         };
+        // The attempt of a task leased ahead began before it had a slot, so `bgw cancel`
+        // only flagged it. The keep-alive reads the flag every CANCEL_POLL while the guest
+        // runs, so only a task that waited at least that long pays for a read here.
         if waiting_since.elapsed() >= CANCEL_POLL && self.cancel_requested(&record).await {
             drop(slot);
-            let lease = current_lease
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            return self.end_cancelled_before_run(lease, record).await;
+            return self.end_cancelled_before_run(held_lease(), record).await;
         }
         let start_time = crate::record::now();
         record.start_time = Some(start_time);
@@ -565,10 +563,7 @@ impl Controller {
         drop(slot);
         let run_time = started.elapsed();
         self.pipeline.record_duration(run_time);
-        let lease = current_lease
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let lease = held_lease();
 
         // Measured on the monotonic clock, so that a step of the wall clock during the run
         // cannot make the attempt end before it started.
@@ -652,10 +647,12 @@ impl Controller {
         // No retry is made that would start after the task's deadline: the task ends now,
         // with this attempt's error, rather than later without a run. Without attempts
         // left, a passed deadline also keeps the message out of the dead letters.
-        let retry_at = match attempts_left {
-            true => Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default(),
-            false => Utc::now(),
+        let wait_before_retry = if attempts_left {
+            chrono::TimeDelta::from_std(delay).unwrap_or_default()
+        } else {
+            chrono::TimeDelta::zero()
         };
+        let retry_at = Utc::now() + wait_before_retry;
         let deadline_first = record
             .deadline_time
             .filter(|deadline| retryable_error && *deadline <= retry_at);
@@ -671,7 +668,7 @@ impl Controller {
                 ));
             }
         }
-        if retryable_error && counted < retry.max_attempts {
+        if retryable_error && attempts_left {
             let error = record.error_message.take().unwrap_or_default();
             tracing::warn!(
                 fuel_used = report.fuel_used,
