@@ -22,6 +22,27 @@ pub struct InputBlob<'a> {
     pub data: &'a mut dyn Read,
 }
 
+/// Checks that a task's deadline comes after the end of its delay, counted from `now`,
+/// because a task that may not start before its deadline could never run. A deadline
+/// that has already passed is accepted without a delay: the task then ends ERROR when a
+/// daemon leases it, as a task whose deadline passed in the queue does.
+fn check_deadline(options: &StartOptions, now: chrono::DateTime<chrono::Utc>) -> Result<()> {
+    let Some(deadline) = options.deadline.filter(|_| !options.delay.is_zero()) else {
+        return Ok(());
+    };
+    let delay = chrono::TimeDelta::from_std(options.delay).unwrap_or(chrono::TimeDelta::MAX);
+    let earliest = now.checked_add_signed(delay);
+    if earliest.is_none_or(|earliest| deadline <= earliest) {
+        return Err(Error::Invalid(format!(
+            "invalid deadline {}: the task may not start until {:.3} s from now, so a \
+             deadline before then would end it without a run",
+            crate::record::format_time(&deadline),
+            options.delay.as_secs_f64()
+        )));
+    }
+    Ok(())
+}
+
 /// Formats a duration in seconds with at most three decimals and no trailing zeros, as
 /// `0.3` or `2.5`.
 fn seconds_text(duration: Duration) -> String {
@@ -279,21 +300,7 @@ impl WorkflowClient {
             validate::idempotency_key(key)?;
         }
 
-        // A deadline that has already passed is accepted without a delay: the task then
-        // ends ERROR when a daemon leases it, as a task whose deadline passed in the queue.
-        if let Some(deadline) = options.deadline.filter(|_| !options.delay.is_zero()) {
-            let delay =
-                chrono::TimeDelta::from_std(options.delay).unwrap_or(chrono::TimeDelta::MAX);
-            let earliest = chrono::Utc::now().checked_add_signed(delay);
-            if earliest.is_none_or(|earliest| deadline <= earliest) {
-                return Err(Error::Invalid(format!(
-                    "invalid deadline {}: the task may not start until {:.3} s from now, so a \
-                     deadline before then would end it without a run",
-                    crate::record::format_time(&deadline),
-                    options.delay.as_secs_f64()
-                )));
-            }
-        }
+        check_deadline(options, chrono::Utc::now())?;
 
         let task_id = uuid::Uuid::now_v7().to_string();
         let mut record = TaskRecord::new(&task_id, resource_id, activity_type, &payload_text);
@@ -589,6 +596,32 @@ mod tests {
         let mut copy = Vec::new();
         let result = reader.read_to_end(&mut copy).map(|_| copy);
         (result, reader.read)
+    }
+
+    #[test]
+    fn deadline_must_follow_delay() {
+        let now = chrono::Utc::now();
+        let options = |delay_secs: u64, deadline_secs: i64| StartOptions {
+            delay: Duration::from_secs(delay_secs),
+            deadline: Some(now + chrono::TimeDelta::seconds(deadline_secs)),
+            ..StartOptions::default()
+        };
+
+        let error = check_deadline(&options(5, 2), now).unwrap_err().to_string();
+        assert!(
+            error.contains("the task may not start until 5.000 s from now"),
+            "{error}"
+        );
+        assert!(
+            check_deadline(&options(5, 5), now).is_err(),
+            "a deadline at the start"
+        );
+        assert!(check_deadline(&options(2, 5), now).is_ok());
+        assert!(
+            check_deadline(&options(0, -1), now).is_ok(),
+            "a passed deadline without a delay"
+        );
+        assert!(check_deadline(&StartOptions::default(), now).is_ok());
     }
 
     #[test]

@@ -32,12 +32,7 @@ pub async fn register(
 ) -> Result<ComponentVersion> {
     validate::activity_type(activity_type)?;
     check_limits(&limits)?;
-    if wasm.len() > MAX_COMPONENT_BYTES {
-        return Err(Error::Invalid(format!(
-            "component is {} bytes; the maximum is {MAX_COMPONENT_BYTES} bytes (128 MiB)",
-            wasm.len()
-        )));
-    }
+    check_component_size(wasm.len())?;
     let digest = digest_of(wasm);
     let (_, artifact) = sandbox.compile(wasm).map_err(Error::Component)?;
     registry
@@ -50,6 +45,16 @@ pub async fn register(
             limits,
         )
         .await
+}
+
+/// Checks that a component of `bytes` bytes is at most [`MAX_COMPONENT_BYTES`].
+fn check_component_size(bytes: usize) -> Result<()> {
+    if bytes > MAX_COMPONENT_BYTES {
+        return Err(Error::Invalid(format!(
+            "invalid component of {bytes} bytes: the maximum is {MAX_COMPONENT_BYTES} bytes (128 MiB)"
+        )));
+    }
+    Ok(())
 }
 
 /// Largest `.wasm` file a registration accepts: 128 MiB. Every daemon compiles it and
@@ -249,6 +254,18 @@ impl ComponentCache {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_LIMITS;
+
+    #[test]
+    fn component_over_size_limit_rejected() {
+        assert!(check_component_size(MAX_COMPONENT_BYTES).is_ok());
+        let error = check_component_size(MAX_COMPONENT_BYTES + 1)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "invalid component of 134217729 bytes: the maximum is 134217728 bytes (128 MiB)"
+        );
+    }
 
     #[test]
     fn limits_above_i64_are_rejected() {
